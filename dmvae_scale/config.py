@@ -1,0 +1,427 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, strict validation.
+
+One `RunConfig` describes a run. It is plain data: no component reads a global config, every one is handed the
+section it needs. Loading is strict: an unknown key, a value of the wrong type or a missing file is a `ConfigError`
+whose one-line message names the key and, for typos, the nearest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem a user can fix; its message is one line naming the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------------------
+
+STAGES = ("tokenizer", "reference", "dmd", "decoder", "generator")
+
+
+@dataclass
+class DiTConfig:
+    """A LightningDiT. `size` picks (depth, width, heads) from the family table unless they are given explicitly."""
+
+    size: str = "S"
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: int = 1
+    input_size: int = 16  # latent grid side (tokens); image_size / tokenizer downsampling
+    in_channels: int = 32
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    class_dropout: float = 0.1
+    qk_norm: bool = True
+    rope: bool = True
+    grad_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "flash", "math"] = "auto"
+
+
+@dataclass
+class EncoderConfig:
+    """The SSL vision transformer in front of the bottleneck (DINOv2-compatible)."""
+
+    arch: Literal["vit_s", "vit_b", "vit_l", "vit_g", "vit_tiny"] = "vit_l"
+    patch_size: int = 16
+    weights: Optional[str] = None  # path to an official dinov2_vit*14_pretrain.pth
+    sha256: Optional[str] = None
+    frozen: bool = True  # stage 1: frozen; stage 3 unfreezes it
+
+
+@dataclass
+class DecoderConfig:
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 3
+    mid_attention: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 256
+    in_channels: int = 3
+    latent_channels: int = 32
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class DiscriminatorConfig:
+    base_channels: int = 64
+    num_layers: int = 3
+    diffaug: bool = True
+    consistency_weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_weights: Optional[str] = None  # backbone weights file; None -> documented fallback
+    perceptual_sha256: Optional[str] = None
+    gan_weight: float = 0.5
+    gan_start_step: int = 5000
+    adaptive_weight_max: float = 1e4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # built-in set name, an ImageNet-style folder, or shard dir / s3:// URL
+    split: str = "train"
+    image_size: int = 256
+    random_crop: bool = False
+    hflip: bool = True
+    num_workers: int = 0
+    limit: Optional[int] = None  # use only the first N samples (demo / tests)
+    latents: Optional[str] = None  # cached latent shards for the generator stage
+
+
+@dataclass
+class DMConfig:
+    """Stage 3: distribution-matching joint training (METHOD.md)."""
+
+    tokenizer_every: int = 5  # k: tokenizer + discriminator step every k-th iteration
+    lambda_dm: float = 10.0
+    cfg_scale: float = 5.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    t_anneal_steps: int = 0  # 0: fixed range; else narrow [t_min, t_max] toward t_anneal_min_final over these steps
+    t_anneal_min_final: float = 0.5
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference distribution's samples come from (stage 2), METHOD.md Table 1."""
+
+    kind: Literal["tokenizer", "gaussian", "gmm", "noisy_tokenizer", "file"] = "tokenizer"
+    gmm_components: int = 8
+    gmm_std: float = 0.1
+    noise_t: float = 0.5
+    path: Optional[str] = None
+
+
+@dataclass
+class SamplerConfig:
+    method: Literal["ode_euler", "ode_heun", "sde_euler_maruyama"] = "sde_euler_maruyama"
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_interval: Optional[tuple[float, float]] = None  # apply CFG only for t in [lo, hi]
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: Literal["dinov2", "inception", "random_vit"] = "dinov2"
+    remote: bool = False
+    num_gpus: float = 0.0
+    num_cpus: float = 0.0
+    replicas: int = 1
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_accum: int = 1
+    address: Optional[str] = None
+
+
+@dataclass
+class InputsConfig:
+    """Artifacts of earlier stages that this stage consumes; every one given must be used or the run is refused."""
+
+    tokenizer: Optional[str] = None
+    tokenizer_weights: Literal["ema", "raw"] = "ema"
+    reference: Optional[str] = None  # the real score model (stage 3) / reference artifact
+    generator: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["tokenizer", "reference", "dmd", "decoder", "generator"] = "tokenizer"
+    name: str = "run"
+    run_dir: str = "runs/run"
+    seed: int = 0
+    batch_size: int = 256  # global batch
+    total_images: int = 1_000_000
+    log_every_images: int = 10_000
+    ckpt_every_images: int = 100_000
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 10
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    score: DiTConfig = field(default_factory=DiTConfig)  # reference / fake score model, and the generator
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dm: DMConfig = field(default_factory=DMConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strict conversion from plain data
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "value"
+        return f"a list of {inner}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) in {type(a) for a in allowed}:
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else \
+        f"; valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise _unknown_key(cls, str(key), prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data form (tuples as lists) suitable for YAML/JSON."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and overrides
+# ----------------------------------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as a YAML scalar / flow list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value (e.g. score.depth=12)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type = None) -> dict:
+    """Apply dotted overrides to plain data; key paths are checked against `cls` so typos name the nearest key."""
+    cls = cls or RunConfig
+    for text in overrides:
+        path, value = parse_override(text)
+        node, node_cls, prefix = data, cls, ""
+        for i, part in enumerate(path):
+            fields = {f.name: f for f in dataclasses.fields(node_cls)}
+            if part not in fields:
+                raise _unknown_key(node_cls, part, prefix)
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                sub_cls = typing.get_type_hints(node_cls)[part]
+                if not dataclasses.is_dataclass(sub_cls):
+                    raise ConfigError(f"override '{text}': '{prefix}{part}' is not a section")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override '{text}': '{prefix}{part}' is not a mapping in the file")
+                node_cls, prefix = sub_cls, prefix + part + "."
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of config sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = None) -> Any:
+    """Load a YAML file (optional), apply dotted overrides, validate strictly, return the typed config."""
+    cls = cls or RunConfig
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides), cls)
+    cfg = from_dict(cls, data)
+    if isinstance(cfg, RunConfig):
+        validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.batch_size <= 0:
+        raise ConfigError(f"batch_size: must be positive, got {cfg.batch_size}")
+    if cfg.distributed.num_workers <= 0:
+        raise ConfigError(f"distributed.num_workers: must be positive, got {cfg.distributed.num_workers}")
+    if cfg.batch_size % (cfg.distributed.num_workers * cfg.distributed.grad_accum):
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} is not divisible by distributed.num_workers x distributed.grad_accum "
+            f"= {cfg.distributed.num_workers * cfg.distributed.grad_accum}")
+    enc_patch = cfg.tokenizer.encoder.patch_size
+    if cfg.tokenizer.image_size % enc_patch:
+        raise ConfigError(f"tokenizer.image_size: {cfg.tokenizer.image_size} is not a multiple of "
+                          f"tokenizer.encoder.patch_size={enc_patch}")
+    if cfg.score.input_size % cfg.score.patch_size:
+        raise ConfigError(f"score.input_size: {cfg.score.input_size} is not a multiple of "
+                          f"score.patch_size={cfg.score.patch_size}")
+    if not 0.0 <= cfg.dm.t_min < cfg.dm.t_max <= 1.0:
+        raise ConfigError(f"dm.t_min/dm.t_max: need 0 <= t_min < t_max <= 1, got {cfg.dm.t_min}, {cfg.dm.t_max}")
+    gi = cfg.sampler.guidance_interval
+    if gi is not None and not 0.0 <= gi[0] < gi[1] <= 1.0:
+        raise ConfigError(f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi)}")
+    if cfg.sampler.steps <= 0:
+        raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    """Content hash of the resolved config (stable across runs and machines)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resolved(cfg: Any, directory: str | Path) -> Path:
+    """Write the resolved config beside a run's outputs (`config.yaml`)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / "config.yaml"
+    out.write_text(dump_yaml(cfg))
+    return out
