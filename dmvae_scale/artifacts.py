@@ -1,0 +1,168 @@
+"""Stage artifacts: what one stage hands to the next, named explicitly in the next stage's config.
+
+An artifact is a directory (local path; s3:// through fsspec) holding
+    weights.safetensors     raw weights, one entry per model: "<model>.<param name>"
+    ema.safetensors         EMA weights, same keys (optional)
+    artifact.json           stage, models, latent shape and statistics, config hash, upstream artifact ids,
+                            content hash; written LAST, so a directory without it is not an artifact
+    config.yaml             the resolved config of the run that produced it
+Loading checks the content hash and refuses anything missing or mismatched with an error naming the file and key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+ARTIFACT_FORMAT = 1
+
+
+class ArtifactError(UserError):
+    pass
+
+
+@dataclass
+class LatentSpec:
+    """Shape and normalisation of a tokenizer's latents: z' = (z - mean) * scale."""
+
+    channels: int
+    height: int
+    width: int
+    mean: float = 0.0
+    scale: float = 1.0
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) * self.scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale + self.mean
+
+
+@dataclass
+class ArtifactInfo:
+    stage: str
+    models: list[str]
+    config_hash: str
+    latent: Optional[LatentSpec] = None
+    upstream: dict[str, str] = field(default_factory=dict)  # role -> upstream artifact id
+    extra: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    format: int = ARTIFACT_FORMAT
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}-{self.content_hash[:12]}"
+
+
+def _flatten(models: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    flat = {}
+    for name, sd in models.items():
+        for k, v in sd.items():
+            flat[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    return flat
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, dict[str, torch.Tensor]],
+                  ema: dict[str, dict[str, torch.Tensor]] | None = None, config_yaml: str | None = None) -> ArtifactInfo:
+    """Write an artifact; artifact.json goes last so a crash never leaves something that looks complete."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    manifest = d / "artifact.json"
+    if manifest.exists():
+        manifest.unlink()
+    save_file(_flatten(weights), str(d / "weights.safetensors"))
+    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    if ema:
+        save_file(_flatten(ema), str(d / "ema.safetensors"))
+        h.update(_hash_file(d / "ema.safetensors").encode())
+    if config_yaml is not None:
+        (d / "config.yaml").write_text(config_yaml)
+    info.models = sorted(weights)
+    info.content_hash = h.hexdigest()
+    tmp = d / "artifact.json.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    tmp.replace(manifest)
+    return info
+
+
+def read_artifact_info(directory: str | Path) -> ArtifactInfo:
+    d = Path(directory)
+    manifest = d / "artifact.json"
+    if not d.is_dir():
+        raise ArtifactError(f"artifact not found: {d} (run the stage that produces it first)")
+    if not manifest.is_file():
+        raise ArtifactError(f"{manifest}: missing; {d} is not a complete artifact (interrupted run?)")
+    try:
+        raw = json.loads(manifest.read_text())
+        latent = raw.pop("latent", None)
+        info = ArtifactInfo(**raw, latent=LatentSpec(**latent) if latent else None)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{manifest}: unreadable artifact manifest ({exc})") from None
+    if info.format != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{manifest}: format {info.format}, this version reads {ARTIFACT_FORMAT}")
+    return info
+
+
+def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
+                  ) -> tuple[ArtifactInfo, dict[str, dict[str, torch.Tensor]]]:
+    """Return (info, {model: state_dict}). `which` is "ema" or "raw"; asking for EMA weights that were not saved
+    is an error, never a silent fall-back to raw ones."""
+    if which not in ("ema", "raw"):
+        raise ArtifactError(f"weights choice must be 'ema' or 'raw', got {which!r}")
+    d = Path(directory)
+    info = read_artifact_info(d)
+    files = {"raw": d / "weights.safetensors", "ema": d / "ema.safetensors"}
+    if not files["raw"].is_file():
+        raise ArtifactError(f"{files['raw']}: missing from artifact {d}")
+    if verify:
+        h = hashlib.sha256(_hash_file(files["raw"]).encode())
+        if files["ema"].is_file():
+            h.update(_hash_file(files["ema"]).encode())
+        if h.hexdigest() != info.content_hash:
+            raise ArtifactError(f"{d}: content hash mismatch (files changed after artifact.json was written)")
+    path = files[which]
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact {d} has no {which} weights; set inputs.tokenizer_weights=raw "
+                            f"or use an artifact saved with EMA")
+    flat = load_file(str(path))
+    out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in info.models}
+    for k, v in flat.items():
+        model, _, name = k.partition(".")
+        if model not in out:
+            raise ArtifactError(f"{path}: key '{k}' belongs to no model listed in artifact.json ({info.models})")
+        out[model][name] = v
+    return info, out
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load that names missing/unexpected keys and shape mismatches instead of printing and carrying on."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        raise ArtifactError(f"cannot load {what}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
