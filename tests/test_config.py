@@ -1,0 +1,114 @@
+"""Typed configs: strict loading, dotted overrides, one-line CLI errors, the shipped recipe files."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmvae_scale.config import (ConfigError, RunConfig, config_hash, dump_yaml, load_config, save_resolved)
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "dmvae_scale.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_every_shipped_config_loads_and_round_trips(tmp_path):
+    assert len(CONFIGS) >= 10
+    for path in CONFIGS:
+        cfg = load_config(path)
+        out = save_resolved(cfg, tmp_path / path.stem)
+        again = load_config(out)
+        assert again == cfg, path
+        assert config_hash(again) == config_hash(cfg)
+
+
+def test_imagenet_recipe_matches_method():
+    dmd = load_config(ROOT / "configs/imagenet256/dmd.yaml")
+    assert (dmd.optim.lr, dmd.dm.lambda_dm, dmd.dm.cfg_scale, dmd.dm.tokenizer_every) == (2e-5, 10.0, 5.0, 5)
+    tok = load_config(ROOT / "configs/imagenet256/tokenizer.yaml")
+    assert (tok.optim.lr, tok.optim.betas, tok.optim.weight_decay, tok.optim.warmup_steps) == (1e-4, (0.9, 0.95), 0.005,
+                                                                                              1000)
+    assert tok.total_images == 40_000 * 256 and tok.tokenizer.latent_channels == 32
+    ref = load_config(ROOT / "configs/imagenet256/reference.yaml")
+    assert (ref.score.size, ref.optim.lr, ref.batch_size, ref.total_images) == ("XL", 2e-4, 1024, 500_000 * 1024)
+    gen = load_config(ROOT / "configs/imagenet256/generator.yaml")
+    assert gen.sampler.method == "sde_euler_maruyama" and gen.sampler.steps == 250
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/demo/reference.yaml",
+                      ["score.depth=3", "optim.lr=3e-4", "optim.betas=[0.8, 0.99]", "sampler.guidance_interval=[0.1, 0.9]",
+                       "inputs.tokenizer=null"])
+    assert cfg.score.depth == 3 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.99)
+    assert cfg.sampler.guidance_interval == (0.1, 0.9) and cfg.inputs.tokenizer is None
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("scor.depth=3", "unknown config key 'scor'; did you mean score?"),
+    ("score.dpth=3", "unknown config key 'score.dpth'; did you mean score.depth?"),
+    ("score.depth=abc", "score.depth: expected an integer or null, got 'abc'"),
+    ("stage=tokeniser", "stage: expected one of 'tokenizer', 'reference', 'dmd', 'decoder', 'generator'"),
+    ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),
+    ("distributed.use_gpu=1", "distributed.use_gpu: expected true or false, got 1"),
+    ("score.depth", "must look like key.path=value"),
+    ("score.depth.x=1", "'score.depth' is not a section"),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/demo/reference.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_file_names_key_and_nearest(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({"stage": "tokenizer", "optim": {"learning_rate": 1e-4}}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'; valid keys: lr, betas"):
+        load_config(f)
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="batch_size: 30 is not divisible by distributed.num_workers"):
+        load_config(None, ["batch_size=30", "distributed.num_workers=4"])
+    with pytest.raises(ConfigError, match="tokenizer.image_size: 250 is not a multiple of tokenizer.encoder.patch_size"):
+        load_config(None, ["tokenizer.image_size=250"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["config", "show", "configs/demo/dmd.yaml", "dm.lambda_dmm=1"], "error: unknown config key 'dm.lambda_dmm'"),
+    (["config", "show", "configs/demo/dmd.yaml", "dm.lambda_dm=big"], "error: dm.lambda_dm: expected a number"),
+    (["config", "show", "configs/demo/nope.yaml"], "error: config file not found: configs/demo/nope.yaml"),
+])
+def test_cli_config_errors_are_one_line_without_traceback(args, message):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(message), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_config_show_prints_resolved_config():
+    r = cli("config", "show", "configs/demo/generator.yaml", "score.depth=5")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["score"]["depth"] == 5 and shown["stage"] == "generator"
+    assert load_config(ROOT / "configs/demo/generator.yaml", ["score.depth=5"]) == load_config_from_text(r.stdout)
+
+
+def load_config_from_text(text, tmp=Path("/tmp")):
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    return load_config(f.name)
+
+
+def test_defaults_are_a_valid_config():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert "stage: tokenizer" in dump_yaml(cfg)
