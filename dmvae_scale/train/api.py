@@ -54,7 +54,19 @@ class Stage(Protocol):
         """One training iteration on this worker's batch. Calls engine.backward/step for the models it updates."""
 
     def artifact(self) -> dict[str, Any]:
-        """What the stage hands to the next one, beyond weights (latent statistics, shapes, ...)."""
+        """What the stage hands to the next one: {"models": names whose weights (and EMA) are saved, "latent":
+        LatentSpec or None, "upstream": {role: artifact id}, "extra": {...}} (train/stages.save_stage_artifact)."""
+
+    def needs_prepare(self) -> bool:
+        """Whether prepare() has work to do (measuring latent statistics) before the first step."""
+
+    def prepare(self, batches: Any) -> None:
+        """Work before training on an iterable of batches that must be the same on every rank."""
+
+    def state_dict(self) -> dict:
+        """The stage's own state beyond model weights (e.g. measured latent statistics), for checkpoints."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def warmup_lambda(warmup_steps: int):
@@ -123,6 +135,14 @@ class EMA:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 p.copy_(self.shadow[n].to(p.dtype))
+
+    def module_state_dict(self, module: nn.Module) -> dict:
+        """The module's full state dict with every parameter replaced by its average (buffers as they are):
+        what an artifact's ema.safetensors holds."""
+        state = module.state_dict()
+        for n, v in self.shadow.items():
+            state[n] = v.to(state[n].dtype)
+        return state
 
     def state_dict(self) -> dict:
         return dict(self.shadow)

@@ -1,0 +1,237 @@
+"""The training loop shared by every stage and every driver (one process, or each DeepSpeed worker).
+
+Progress is counted in images seen. The loop owns the side concerns so the stage's step stays pure training:
+a guard that skips optimiser steps whose loss is not finite (and stops after too many in a row), EMA updates after
+each real optimiser step, metrics kept as tensors and reduced only at the log interval, a tqdm bar, and a closing
+summary line. Drivers extend it through hooks: `after_step` (cadence work such as checkpoints, keyed on
+images_seen), `on_log` (metrics sinks) and `on_end`; `TrainLoop.state_dict()` is what a checkpoint must hold beyond
+the engines' own state (counters, EMA shadows, the stage's own state).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..errors import UserError
+from .api import EMA, Engine, Stage
+
+
+class TrainingDivergedError(UserError):
+    """Too many consecutive optimiser steps had a non-finite loss."""
+
+
+class GuardedEngine:
+    """Wraps an engine: remembers whether the last backward's loss was finite and skips the step when it was not.
+
+    The finiteness check syncs once per optimiser step, at step() time, after the backward has been queued.
+    A skipped step calls the engine's `skip_step()` when it has one (a DeepSpeed wrapper must keep its own counters),
+    else drops the gradients.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.module = engine.module
+        self._finite: torch.Tensor | None = None
+        self.stepped = False  # an optimiser step happened in the current iteration
+        self.skipped = False
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else (self._finite & finite)
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        ok = True if self._finite is None else bool(self._finite)
+        self._finite = None
+        if ok:
+            self.engine.step()
+            self.stepped = True
+        else:
+            skip = getattr(self.engine, "skip_step", None)
+            if skip is not None:
+                skip()
+            else:
+                self.engine.zero_grad()
+            self.skipped = True
+
+
+@dataclass
+class LoopSummary:
+    stage: str
+    images: int
+    steps: int
+    seconds: float
+    skipped_steps: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per log interval
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(self.final_metrics.items()))
+        return (f"{self.stage}: {self.images} images in {self.steps} steps, {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} img/s); skipped {self.skipped_steps} non-finite steps"
+                f"{'; final ' + losses if losses else ''}")
+
+
+class LoopHook:
+    """Override what you need. `loop.images_seen`, `loop.steps` and `loop.state_dict()` are available."""
+
+    def after_step(self, loop: "TrainLoop") -> None:
+        pass
+
+    def on_log(self, loop: "TrainLoop", metrics: dict[str, float]) -> None:
+        pass
+
+    def on_end(self, loop: "TrainLoop", summary: LoopSummary) -> None:
+        pass
+
+
+class TrainLoop:
+    """Runs `stage.step` on batches until cfg.total_images have been seen (counted over all workers).
+
+    engines: trainable model name -> engine; emas: model name -> EMA (created here for ModelSpecs with ema=True when
+    not given). world_size multiplies each worker's images into the global count; reduce_metrics (e.g. an all-reduce
+    mean) runs only at log intervals. Resume by load_state_dict() before run(), with batches that start at the
+    restored images_seen.
+    """
+
+    def __init__(self, stage: Stage, engines: dict[str, Engine], cfg: RunConfig,
+                 emas: dict[str, EMA] | None = None, hooks: Iterable[LoopHook] = (), device: torch.device | str = "cpu",
+                 world_size: int = 1, is_main: bool = True, progress: bool = True,
+                 reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+        self.stage = stage
+        self.cfg = cfg
+        self.engines = {name: GuardedEngine(e) for name, e in engines.items()}
+        specs = stage.models()
+        if emas is None:
+            emas = {name: EMA(engines[name].module, cfg.optim.ema_decay)
+                    for name, spec in specs.items() if spec.ema and name in engines}
+        self.emas = emas
+        self.hooks = list(hooks)
+        self.device = torch.device(device)
+        self.world_size = world_size
+        self.is_main = is_main
+        self.progress = progress and is_main
+        self.reduce_metrics = reduce_metrics
+        self.images_seen = 0
+        self.steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    # -- what a checkpoint must hold beside the engines' own state ---------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"images_seen": self.images_seen, "steps": self.steps, "skipped_steps": self.skipped_steps,
+                 "ema": {name: ema.state_dict() for name, ema in self.emas.items()}}
+        stage_state = getattr(self.stage, "state_dict", None)
+        if stage_state is not None:
+            state["stage"] = stage_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images_seen = int(state["images_seen"])
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        for name, ema in self.emas.items():
+            ema.load_state_dict(state["ema"][name])
+        if "stage" in state:
+            self.stage.load_state_dict(state["stage"])
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _after_optimizer_steps(self) -> None:
+        skipped = any(e.skipped for e in self.engines.values())
+        for name, engine in self.engines.items():
+            if engine.stepped and name in self.emas:
+                self.emas[name].update(engine.module)
+            engine.stepped = engine.skipped = False
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips > self.cfg.max_nonfinite_steps:
+                raise TrainingDivergedError(
+                    f"training diverged: {self.consecutive_skips} consecutive steps with a non-finite loss at "
+                    f"{self.images_seen} images; lower optim.lr, or raise max_nonfinite_steps "
+                    f"(now {self.cfg.max_nonfinite_steps})")
+        else:
+            self.consecutive_skips = 0
+
+    def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+            self._counts[k] = self._counts.get(k, 0) + 1
+
+    def _reduce(self) -> dict[str, float]:
+        means = {k: self._sums[k] / self._counts[k] for k in self._sums}
+        if self.reduce_metrics is not None:
+            means = self.reduce_metrics(means)
+        self._sums, self._counts = {}, {}
+        return {k: float(v) for k, v in means.items()}  # the one host sync per log interval
+
+    def run(self, batches: Iterable[dict[str, torch.Tensor]]) -> LoopSummary:
+        cfg = self.cfg
+        total = cfg.total_images
+        if cfg.log_every_images <= 0:
+            raise UserError(f"log_every_images: must be positive, got {cfg.log_every_images}")
+        start_images, start_steps, start_skipped = self.images_seen, self.steps, self.skipped_steps
+        history: list[dict[str, float]] = []
+        last: dict[str, float] = {}
+        next_log = (self.images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+        bar = tqdm(total=total, initial=self.images_seen, unit="img", desc=self.stage.name, disable=not self.progress,
+                   dynamic_ncols=True, smoothing=0.1)
+        began = time.perf_counter()
+        iterator: Iterator = iter(batches)
+        try:
+            while self.images_seen < total:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    raise UserError(f"the data ran out after {self.images_seen} of total_images={total} images; "
+                                    f"the batch source must repeat epochs") from None
+                out = self.stage.step(self._to_device(batch), self.steps, self.engines)
+                self._after_optimizer_steps()
+                self.steps += 1
+                seen = out.images * self.world_size
+                self.images_seen += seen
+                self._accumulate(out.metrics)
+                bar.update(seen)
+                for hook in self.hooks:
+                    hook.after_step(self)
+                if self.images_seen >= next_log or self.images_seen >= total:
+                    last = self._reduce() if self._sums else last
+                    history.append({"images": float(self.images_seen), **last})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in sorted(last.items())}, refresh=False)
+                    for hook in self.hooks:
+                        hook.on_log(self, last)
+                    next_log = (self.images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+        finally:
+            bar.close()
+        summary = LoopSummary(self.stage.name, self.images_seen - start_images, self.steps - start_steps,
+                              time.perf_counter() - began, self.skipped_steps - start_skipped, last, history)
+        for hook in self.hooks:
+            hook.on_end(self, summary)
+        if self.is_main:
+            print(summary.line(), flush=True)
+        return summary
+
+
+def train_loop(stage: Stage, engines: dict[str, Engine], batches: Iterable[dict[str, torch.Tensor]], cfg: RunConfig,
+               hooks: Iterable[LoopHook] = (), **kwargs) -> tuple[LoopSummary, TrainLoop]:
+    """Build a TrainLoop and run it; returns (summary, loop) so the caller can export EMA weights and state."""
+    loop = TrainLoop(stage, engines, cfg, hooks=hooks, **kwargs)
+    return loop.run(batches), loop

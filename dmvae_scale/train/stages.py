@@ -1,0 +1,615 @@
+"""The five stages of METHOD.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
+what the stage needs from the stage before and what it hands on.
+
+    stage      trains                              frozen                       needs (config key)
+    tokenizer  tokenizer (bottleneck+decoder),     SSL encoder                  -
+               discriminator
+    reference  real_score (DiT, flow matching)     tokenizer (if the reference  inputs.tokenizer (tokenizer refs)
+                                                   is made of its latents)      or reference.path (file ref)
+    dmd        tokenizer (all of it), fake_score,  real_score                   inputs.tokenizer, inputs.reference
+               fresh discriminator
+    decoder    decoder, discriminator              encoder, bottleneck          inputs.tokenizer
+    generator  generator (DiT, flow matching)      tokenizer                    inputs.tokenizer (with latent stats)
+
+Every declared input is used or the stage refuses to start; a missing artifact, a latent shape or statistics mismatch,
+or weights that do not load stop with an error naming the file and the config key. Stages build on the CPU; the
+driver moves models to the device, wraps trainable ones in engines and calls prepare(), then step() per batch.
+Random draws come from generators seeded by (seed, rank, step), so a resumed run continues the same noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..artifacts import ArtifactError, ArtifactInfo, LatentSpec, load_artifact, load_into, save_artifact
+from ..config import RunConfig, config_hash, dump_yaml, load_config, to_dict
+from ..errors import UserError
+from ..method.dm_loss import annealed_t_range, dm_loss
+from ..method.flow import drop_labels, flow_matching_loss
+from ..method.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
+from ..method.references import (FileSamples, GaussianMixture, NoisyTokenizerLatents, ReferenceSource,
+                                 StandardGaussian, TokenizerLatents, random_means)
+from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
+from ..models.dit import LightningDiT
+from ..models.tokenizer import Tokenizer
+from .api import EMA, Engine, ModelSpec, StepOutput
+
+
+class StageInputError(UserError):
+    """A stage's inputs (upstream artifacts, reference files) are missing, unused, or do not fit its config."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs: what each stage may name, and loading upstream artifacts with checks that name the key
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _reject_unused(cfg: RunConfig, used: set[str]) -> None:
+    """Every input given must be used: name the first one this stage would ignore."""
+    given = {"inputs.tokenizer": cfg.inputs.tokenizer, "inputs.reference": cfg.inputs.reference,
+             "inputs.generator": cfg.inputs.generator, "reference.path": cfg.reference.path,
+             "tokenizer.encoder.weights": cfg.tokenizer.encoder.weights}
+    for key, value in given.items():
+        if value is not None and key not in used:
+            why = " (the tokenizer's weights come from inputs.tokenizer)" if key == "tokenizer.encoder.weights" \
+                and cfg.stage != "tokenizer" else ""
+            raise StageInputError(f"{key}: stage '{cfg.stage}' does not use it{why}; remove it (got {value!r})")
+    for key in sorted(used):
+        if key.startswith("inputs.") and given[key] is None:
+            raise StageInputError(f"{key}: stage '{cfg.stage}' needs it: the artifact directory of "
+                                  f"{_PRODUCER[key]}")
+
+
+_PRODUCER = {"inputs.tokenizer": "a tokenizer-producing stage (tokenizer, dmd or decoder)",
+             "inputs.reference": "the reference stage (its real_score)", "inputs.generator": "a generator stage"}
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _check_same(now: Any, then: Any, section: str, source: str, ignore: set[str]) -> None:
+    """A config section must equal the one an upstream artifact was made with (except keys that change nothing
+    about the weights' meaning)."""
+    a, b = _flat(to_dict(now), section + "."), _flat(to_dict(then), section + ".")
+    for key in a:
+        if key not in ignore and a[key] != b.get(key):
+            raise StageInputError(f"{key}: this run has {a[key]!r} but {source} was made with {b.get(key)!r}; "
+                                  f"use the same value")
+
+
+_TOKENIZER_SETTINGS = {"tokenizer.encoder.weights", "tokenizer.encoder.sha256", "tokenizer.encoder.frozen"}
+_SCORE_SETTINGS = {"score.class_dropout", "score.grad_checkpointing", "score.attention"}
+
+
+@dataclasses.dataclass
+class Upstream:
+    key: str  # the config key that named it
+    path: Path
+    info: ArtifactInfo
+    cfg: RunConfig
+    weights: dict[str, dict[str, torch.Tensor]]
+
+    def load(self, module: nn.Module, model: str, which: str) -> None:
+        if model not in self.weights or not self.weights[model]:
+            raise StageInputError(f"{self.key}: {self.path} holds no {which} weights for '{model}' "
+                                  f"(stage '{self.info.stage}', models {self.info.models})")
+        try:
+            load_into(module, self.weights[model], f"'{model}' from {self.path} ({which} weights)")
+        except ArtifactError as exc:
+            raise StageInputError(f"{self.key}: {exc}") from None
+
+
+def open_upstream(key: str, path: str, which: str) -> Upstream:
+    """Read an upstream artifact (manifest, hash, config, weights) or fail naming the key and the file."""
+    p = Path(path)
+    try:
+        info, weights = load_artifact(p, which=which)
+    except ArtifactError as exc:
+        raise StageInputError(f"{key}: {exc}") from None
+    config_file = p / "config.yaml"
+    if not config_file.is_file():
+        raise StageInputError(f"{key}: {config_file} is missing; an artifact must carry the config that made it")
+    try:
+        upstream_cfg = load_config(config_file)
+    except UserError as exc:
+        raise StageInputError(f"{key}: {config_file}: {exc}") from None
+    return Upstream(key, p, info, upstream_cfg, weights)
+
+
+def _tokenizer_from(cfg: RunConfig, up: Upstream) -> Tokenizer:
+    _check_same(cfg.tokenizer, up.cfg.tokenizer, "tokenizer", f"{up.key}={up.path}", _TOKENIZER_SETTINGS)
+    tokenizer = Tokenizer(cfg.tokenizer, load_pretrained=False)
+    up.load(tokenizer, "tokenizer", cfg.inputs.tokenizer_weights)
+    return tokenizer
+
+
+def _check_score_shape(cfg: RunConfig, shape: tuple[int, ...], source: str) -> None:
+    c, h, w = shape
+    if cfg.score.in_channels != c:
+        raise StageInputError(f"score.in_channels={cfg.score.in_channels} but {source} has {c}-channel latents; "
+                              f"set score.in_channels={c}")
+    if cfg.score.input_size != h or h != w:
+        raise StageInputError(f"score.input_size={cfg.score.input_size} but {source} has a {h}x{w} latent grid; "
+                              f"set score.input_size={h}")
+
+
+def load_reference_samples(path: str, key: str = "reference.path") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Reference samples from a file: .pt/.pth (a tensor, or a dict with 'samples' and optional 'labels'),
+    .npy (an array), .npz or .safetensors (entries 'samples' and optional 'labels')."""
+    p = Path(path)
+    if not p.is_file():
+        raise StageInputError(f"{key}: file not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            import numpy as np
+            data = torch.from_numpy(np.load(p))
+        elif suffix == ".npz":
+            import numpy as np
+            with np.load(p) as z:
+                data = {k: torch.from_numpy(z[k]) for k in z.files}
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+            data = load_file(str(p))
+        else:
+            raise StageInputError(f"{key}: {p} has an unsupported type; use .pt, .npy, .npz or .safetensors")
+    except StageInputError:
+        raise
+    except Exception as exc:  # a corrupt file: name it and why, never a traceback
+        raise StageInputError(f"{key}: cannot read {p}: {exc}") from None
+    if torch.is_tensor(data):
+        return data.float(), None
+    if not isinstance(data, dict) or "samples" not in data:
+        raise StageInputError(f"{key}: {p} must hold a tensor or a mapping with key 'samples' "
+                              f"(and optionally 'labels')")
+    labels = data.get("labels")
+    return data["samples"].float(), (labels.long() if labels is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------------------
+
+def step_generators(seed: int, rank: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(generator on `device` for noise, CPU generator for augmentation), both functions of (seed, rank, step)."""
+    value = ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (2 ** 63)
+    cpu = torch.Generator().manual_seed(value)
+    dev = cpu if device.type == "cpu" else torch.Generator(device=device).manual_seed(value)
+    return dev, cpu
+
+
+@contextmanager
+def no_param_grads(module: nn.Module):
+    """Run a module's forward without gradients reaching its parameters (the generator side of a GAN loss)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _image_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x.mean(dim=1, keepdim=True) if channels == 1 and x.shape[1] != 1 else x
+
+
+class AutoencoderLosses:
+    """Reconstruction (L1 + perceptual) + adaptive-weight hinge GAN for the tokenizer side, and the discriminator's
+    hinge loss with DiffAugment and the consistency term. Shared by the tokenizer, dmd and decoder stages."""
+
+    def __init__(self, cfg: RunConfig):
+        self.loss = cfg.loss
+        self.disc_cfg = cfg.discriminator
+        if cfg.discriminator.consistency_weight > 0 and not cfg.discriminator.diffaug:
+            raise StageInputError("discriminator.consistency_weight > 0 needs discriminator.diffaug=true "
+                                  "(the term compares augmented and plain logits); set one of the two")
+        self.augment = DiffAugment() if cfg.discriminator.diffaug else None
+        self.perceptual = None
+        if cfg.loss.perceptual_weight > 0:
+            from ..models.perceptual import build_perceptual
+            self.perceptual = build_perceptual(cfg.loss)
+
+    def gan_active(self, step: int) -> bool:
+        return self.loss.gan_weight > 0 and step >= self.loss.gan_start_step
+
+    def _aug(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return self.augment(x, g) if self.augment is not None else x
+
+    def reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        l1 = (recon - x).abs().mean()
+        rec = self.loss.l1_weight * l1
+        metrics = {"l1": l1.detach()}
+        if self.perceptual is not None:
+            perc = self.perceptual(recon, x).mean()
+            rec = rec + self.loss.perceptual_weight * perc
+            metrics["perceptual"] = perc.detach()
+        return rec, metrics
+
+    def tokenizer_loss(self, x, recon, step: int, discriminator: Engine, last_layer: torch.Tensor,
+                       g: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rec, metrics = self.reconstruction(x, recon)
+        if not self.gan_active(step):
+            return rec, metrics
+        with no_param_grads(discriminator.module):
+            gan = hinge_g_loss(discriminator(self._aug(recon, g)))
+        weight = adaptive_weight(rec, gan, last_layer, self.loss.adaptive_weight_max)
+        metrics.update(gan_g=gan.detach(), gan_weight=weight)
+        return rec + self.loss.gan_weight * weight * gan, metrics
+
+    def discriminator_step(self, x, recon, discriminator: Engine, g: torch.Generator) -> dict[str, torch.Tensor]:
+        fake = recon.detach()
+        loss = hinge_d_loss(discriminator(self._aug(x, g)), discriminator(self._aug(fake, g)))
+        metrics = {"gan_d": loss.detach()}
+        if self.disc_cfg.consistency_weight > 0:
+            cons = consistency_term(discriminator, torch.cat([x, fake]), self.augment, g)
+            loss = loss + self.disc_cfg.consistency_weight * cons
+            metrics["gan_consistency"] = cons.detach()
+        discriminator.backward(loss)
+        discriminator.step()
+        return metrics
+
+
+def measure_latent_stats(sample: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+                         ) -> tuple[float, float]:
+    """(mean of batch means, mean of 1/std) of the latents `sample(images, labels)` makes from the batches."""
+    means, inv_stds = [], []
+    with torch.no_grad():
+        for batch in batches:
+            z = sample(batch["image"].to(device), batch["label"].to(device)).float()
+            means.append(z.mean())
+            inv_stds.append(1.0 / z.std())
+    if not means:
+        raise UserError("no batches to measure latent statistics on")
+    return float(torch.stack(means).mean()), float(torch.stack(inv_stds).mean())
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------------
+
+class _StageBase:
+    name: str
+    export: tuple[str, ...] = ()  # models whose weights go into the artifact
+
+    def __init__(self, cfg: RunConfig, rank: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.upstream: dict[str, str] = {}
+        self._models: dict[str, ModelSpec] = {}
+
+    def models(self) -> dict[str, ModelSpec]:
+        return self._models
+
+    def _rng(self, step: int, x: torch.Tensor) -> tuple[torch.Generator, torch.Generator]:
+        return step_generators(self.cfg.seed, self.rank, step, x.device)
+
+    def prepare(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Work before training (latent statistics). Every rank must be given the same batches."""
+
+    def needs_prepare(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def artifact(self) -> dict[str, Any]:
+        return {"models": list(self.export), "latent": None, "upstream": dict(self.upstream), "extra": {}}
+
+
+class AutoencoderStage(_StageBase):
+    """Stage 1 (tokenizer) and stage 4 (decoder): train the tokenizer's trainable part + the discriminator.
+
+    Stage 1 builds the tokenizer fresh (SSL encoder weights from tokenizer.encoder.weights, frozen per
+    tokenizer.encoder.frozen); stage 4 loads it from inputs.tokenizer, freezes encoder and bottleneck, and measures the
+    final latent mean/scale in prepare().
+    """
+
+    export = ("tokenizer", "discriminator")
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
+        super().__init__(cfg, rank)
+        self.name = cfg.stage
+        self.losses = AutoencoderLosses(cfg)
+        self.discriminator = PatchDiscriminator(cfg.discriminator, in_channels=cfg.tokenizer.in_channels)
+        self.latent: Optional[LatentSpec] = None
+        if cfg.stage == "tokenizer":
+            _reject_unused(cfg, {"tokenizer.encoder.weights"})
+            self.tokenizer = Tokenizer(cfg.tokenizer)
+        else:
+            _reject_unused(cfg, {"inputs.tokenizer"})
+            if not cfg.tokenizer.encoder.frozen:
+                raise StageInputError("tokenizer.encoder.frozen: the decoder stage keeps encoder and bottleneck "
+                                      "frozen (the latents must not change); set it true")
+            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+            self.tokenizer = _tokenizer_from(cfg, up)
+            if "discriminator" in up.info.models:  # "decoder + GAN trained further": continue the upstream critic
+                raw = up if cfg.inputs.tokenizer_weights == "raw" else open_upstream(
+                    "inputs.tokenizer", cfg.inputs.tokenizer, "raw")
+                raw.load(self.discriminator, "discriminator", "raw")
+            self.tokenizer.set_encoder_trainable(False)
+            self.tokenizer.bottleneck.requires_grad_(False)
+            self.upstream = {"tokenizer": up.info.id}
+        self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
+                        "discriminator": ModelSpec(self.discriminator, True, cfg.optim)}
+        if self.losses.perceptual is not None:
+            self._models["perceptual"] = ModelSpec(self.losses.perceptual, False)
+
+    def needs_prepare(self) -> bool:
+        return self.cfg.stage == "decoder" and self.latent is None
+
+    def prepare(self, batches):
+        if not self.needs_prepare():
+            return
+        c, h, w = self.tokenizer.latent_shape
+        channels = self.cfg.tokenizer.in_channels
+        mean, scale = measure_latent_stats(lambda x, y: self.tokenizer.encode(_image_channels(x, channels)),
+                                           batches, _device_of(self.tokenizer))
+        self.latent = LatentSpec(c, h, w, mean, scale)
+
+    def step(self, batch, step, engines):
+        x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
+        _, g = self._rng(step, x)
+        tok, disc = engines["tokenizer"], engines["discriminator"]
+        recon, _ = tok(x)
+        loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
+        tok.backward(loss)
+        tok.step()
+        metrics["loss"] = loss.detach()
+        if self.losses.gan_active(step):
+            metrics.update(self.losses.discriminator_step(x, recon, disc, g))
+        return StepOutput(metrics, images=len(x))
+
+    def state_dict(self):
+        return {"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {}
+
+    def load_state_dict(self, state):
+        if "latent" in state:
+            self.latent = LatentSpec(**state["latent"])
+
+    def artifact(self):
+        out = super().artifact()
+        out["latent"] = self.latent
+        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape)}
+        return out
+
+
+def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> ReferenceSource:
+    kind = cfg.reference.kind
+    shape = (cfg.score.in_channels, cfg.score.input_size, cfg.score.input_size)
+    channels = cfg.tokenizer.in_channels
+    if kind == "tokenizer":
+        return TokenizerLatents(lambda x: tokenizer.encode(_image_channels(x, channels)), tokenizer.latent_shape)
+    if kind == "noisy_tokenizer":
+        return NoisyTokenizerLatents(lambda x: tokenizer.encode(_image_channels(x, channels)),
+                                     tokenizer.latent_shape, cfg.reference.noise_t)
+    if kind == "gaussian":
+        return StandardGaussian(shape)
+    if kind == "gmm":
+        if cfg.reference.gmm_components < 1 or cfg.reference.gmm_std <= 0:
+            raise StageInputError(f"reference.gmm_components/gmm_std: need >= 1 and > 0, got "
+                                  f"{cfg.reference.gmm_components}, {cfg.reference.gmm_std}")
+        return GaussianMixture(random_means(cfg.reference.gmm_components, shape, cfg.seed), cfg.reference.gmm_std)
+    samples, labels = load_reference_samples(cfg.reference.path)
+    if tuple(samples.shape[1:]) != shape:
+        raise StageInputError(f"reference.path: {cfg.reference.path} holds samples of shape "
+                              f"{tuple(samples.shape[1:])}, but score.in_channels/input_size make {shape}")
+    if labels is not None and (labels.min() < 0 or labels.max() >= cfg.score.num_classes):
+        raise StageInputError(f"reference.path: {cfg.reference.path} has labels outside "
+                              f"[0, score.num_classes={cfg.score.num_classes})")
+    return FileSamples(samples, labels)
+
+
+class FlowMatchingStage(_StageBase):
+    """Stage 2 (reference: the real score on p_r's samples, latent statistics measured first) and stage 5
+    (generator: a DiT on the final tokenizer's normalised latents, statistics from its artifact)."""
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
+        super().__init__(cfg, rank)
+        self.name = cfg.stage
+        self.model_name = "real_score" if cfg.stage == "reference" else "generator"
+        self.export = (self.model_name,)
+        self.tokenizer: Optional[Tokenizer] = None
+        self.latent: Optional[LatentSpec] = None
+        uses_tokenizer = cfg.stage == "generator" or cfg.reference.kind in ("tokenizer", "noisy_tokenizer")
+        used = {"inputs.tokenizer"} if uses_tokenizer else set()
+        if cfg.stage == "reference" and cfg.reference.kind == "file":
+            used.add("reference.path")
+        _reject_unused(cfg, used)
+        if uses_tokenizer:
+            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+            self.tokenizer = _tokenizer_from(cfg, up).eval().requires_grad_(False)
+            _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up.path}")
+            self.upstream = {"tokenizer": up.info.id}
+            if cfg.stage == "generator":
+                if up.info.latent is None:
+                    raise StageInputError(
+                        f"inputs.tokenizer: {up.path / 'artifact.json'} has no measured latent statistics (key "
+                        f"'latent'); the generator needs them: hand it a decoder-stage artifact")
+                self.latent = up.info.latent
+        self.source = _reference_source(cfg, self.tokenizer) if cfg.stage == "reference" else \
+            TokenizerLatents(lambda x: self.tokenizer.encode(_image_channels(x, cfg.tokenizer.in_channels)),
+                             self.tokenizer.latent_shape)
+        self.score = LightningDiT(cfg.score)
+        self._models = {self.model_name: ModelSpec(self.score, True, cfg.optim, ema=True)}
+        if self.tokenizer is not None:
+            self._models["tokenizer"] = ModelSpec(self.tokenizer, False)
+
+    def needs_prepare(self) -> bool:
+        return self.latent is None
+
+    def prepare(self, batches):
+        if not self.needs_prepare():
+            return
+        device = _device_of(self.score)
+        g = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        mean, scale = measure_latent_stats(
+            lambda x, y: self.source.sample(len(x), g, images=x, labels=y)[0], batches, device)
+        self.latent = LatentSpec(*self.source.shape, mean=mean, scale=scale)
+
+    def step(self, batch, step, engines):
+        if self.latent is None:
+            raise RuntimeError("prepare() must measure the latent statistics before the first step")
+        x, y = batch["image"], batch["label"]
+        g, _ = self._rng(step, x)
+        z, labels = self.source.sample(len(x), g, images=x, labels=y)
+        z = self.latent.normalize(z)
+        if labels is not None:
+            labels = drop_labels(labels, self.cfg.score.num_classes, self.cfg.score.class_dropout, g)
+        loss = flow_matching_loss(engines[self.model_name], z, labels, g)
+        engines[self.model_name].backward(loss)
+        engines[self.model_name].step()
+        return StepOutput({"fm_loss": loss.detach()}, images=len(x))
+
+    def state_dict(self):
+        return {"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {}
+
+    def load_state_dict(self, state):
+        if "latent" in state:
+            self.latent = LatentSpec(**state["latent"])
+
+    def artifact(self):
+        out = super().artifact()
+        out["latent"] = self.latent
+        if self.cfg.stage == "reference":
+            out["extra"] = {"reference_kind": self.cfg.reference.kind, "conditional": bool(self.source.conditional)}
+        return out
+
+
+class DMDStage(_StageBase):
+    """Stage 3: the tokenizer (encoder unfrozen per tokenizer.encoder.frozen) trains with reconstruction + GAN +
+    lambda_DM * L_DM every k-th iteration; the fake score (initialised from the real one) takes a flow-matching step
+    on detached latents every iteration; the real score stays frozen; the discriminator starts fresh."""
+
+    name = "dmd"
+    export = ("tokenizer", "fake_score", "discriminator")
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
+        super().__init__(cfg, rank)
+        _reject_unused(cfg, {"inputs.tokenizer", "inputs.reference"})
+        dm = cfg.dm
+        if dm.tokenizer_every < 1:
+            raise StageInputError(f"dm.tokenizer_every: must be >= 1, got {dm.tokenizer_every}")
+        if dm.t_anneal_steps > 0 and not dm.t_min <= dm.t_anneal_min_final < dm.t_max:
+            raise StageInputError(f"dm.t_anneal_min_final={dm.t_anneal_min_final} must lie in [dm.t_min={dm.t_min}, "
+                                  f"dm.t_max={dm.t_max})")
+        up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+        self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
+        _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")
+        up_ref = open_upstream("inputs.reference", cfg.inputs.reference, "ema")
+        if up_ref.info.latent is None:
+            raise StageInputError(f"inputs.reference: {up_ref.path / 'artifact.json'} has no latent statistics "
+                                  f"(key 'latent'); re-run the reference stage, which measures them")
+        ref_shape = (up_ref.info.latent.channels, up_ref.info.latent.height, up_ref.info.latent.width)
+        if ref_shape != tuple(self.tokenizer.latent_shape):
+            raise StageInputError(f"inputs.reference: {up_ref.path} models latents of shape {ref_shape} but the "
+                                  f"tokenizer of inputs.tokenizer makes {tuple(self.tokenizer.latent_shape)}")
+        _check_same(cfg.score, up_ref.cfg.score, "score", f"inputs.reference={up_ref.path}", _SCORE_SETTINGS)
+        same_tokenizer = up_ref.info.upstream.get("tokenizer") == up_tok.info.id
+        if same_tokenizer and up_ref.cfg.inputs.tokenizer_weights != cfg.inputs.tokenizer_weights:
+            # One explicit choice: the reference latents and DMD's starting point come from the same weights.
+            raise StageInputError(
+                f"inputs.tokenizer_weights={cfg.inputs.tokenizer_weights} but the reference of inputs.reference="
+                f"{up_ref.path} was trained on the {up_ref.cfg.inputs.tokenizer_weights} weights of the same "
+                f"tokenizer; use inputs.tokenizer_weights={up_ref.cfg.inputs.tokenizer_weights}")
+        self.latent = up_ref.info.latent  # z' = (z - mean) * scale in the reference's own normalisation
+        self.conditional = bool(up_ref.info.extra.get("conditional", True))
+        self.real_score = LightningDiT(cfg.score)
+        up_ref.load(self.real_score, "real_score", "ema")
+        self.real_score.eval().requires_grad_(False)
+        self.fake_score = LightningDiT(cfg.score)
+        up_ref.load(self.fake_score, "real_score", "ema")
+        self.discriminator = PatchDiscriminator(cfg.discriminator, in_channels=cfg.tokenizer.in_channels)
+        self.losses = AutoencoderLosses(cfg)
+        self.upstream = {"tokenizer": up_tok.info.id, "reference": up_ref.info.id}
+        self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
+                        "fake_score": ModelSpec(self.fake_score, True, cfg.optim),
+                        "discriminator": ModelSpec(self.discriminator, True, cfg.optim),
+                        "real_score": ModelSpec(self.real_score, False)}
+        if self.losses.perceptual is not None:
+            self._models["perceptual"] = ModelSpec(self.losses.perceptual, False)
+
+    def t_range(self, step: int) -> tuple[float, float]:
+        dm = self.cfg.dm
+        return annealed_t_range(step, dm.t_min, dm.t_max, dm.t_anneal_steps, dm.t_anneal_min_final)
+
+    def step(self, batch, step, engines):
+        cfg = self.cfg
+        x = _image_channels(batch["image"], cfg.tokenizer.in_channels)
+        g, g_cpu = self._rng(step, x)
+        labels = batch["label"] if self.conditional else None
+        null = cfg.score.num_classes
+        tok, fake = engines["tokenizer"], engines["fake_score"]
+        metrics: dict[str, torch.Tensor] = {}
+        k = cfg.dm.tokenizer_every
+        if step % k == k - 1:  # the fake score has had k-1 updates on the current latents first
+            recon, z = tok(x)
+            z = self.latent.normalize(z)
+            ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null, self.t_range(step), g)
+            loss, metrics = self.losses.tokenizer_loss(x, recon, step, engines["discriminator"],
+                                                       tok.module.last_layer, g_cpu)
+            loss = loss + cfg.dm.lambda_dm * ldm
+            tok.backward(loss)
+            tok.step()
+            metrics.update(dm_stats, dm_loss=ldm.detach(), loss=loss.detach())
+            if self.losses.gan_active(step):
+                metrics.update(self.losses.discriminator_step(x, recon, engines["discriminator"], g_cpu))
+            z = z.detach()
+        else:
+            with torch.no_grad():
+                z = self.latent.normalize(tok.module.encode(x))
+        fake_labels = drop_labels(labels, null, cfg.score.class_dropout, g) if labels is not None else None
+        fake_loss = flow_matching_loss(fake, z, fake_labels, g)
+        fake.backward(fake_loss)
+        fake.step()
+        metrics["fake_fm_loss"] = fake_loss.detach()
+        return StepOutput(metrics, images=len(x))
+
+    def artifact(self):
+        out = super().artifact()
+        # The latents changed: their statistics are stale until the decoder stage measures them again.
+        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape),
+                        "normalised_with": dataclasses.asdict(self.latent), "conditional": self.conditional}
+        return out
+
+
+def build_stage(cfg: RunConfig, rank: int = 0):
+    """The stage cfg.stage names, with its inputs checked and loaded (on the CPU)."""
+    if cfg.stage in ("tokenizer", "decoder"):
+        return AutoencoderStage(cfg, rank)
+    if cfg.stage in ("reference", "generator"):
+        return FlowMatchingStage(cfg, rank)
+    if cfg.stage == "dmd":
+        return DMDStage(cfg, rank)
+    raise UserError(f"stage: unknown stage {cfg.stage!r}")
+
+
+def save_stage_artifact(stage, emas: dict[str, EMA], cfg: RunConfig, directory: str | Path) -> ArtifactInfo:
+    """Write what the stage hands on: raw weights of its exported models, EMA weights where kept, latent
+    statistics, upstream ids, the resolved config and its hash."""
+    plan = stage.artifact()
+    modules = {name: stage.models()[name].module for name in plan["models"]}
+    weights = {name: m.state_dict() for name, m in modules.items()}
+    ema = {name: emas[name].module_state_dict(m) for name, m in modules.items() if name in emas}
+    info = ArtifactInfo(stage=cfg.stage, models=list(weights), config_hash=config_hash(cfg), latent=plan["latent"],
+                        upstream=plan["upstream"], extra=plan["extra"])
+    return save_artifact(directory, info, weights, ema=ema or None, config_yaml=dump_yaml(cfg))
