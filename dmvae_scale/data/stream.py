@@ -1,0 +1,97 @@
+"""The streaming reader every stage uses: MosaicML StreamingDataset over our shards, decoded and transformed.
+
+Each item is {"image": float (3, S, S) in [-1, 1], "label": long} (plus "key" with `with_keys=True`).
+
+Distribution: the process layout is read from RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE, which must be set
+before the dataset is built (torchrun and Ray Train's torch workers set them). Streaming partitions one global,
+seeded sample order over ranks and DataLoader workers, so ranks read disjoint samples that cover the epoch.
+
+Resumption: wrap the dataset in `make_loader` (a StreamingDataLoader) and save `loader.state_dict()` with a
+checkpoint; `loader.load_state_dict(state)` before the next iteration continues the same global order from the next
+unread sample, also with a different number of ranks (the order depends on num_canonical_nodes and the shuffle seed,
+both carried in the state, not on the world size).
+
+Augmentation: crop offsets and flips are drawn from a generator seeded by (seed, epoch, global sample id), so a
+resumed or re-partitioned run augments every sample exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from . import storage
+from .shards import load_index
+from .transforms import ImageTransform, decode_image, sample_rng
+
+
+def default_cache_dir(url: str) -> str:
+    """Per-dataset local cache for a remote URL (one per node; ranks of a node share it)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "dmvae-stream-cache", digest)
+
+
+def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None]:
+    """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check."""
+    load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
+    if storage.is_remote(url):
+        return {"remote": url, "local": cache_dir or default_cache_dir(url)}
+    return {"remote": None, "local": os.path.abspath(url)}
+
+
+class _EpochAware(StreamingDataset):
+    """Remembers the epoch Streaming resolves at the start of each iteration (needed to seed augmentation)."""
+
+    current_epoch = 0
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:  # Streaming 0.13 private hook; pinned in pyproject
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self.current_epoch = epoch
+        return epoch, sample_in_epoch
+
+
+class ImageStreamDataset(_EpochAware):
+    """Image shards written by `dmvae-scale data shards`, as model-ready tensors.
+
+    batch_size is the per-rank batch (Streaming needs it for deterministic partitioning and resumption).
+    """
+
+    def __init__(self, url: str, *, batch_size: int, image_size: int, crop: str = "random", hflip: bool = True,
+                 seed: int = 0, shuffle: bool = True, cache_dir: str | None = None,
+                 num_canonical_nodes: int | None = None, with_keys: bool = False, **streaming_kwargs: Any):
+        self.transform = ImageTransform(image_size, crop, hflip)
+        self.seed = int(seed)
+        self.with_keys = with_keys
+        self.url = url
+        super().__init__(**streaming_locations(url, cache_dir), batch_size=batch_size, shuffle=shuffle,
+                         shuffle_seed=self.seed, num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
+
+    def __getitem__(self, sample_id: int) -> dict[str, Any]:
+        raw = self.get_item(sample_id)
+        rng = sample_rng(self.seed, self.current_epoch, sample_id)
+        out = {"image": self.transform(decode_image(raw["image"]), rng),
+               "label": torch.tensor(int(raw["label"]), dtype=torch.long)}
+        if self.with_keys:
+            out["key"] = raw["key"]
+        return out
+
+
+def make_loader(dataset: StreamingDataset, num_workers: int = 0, **kwargs: Any) -> StreamingDataLoader:
+    """A DataLoader that counts samples for `state_dict()`; batch size is the dataset's per-rank batch."""
+    if num_workers > 0:
+        kwargs.setdefault("persistent_workers", True)
+    return StreamingDataLoader(dataset, batch_size=dataset.batch_size, num_workers=num_workers, drop_last=True,
+                               **kwargs)
+
+
+def close_iteration(dataset: StreamingDataset) -> None:
+    """Stop the download threads of an iteration abandoned mid-epoch in this process (before deleting its files).
+
+    Streaming itself only stops them when the next epoch starts or the process exits."""
+    iterator = getattr(dataset, "_iterator", None)  # Streaming 0.13 internals; pinned in pyproject
+    if iterator is not None:
+        iterator.exit()

@@ -1,0 +1,89 @@
+"""Built-in Fashion-MNIST and the in-memory dataset: the batch contract and deterministic flips; transforms."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmvae_scale.data.builtin import (FASHION_MNIST_CLASSES, DatasetMissingError, ImageArrayDataset,
+                                      load_fashion_mnist)
+from dmvae_scale.data.transforms import ImageTransform, adm_resize, sample_rng, to_model_range
+from dmvae_scale.errors import UserError
+
+pytestmark = pytest.mark.unit
+
+
+def test_fashion_mnist_test_split_is_the_real_set():
+    images, labels = load_fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [1000] * 10  # the published test split: 1000 per class
+    assert len(FASHION_MNIST_CLASSES) == 10 and FASHION_MNIST_CLASSES[9] == "Ankle boot"
+    assert 60 < images.mean() < 90  # real pixels, not zeros
+
+
+def test_missing_files_name_the_path_and_the_package(tmp_path):
+    with pytest.raises(DatasetMissingError, match="apt-get install dataset-fashion-mnist") as err:
+        load_fashion_mnist("train", root=tmp_path)
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(err.value)
+    with pytest.raises(UserError, match="'valid'.*'train' or 'test'"):
+        load_fashion_mnist("valid")
+
+
+def test_image_array_dataset_contract_and_deterministic_flip():
+    images, labels = load_fashion_mnist("test")
+    ds = ImageArrayDataset(images[:64], labels[:64], image_size=32, hflip=True, seed=3)
+    item = ds[5]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["label"].dtype == torch.long and int(item["label"]) == labels[5]
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert torch.equal(item["image"][0], item["image"][1])  # grayscale replicated to RGB
+
+    plain = ImageArrayDataset(images[:64], labels[:64], image_size=32, hflip=False, seed=3)
+    flipped = [i for i in range(64) if not torch.equal(ds[i]["image"], plain[i]["image"])]
+    assert 16 < len(flipped) < 48  # about half
+    for i in flipped[:5]:
+        assert torch.equal(ds[i]["image"], plain[i]["image"].flip(-1))
+    again = ImageArrayDataset(images[:64], labels[:64], image_size=32, hflip=True, seed=3)
+    assert all(torch.equal(ds[i]["image"], again[i]["image"]) for i in range(64))
+    again.set_epoch(1)
+    assert any(not torch.equal(ds[i]["image"], again[i]["image"]) for i in range(64))
+
+
+def test_native_size_keeps_pixels_exactly():
+    images, labels = load_fashion_mnist("test")
+    ds = ImageArrayDataset(images[:4], labels[:4], image_size=28, hflip=False)
+    expected = torch.from_numpy(images[2]).float() / 127.5 - 1.0
+    assert torch.equal(ds[2]["image"][0], expected)
+
+
+def test_adm_crop_and_random_crop():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (300, 520, 3), dtype=np.uint8)
+    img = Image.fromarray(array)
+    assert min(adm_resize(img, 64).size) == 64
+    adm = ImageTransform(64, "adm", hflip=False)(img, sample_rng(0, 0, 0))
+    assert adm.shape == (3, 64, 64) and adm.min() >= -1 and adm.max() <= 1
+    # a square image at the target size passes through unchanged
+    square = Image.fromarray(array[:64, :64])
+    exact = ImageTransform(64, "center", hflip=False)(square, sample_rng(0, 0, 0))
+    assert torch.equal(exact, to_model_range(square))
+    # random crops: a pure function of (seed, epoch, sample id)
+    t = ImageTransform(64, "random", hflip=True)
+    a, b = t(img, sample_rng(1, 2, 3)), t(img, sample_rng(1, 2, 3))
+    assert torch.equal(a, b)
+    crops = {t(img, sample_rng(1, 2, i)).sum().item() for i in range(8)}
+    assert len(crops) > 4
+    with pytest.raises(UserError, match="crop mode 'middle'"):
+        ImageTransform(64, "middle")
+
+
+def test_dataset_from_run_config():
+    from dmvae_scale.config import DataConfig
+    from dmvae_scale.data.datasets import build_image_dataset, build_latent_dataset
+    ds = build_image_dataset(DataConfig(source="fashion-mnist", split="test", image_size=32, limit=10),
+                             batch_size=4, seed=0)
+    assert len(ds) == 10 and ds[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(UserError, match="data.limit=10 applies to built-in sets only"):
+        build_image_dataset(DataConfig(source="s3://bucket/imagenet", limit=10), batch_size=4, seed=0)
+    with pytest.raises(UserError, match="data.latents: not set"):
+        build_latent_dataset(DataConfig(), batch_size=4, seed=0)

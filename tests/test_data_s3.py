@@ -1,0 +1,59 @@
+"""Shards in a real S3-compatible store (moto's server on 127.0.0.1): written by `data shards`, streamed back
+byte-identical, verified; a missing shard and an unreachable endpoint fail fast with their names."""
+import time
+
+import boto3
+import pytest
+
+from dmvae_scale.cli import main
+from dmvae_scale.data.storage import StorageError
+from dmvae_scale.data.stream import ImageStreamDataset, make_loader
+from s3_server import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_shards_to_s3_stream_back_byte_identical(imagenet_folder, s3_bucket, tmp_path, capsys):
+    root, info = imagenet_folder
+    url = f"{s3_bucket}/imagenet/train"
+    assert main(["data", "shards", str(root), url, "--workers", "2", "--part-size", "4", "--shard-mb", "0.01"]) == 0
+    assert "wrote 15 images" in capsys.readouterr().out
+
+    ds = ImageStreamDataset(url, batch_size=5, image_size=32, crop="adm", cache_dir=str(tmp_path / "cache"),
+                            with_keys=True)
+    assert ds.num_samples == 15
+    for i in range(ds.num_samples):
+        raw = ds.get_item(i)  # downloads the shard from the server into the local cache
+        source = root / raw["key"]  # keys are "<split>/<wnid>/<file>"
+        assert raw["image"] == source.read_bytes()
+    streamed = [k for batch in make_loader(ds) for k in batch["key"]]
+    assert sorted(streamed) == sorted(str(p.relative_to(root)) for p in (root / "train").rglob("*")
+                                      if p.is_file() and str(p) != info["corrupt"])
+    del ds
+
+    assert main(["data", "verify", url]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {url}: 15 samples")
+
+
+def test_missing_shard_in_bucket_is_named(s3_bucket, s3_server, capsys):
+    url = f"{s3_bucket}/fm"
+    assert main(["data", "shards", "fashion-mnist", url, "--limit", "60", "--part-size", "30", "--workers", "1"]) == 0
+    bucket = s3_bucket[len("s3://"):]
+    boto3.client("s3", endpoint_url=s3_server).delete_object(Bucket=bucket, Key="fm/part-00001/shard.00000.mds")
+    with pytest.raises(StorageError, match="shard part-00001/shard.00000.mds listed in index.json is missing"):
+        ImageStreamDataset(url, batch_size=4, image_size=28)
+    assert main(["data", "verify", url]) == 1
+    assert "bad shard: part-00001/shard.00000.mds: missing" in capsys.readouterr().out
+
+
+def test_unreachable_endpoint_fails_fast_naming_it(s3_server, monkeypatch, capsys):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("S3_ENDPOINT_URL", dead)
+    started = time.monotonic()
+    assert main(["data", "shards", "fashion-mnist", "s3://some-bucket/fm", "--limit", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the S3 endpoint {dead}" in err and "s3://some-bucket/fm" in err
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {dead}"):
+        ImageStreamDataset("s3://some-bucket/fm", batch_size=4, image_size=28)
+    assert main(["data", "verify", "s3://some-bucket/fm"]) == 2
+    assert time.monotonic() - started < 15  # seconds, not minutes of retries
