@@ -1,0 +1,169 @@
+"""`dmvae-scale sample`: a generator artifact's samples spread over Ray workers (or this process), resumable.
+
+The driver checks everything it can without weights (artifacts, tokenizer id, settings against an existing output),
+then hands fixed batches to workers; each worker loads the generator and tokenizer once and returns uint8 images,
+which the driver writes as PNGs (workers need no shared filesystem). Finally samples.npz and grid.png are written.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dmvae_scale.artifacts import read_artifact_info
+from dmvae_scale.config import load_config
+from dmvae_scale.errors import UserError
+
+from .report import save_grid
+from .sampling import (LatentImageSampler, SamplingPlan, assemble_npz, pending_batches, png_path, prepare_output,
+                       write_pngs)
+
+
+def _sampler_overrides(overrides: Sequence[str]) -> list[str]:
+    bad = [o for o in overrides if not o.startswith("sampler.")]
+    if bad:
+        raise UserError(f"sample: only sampler.* settings can be overridden (the model is the artifact's), got {bad}")
+    return list(overrides)
+
+
+def plan_for(generator: str | Path, num_per_class: Optional[int], num_samples: Optional[int], batch_size: int,
+             overrides: Sequence[str] = (), weights: str = "ema", tokenizer: Optional[str] = None
+             ) -> tuple[SamplingPlan, Path]:
+    """The sampling plan from the generator artifact's config (+ sampler overrides), and its tokenizer's path.
+    Reads manifests and configs only; weights are loaded by the workers."""
+    path = Path(generator)
+    info = read_artifact_info(path)
+    if "generator" not in info.models or info.latent is None:
+        raise UserError(f"{path}: a '{info.stage}' artifact (models {info.models}); `sample` needs a generator-stage "
+                        f"artifact")
+    cfg = load_config(path / "config.yaml", _sampler_overrides(overrides))
+    tok = Path(tokenizer) if tokenizer else (Path(cfg.inputs.tokenizer) if cfg.inputs.tokenizer else None)
+    if tok is None:
+        raise UserError(f"{path}: its config names no inputs.tokenizer; pass the tokenizer artifact (--tokenizer)")
+    found, expected = read_artifact_info(tok).id, info.upstream.get("tokenizer")
+    if expected and found != expected:
+        raise UserError(f"tokenizer artifact {tok} is {found}, but generator {path} was trained on the latents of "
+                        f"{expected}; pass that tokenizer (--tokenizer)")
+    classes = cfg.score.num_classes
+    if num_samples is None:
+        num_samples = (50 if num_per_class is None else num_per_class) * classes
+    elif num_per_class is not None:
+        raise UserError("sample: give either --per-class or --num-samples, not both")
+    s = cfg.sampler
+    plan = SamplingPlan(num_samples, classes, batch_size, s.seed, s.method, s.steps, float(s.cfg_scale),
+                        list(s.guidance_interval) if s.guidance_interval else None, info.id, weights)
+    return plan, tok
+
+
+def build_sampler(generator: str, tokenizer: str, weights: str, plan: SamplingPlan,
+                  device: str | torch.device) -> LatentImageSampler:
+    from .artifact_models import load_generator
+
+    bundle = load_generator(generator, weights, tokenizer)
+    if bundle.info.id != plan.generator:
+        raise UserError(f"{generator} changed since sampling started (now {bundle.info.id}, was {plan.generator})")
+    dit, tok = bundle.generator.to(device), bundle.tokenizer.to(device)
+    return LatentImageSampler(dit, tok.decode, bundle.latent, plan, dit.null_label, device)
+
+
+class _SamplerActor:
+    """One Ray worker: loads the models once, then turns batch numbers into images."""
+
+    def __init__(self, generator: str, tokenizer: str, weights: str, plan: dict, use_gpu: bool):
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.sampler = build_sampler(generator, tokenizer, weights, SamplingPlan(**plan), device)
+
+    def batch(self, batch: int):
+        return self.sampler.batch(batch)
+
+
+def _connect(address: Optional[str], num_cpus: int) -> bool:
+    """Attach to Ray; True when we started an embedded loopback instance (and must shut it down)."""
+    import ray
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False,
+                 configure_logging=False)
+        return True
+    ray.init(address=address)
+    return False
+
+
+def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: float, address: Optional[str],
+             on_result) -> None:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    started = _connect(address, max(1, workers))
+    actors = []
+    try:
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_SamplerActor)
+        actors = [actor_cls.remote(*args, gpus_per_worker > 0) for _ in range(min(workers, len(pending)))]
+        queue, inflight = list(pending), {}
+        for actor in actors:
+            if queue:
+                inflight[actor.batch.remote(queue.pop(0))] = actor
+        while inflight:
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            actor = inflight.pop(done[0])
+            try:
+                on_result(*ray.get(done[0]))
+            except RayTaskError as exc:  # a worker's UserError (bad artifact, ...) reaches the user as itself
+                cause = exc.as_instanceof_cause()
+                raise (cause if isinstance(cause, UserError) else exc) from None
+            if queue:
+                inflight[actor.batch.remote(queue.pop(0))] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, num_samples: Optional[int] = None,
+               batch_size: int = 64, workers: int = 1, overrides: Sequence[str] = (), tokenizer: Optional[str] = None,
+               weights: str = "ema", use_ray: bool = True, address: Optional[str] = None,
+               gpus_per_worker: Optional[float] = None, device: Optional[str] = None, progress: bool = True) -> Path:
+    """Sample (or finish sampling) into `out`; returns the path of samples.npz."""
+    started = time.perf_counter()
+    plan, tok = plan_for(generator, num_per_class, num_samples, batch_size, overrides, weights, tokenizer)
+    out_dir = prepare_output(out, plan, {"tokenizer": str(tok), "generator_path": str(generator)})
+    pending = pending_batches(out_dir, plan)
+    todo = sum(len(plan.batch_indices(b)) for b in pending)
+    print(f"sample: {plan.num_samples} samples ({plan.num_classes} classes), {plan.method} {plan.steps} steps, "
+          f"CFG {plan.cfg_scale} interval {plan.guidance_interval}; {todo} to do in {len(pending)} batches")
+    written = 0
+    bar = tqdm(total=todo, desc="sample", unit="img", disable=not progress)
+
+    def on_result(indices, images):
+        nonlocal written
+        written += write_pngs(out_dir, indices, images)
+        bar.update(len(indices))
+
+    if pending:
+        args = (str(generator), str(tok), weights, asdict(plan))
+        if use_ray:
+            gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if torch.cuda.is_available() else 0.0)
+            _run_ray(args, pending, workers, gpus, address, on_result)
+        else:
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            sampler = build_sampler(args[0], args[1], weights, plan, dev)
+            for b in pending:
+                on_result(*sampler.batch(b))
+    bar.close()
+    npz = assemble_npz(out_dir, plan)
+    first = [np.asarray(Image.open(png_path(out_dir, i)).convert("RGB")) for i in range(min(64, plan.num_samples))]
+    save_grid(np.stack(first), out_dir / "grid.png")
+    elapsed = time.perf_counter() - started
+    print(f"sample: wrote {written} new images ({plan.num_samples} total) in {elapsed:.1f} s "
+          f"({written / elapsed:.2f} img/s) -> {npz}")
+    return npz

@@ -1,0 +1,129 @@
+"""`dmvae-scale eval ref | samples | tokenizer` end to end on real images (Fashion-MNIST), a real `sample` output and
+a demo tokenizer artifact; the refusals a user meets (few samples, another network's statistics, float arrays).
+
+CPU-sized: 16 reference images, 8 samples, 6 validation images, so FID runs with --allow-few-samples.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmvae_scale import cli
+from dmvae_scale.eval.images import as_uint8_nchw
+from dmvae_scale.eval.metrics import psnr
+from dmvae_scale.eval.sources import open_image_set
+from dmvae_scale.eval.stats import load_stats
+from dmvae_scale.models.vit import VisionTransformer
+from test_eval_sample import artifacts  # noqa: F401  (fixture: demo tokenizer + generator artifacts)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dinov2_weights(tmp_path_factory):
+    """A random ViT-tiny in the official DINOv2 checkpoint layout (37x37 position grid, 14 px patches)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2_vit_tiny14_random.pth"
+    torch.save(VisionTransformer("vit_tiny", 518, 14).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dinov2_weights):
+    out = tmp_path_factory.mktemp("ref") / "fmnist-test-32.npz"
+    rc = cli.main(["eval", "ref", "fashion-mnist", "--split", "test", "--limit", "16", "--image-size", "32",
+                   "--out", str(out), "--dinov2", str(dinov2_weights), "--dinov2-arch", "vit_tiny", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_reference_statistics_carry_network_identity(reference):
+    stats = load_stats(reference)
+    assert (stats.network, stats.num_images, stats.dim) == ("tf-inception-2015-12-05", 16, 2048)
+    assert len(stats.fingerprint) == 64 and stats.features.shape == (16, 2048)
+    dino = load_stats(reference.with_name("fmnist-test-32-dinov2.npz"))
+    assert dino.network == "dinov2-vit_tiny14-cls-224" and dino.dim == 96
+
+
+def test_eval_samples_of_a_sample_run_writes_report(artifacts, reference, dinov2_weights, tmp_path):  # noqa: F811
+    samples = tmp_path / "samples"
+    assert cli.main(["sample", str(artifacts / "generator"), "sampler.steps=2", "sampler.cfg_scale=1.5",
+                     "--out", str(samples), "--local", "--num-samples", "8", "--batch-size", "4",
+                     "--no-progress"]) == 0
+    report = tmp_path / "report"
+    rc = cli.main(["eval", "samples", str(samples), "--ref", str(reference), "--out", str(report),
+                   "--allow-few-samples", "--dinov2", str(dinov2_weights), "--dinov2-arch", "vit_tiny",
+                   "--dinov2-ref", str(reference.with_name("fmnist-test-32-dinov2.npz")), "--no-progress"])
+    assert rc == 0
+    result = json.loads((report / "metrics.json").read_text())
+    m, settings = result["metrics"], result["settings"]
+    assert m["num_samples"] == 8 and m["fid"] > 1.0 and m["fd_dinov2"] > 0.0
+    assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
+    assert "inception_score" not in m and any("Inception Score not computed" in n for n in result["notes"])
+    # The sampler settings travel with the number.
+    assert (settings["sampling.steps"], settings["sampling.cfg_scale"], settings["sampling.method"]) == \
+        (2, 1.5, "ode_heun")
+    text = (report / "report.md").read_text()
+    assert "| fid |" in text and "| sampling.steps | 2 |" in text and "![samples](grid.png)" in text
+    assert (report / "grid.png").is_file()
+
+
+def test_too_few_samples_refused_before_any_feature_work(reference, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "few.npz", images)
+    rc = cli.main(["eval", "samples", str(tmp_path / "few.npz"), "--ref", str(reference), "--out",
+                   str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "30 images for 2048-d" in err and "use at least 2049" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_statistics_of_another_network_refused(reference, tmp_path, capsys):
+    dino_ref = reference.with_name("fmnist-test-32-dinov2.npz")
+    np.savez(tmp_path / "s.npz", np.zeros((4, 32, 32, 3), np.uint8) + 9)
+    rc = cli.main(["eval", "samples", str(tmp_path / "s.npz"), "--ref", str(dino_ref), "--out", str(tmp_path / "r"),
+                   "--allow-few-samples"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "computed with feature network 'dinov2-vit_tiny14-cls-224'" in err
+    assert "recompute the reference with `dmvae-scale eval ref`" in err
+
+
+def test_float_sample_arrays_refused(reference, tmp_path, capsys):
+    np.savez(tmp_path / "f.npz", np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32))
+    rc = cli.main(["eval", "samples", str(tmp_path / "f.npz"), "--ref", str(reference), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "arr_0 is float32" in err and "uint8 N x H x W x 3" in err
+
+
+def test_eval_tokenizer_reports_rfid_and_exact_psnr(artifacts, tmp_path):  # noqa: F811
+    out = tmp_path / "tok"
+    rc = cli.main(["eval", "tokenizer", str(artifacts / "tokenizer"), "--source", "fashion-mnist", "--split", "test",
+                   "--limit", "6", "--out", str(out), "--allow-few-samples", "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    # Recompute the PSNR here from the same artifact and images.
+    from dmvae_scale.eval.artifact_models import load_tokenizer
+    tok, _, cfg = load_tokenizer(artifacts / "tokenizer")
+    images = next(open_image_set("fashion-mnist", "test", cfg.tokenizer.image_size, 6).batches(6))
+    x = as_uint8_nchw(images)
+    with torch.no_grad():
+        y = tok.decode(tok.encode(x.float() / 127.5 - 1)).clamp(-1, 1)
+    expected = psnr(x, as_uint8_nchw(y, value_range=(-1, 1))).mean().item()
+    assert m["num_images"] == 6 and m["psnr"] == pytest.approx(expected, rel=1e-9)
+    assert m["rfid"] > 0.0 and 0.0 < m["ssim"] < 1.0
+    assert (out / "grid.png").is_file() and "| rfid |" in (out / "report.md").read_text()
+
+
+def test_reference_from_shards_equals_reference_from_the_same_images(reference, tmp_path):
+    """`eval ref` over MDS shards of the same 16 images (same ADM resize) gives the same statistics."""
+    from dmvae_scale.data.shards import write_shards
+    shards = tmp_path / "shards"
+    write_shards("fashion-mnist", str(shards), split="test", limit=16, progress=False)
+    out = tmp_path / "from-shards.npz"
+    assert cli.main(["eval", "ref", str(shards), "--image-size", "32", "--out", str(out), "--no-progress"]) == 0
+    a, b = load_stats(out), load_stats(reference)
+    assert a.num_images == b.num_images == 16 and a.fingerprint == b.fingerprint
+    assert np.abs(a.features - b.features).max() < 1e-4
