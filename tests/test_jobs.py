@@ -1,0 +1,174 @@
+"""Runs as Ray jobs on a real loopback cluster (token auth on): submit, status, logs, stop, list through the CLI; bad
+configs refused before submission; object-storage credentials reach the job but no log, config or checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ray_cluster import ray_cluster  # noqa: F401 (fixture)
+
+from dmvae_scale.distributed import jobs
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs/demo/tokenizer.yaml")
+FAKE_KEY_ID = "AKIADMVAEFAKE0KEYID7"
+FAKE_SECRET = "dmvae/FAKE+secret0123456789abcdefABCDEF"
+TINY_RUN = ["total_images=64", "batch_size=16", "log_every_images=32", "ckpt_every_images=64"]
+
+
+def cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmvae_scale.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def client_env(ray_cluster):
+    """A user's shell: the cluster's token, and object-storage keys in the environment."""
+    return {**os.environ, **ray_cluster.client_env(), "OMP_NUM_THREADS": "1",
+            "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+
+
+def api_env(ray_cluster):
+    """The same for calls made from this process through the Python API."""
+    from dmvae_scale.distributed.ray_local import client_of
+    return client_of(ray_cluster)
+
+
+@pytest.mark.integration
+def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, client_env, tmp_path):
+    url = ray_cluster.dashboard_url
+    run_dir = tmp_path / "run"
+    submitted = cli(["submit", DEMO, *TINY_RUN, f"run_dir={run_dir}", "--train-args=--no-progress", "--address", url],
+                    client_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("raysubmit_")
+
+    # A second job proves the keys arrive (botocore resolves them) without printing them: it prints a hash.
+    probe = ("import botocore.session, hashlib; c = botocore.session.get_session().get_credentials(); "
+             "print('sha', hashlib.sha256((c.access_key + c.secret_key).encode()).hexdigest())")
+    with api_env(ray_cluster):
+        os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET)
+        try:
+            sub = jobs.build_submission(DEMO)
+            probe_id = jobs.submit(dataclasses.replace(sub, entrypoint="python -c " + shlex.quote(probe)), url)
+        finally:
+            del os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+        assert jobs.wait_for_job(url, job_id, timeout_s=240) == "SUCCEEDED", jobs.job_logs(url, job_id)[-3000:]
+        assert jobs.wait_for_job(url, probe_id, timeout_s=120) == "SUCCEEDED"
+        probe_logs = jobs.job_logs(url, probe_id)
+    assert f"sha {hashlib.sha256((FAKE_KEY_ID + FAKE_SECRET).encode()).hexdigest()}" in probe_logs
+
+    status = cli(["jobs", "status", job_id, "--address", url], client_env)
+    assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED")
+    logs = cli(["jobs", "logs", job_id, "--address", url], client_env)
+    assert "tokenizer: 64 images in 4 steps" in logs.stdout and f"-> {run_dir}/artifact" in logs.stdout
+    assert "python -m dmvae_scale.cli train config.yaml --no-progress" in logs.stdout
+    followed = cli(["jobs", "logs", job_id, "--follow", "--address", url], client_env)  # returns: the job has ended
+    assert followed.returncode == 0 and "tokenizer: 64 images in 4 steps" in followed.stdout
+    listing = cli(["jobs", "list", "--address", url], client_env)
+    assert any(job_id in line and "SUCCEEDED" in line and "demo-tokenizer" in line
+               for line in listing.stdout.splitlines())
+    assert (run_dir / "config.yaml").is_file() and any((run_dir / "artifact").iterdir())
+
+    # The secret is nowhere: CLI output, job logs, Ray's own logs, the run's config, checkpoints and artifact.
+    needles = [FAKE_SECRET.encode(), FAKE_KEY_ID.encode()]
+    for text in (submitted.stdout + submitted.stderr, status.stdout, logs.stdout, followed.stdout, listing.stdout):
+        assert FAKE_SECRET not in text and FAKE_KEY_ID not in text
+    scanned = [p for p in run_dir.rglob("*") if p.is_file()]
+    scanned += [p for p in ray_cluster.temp_dir.glob("session_*/logs/**/*") if p.is_file()]
+    assert len(scanned) > 10
+    leaks = [str(p) for p in scanned if any(n in p.read_bytes() for n in needles)]
+    assert leaks == []
+
+
+@pytest.mark.integration
+def test_a_running_job_stops_on_request(ray_cluster, client_env, tmp_path):
+    url = ray_cluster.dashboard_url
+    submitted = cli(["submit", DEMO, "total_images=1000000", f"run_dir={tmp_path}", "--no-credentials",
+                     "--address", url], client_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    with api_env(ray_cluster):
+        import time
+        deadline = time.monotonic() + 60
+        while jobs.job_status(url, job_id)[0] != "RUNNING":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+    stopped = cli(["jobs", "stop", job_id, "--wait", "60", "--address", url], client_env)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job_id}: STOPPED"
+
+
+@pytest.mark.integration
+def test_a_bad_config_is_refused_before_submission(ray_cluster, client_env):
+    url = ray_cluster.dashboard_url
+    with api_env(ray_cluster):
+        before = len(jobs.list_jobs(url))
+    bad = cli(["submit", DEMO, "total_imgs=64", "--address", url], client_env)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: unknown config key 'total_imgs'; did you mean total_images")
+    assert len(bad.stderr.strip().splitlines()) == 1  # one line, no traceback
+    with api_env(ray_cluster):
+        assert len(jobs.list_jobs(url)) == before
+
+
+@pytest.mark.integration
+def test_the_job_api_refuses_a_wrong_token(ray_cluster, client_env):
+    env = {**client_env, "RAY_AUTH_TOKEN": "0" * 64}
+    refused = cli(["jobs", "list", "--address", ray_cluster.dashboard_url], env)
+    assert refused.returncode == 2
+    assert "requires its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in refused.stderr
+    assert ray_cluster.token not in refused.stderr + refused.stdout
+
+
+@pytest.mark.unit
+def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    sub = jobs.build_submission(DEMO, ["total_images=64"])
+    try:
+        env = sub.runtime_env["env_vars"]
+        assert env == {"S3_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_SHARED_CREDENTIALS_FILE": jobs.CREDENTIALS_FILE}
+        creds = sub.staging_dir / jobs.CREDENTIALS_FILE
+        assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+        assert f"aws_secret_access_key = {FAKE_SECRET}" in creds.read_text()
+        config_text = (sub.staging_dir / "config.yaml").read_text()
+        assert "total_images: 64" in config_text and FAKE_SECRET not in config_text
+        assert sub.entrypoint == "python -m dmvae_scale.cli train config.yaml"
+        described = json.dumps(sub.describe())
+        assert FAKE_SECRET not in described and FAKE_KEY_ID not in described
+    finally:
+        shutil.rmtree(sub.staging_dir)
+    installed = jobs.build_submission(DEMO, [], code="installed", pass_credentials=False)
+    shutil.rmtree(installed.staging_dir)
+    assert installed.entrypoint == "dmvae-scale train config.yaml" and installed.runtime_env["env_vars"] == {}
+    assert "py_modules" not in installed.runtime_env
+
+
+@pytest.mark.unit
+def test_credentials_are_never_sent_over_plain_http_to_a_public_address(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    sub = jobs.build_submission(DEMO, [])
+    with pytest.raises(jobs.JobApiError, match="refusing to send object-storage credentials over plain http"):
+        jobs.submit(sub, "http://ray.example.com:8265")
+    assert not sub.staging_dir.exists()  # the staged credentials file is gone even though nothing was sent
+    for ok in ("http://127.0.0.1:8265", "http://10.0.3.4:8265", "http://raycluster-head-svc:8265",
+               "https://ray.example.com"):
+        assert jobs.check_address(ok, sends_credentials=True) == ok
+
+
+@pytest.mark.unit
+def test_redact_masks_secret_names_and_values():
+    text = jobs.redact({"env_vars": {"AWS_SECRET_ACCESS_KEY": "x" * 20, "S3_ENDPOINT_URL": "http://h"},
+                        "log": f"key {FAKE_SECRET} used"}, secrets=[FAKE_SECRET])
+    assert text == {"env_vars": {"AWS_SECRET_ACCESS_KEY": "***", "S3_ENDPOINT_URL": "http://h"}, "log": "key *** used"}
