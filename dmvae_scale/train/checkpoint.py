@@ -1,0 +1,417 @@
+"""Checkpoints of a run: layout, manifest written last, "latest complete", keep-last-k, refusal of a changed meaning.
+
+    <run_dir>/checkpoints/img-000000012800/
+        engines/<model>/zero/...      each engine's DeepSpeed ZeRO shards (every worker writes its own)
+        ranks/rank-00000.pt           per worker: counters, RNG states, data-loader state, EMA partition
+        config.yaml                   the resolved config of the run
+        manifest.json                 written LAST, by rank 0, once every worker's files are in place: lists
+                                      every file with its size, the counters and what the checkpoint means
+
+A directory without a manifest, or whose files do not match the manifest's sizes (an upload cut short, a deleted
+shard), is never a candidate: "latest" is the complete checkpoint with the most images seen, never chosen by file
+time or size. The run directory can be local (a shared filesystem when workers span nodes) or an object store URL
+(s3://...): then workers write to a local staging directory and upload, and a resume downloads to a local cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import RunConfig, to_dict
+from ..data import storage
+from ..errors import UserError
+
+CHECKPOINT_FORMAT = 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^img-(\d{12})$")
+
+# Config keys that may change between a checkpoint and its resume: how long/how often, where, on what hardware.
+# Everything else under these sections defines what the saved tensors are (shapes, the trained objective).
+MEANING_SECTIONS = ("stage", "tokenizer", "score", "discriminator", "reference")
+RUNTIME_ONLY_KEYS = {
+    "score.grad_checkpointing", "score.attention", "tokenizer.encoder.weights", "tokenizer.encoder.sha256",
+    "reference.path",
+}
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read; names the checkpoint and the file."""
+
+
+class ResumeRefusedError(UserError):
+    """The run directory holds checkpoints of something else than this config describes; names the key."""
+
+
+@dataclass
+class CheckpointInfo:
+    url: str
+    name: str
+    images_seen: int
+    step: int
+    world_size: int
+    zero_stage: int
+    engines: list[str]
+    files: dict[str, int]
+    meaning: dict[str, Any]
+    config_hash: str
+    upstream: dict[str, str] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+    format: int = CHECKPOINT_FORMAT
+
+
+def checkpoint_name(images_seen: int) -> str:
+    return f"img-{images_seen:012d}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a checkpoint means
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def meaning_of(cfg: RunConfig, upstream_latents: dict[str, dict[str, float]] | None = None,
+               param_shapes: dict[str, dict[str, list[int]]] | None = None) -> dict[str, Any]:
+    """Flat {key: value} of everything a resume must not change, in the order keys are reported."""
+    flat: dict[str, Any] = {}
+    data = to_dict(cfg)
+    for section in MEANING_SECTIONS:
+        _flatten(section, data[section], flat)
+    out = {k: v for k, v in flat.items() if k not in RUNTIME_ONLY_KEYS}
+    for role, latent in sorted((upstream_latents or {}).items()):
+        for stat, v in latent.items():
+            out[f"inputs.{role}.latent.{stat}"] = v
+    for model, shapes in sorted((param_shapes or {}).items()):
+        for pname, shape in shapes.items():
+            out[f"model.{model}.{pname}"] = list(shape)
+    return out
+
+
+def check_zero_stage(saved_stage: int, stage: int, where: str) -> None:
+    """Other worker counts and ZeRO stages 1-3 convert through the universal checkpoint; stage 0 saves none."""
+    if saved_stage != stage and 0 in (saved_stage, stage):
+        raise ResumeRefusedError(f"{where} was saved with distributed.zero_stage={saved_stage}; resuming it with "
+                                 f"distributed.zero_stage={stage} is not supported (stage 0 has no universal "
+                                 f"checkpoint): use distributed.zero_stage={saved_stage} or a new run_dir")
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Refuse, naming the first key whose value differs (or that exists on one side only)."""
+    for key in list(saved) + [k for k in current if k not in saved]:
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if old != new:
+            what = "a parameter shape" if key.startswith("model.") else "what the checkpoint means"
+            raise ResumeRefusedError(
+                f"{where} was saved with {key}={old!r} but this config gives {key}={new!r}; that changes "
+                f"{what}, so it cannot resume: restore {key}={old!r} or use a new run_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The store
+# ----------------------------------------------------------------------------------------------------------------------
+
+class CheckpointStore:
+    """The checkpoints of one run directory (local path or s3:// URL)."""
+
+    def __init__(self, run_dir: str, keep: int = 3, cache_dir: str | None = None):
+        if keep < 1:
+            raise CheckpointError(f"keep_checkpoints: must be at least 1, got {keep}")
+        self.run_dir = run_dir
+        self.root = storage.join(run_dir, "checkpoints")
+        self.keep = keep
+        self.remote = storage.is_remote(run_dir)
+        digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
+        self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "dmvae-ckpt", digest)
+
+    # -- reading -----------------------------------------------------------------------------------------------------
+    def url(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+    def _fs(self):
+        return storage.filesystem(self.root)
+
+    def _names(self) -> list[str]:
+        fs, root = self._fs()
+        try:
+            entries = fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (os.path.basename(e.rstrip("/")) for e in entries) if _NAME.match(n))
+
+    def read_manifest(self, name: str) -> CheckpointInfo | None:
+        """The manifest of `name` if present and readable, else None."""
+        fs, root = self._fs()
+        path = f"{root.rstrip('/')}/{name}/{MANIFEST}"
+        try:
+            raw = json.loads(fs.cat_file(path))
+            raw["url"] = self.url(name)
+            info = CheckpointInfo(**raw)
+        except (FileNotFoundError, json.JSONDecodeError, TypeError, UnicodeDecodeError):
+            return None
+        return info if info.format == CHECKPOINT_FORMAT else None
+
+    def _files(self, name: str) -> dict[str, int]:
+        fs, root = self._fs()
+        base = f"{root.rstrip('/')}/{name}"
+        try:
+            found = fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for path, meta in found.items():
+            if meta.get("type", "file") != "file":
+                continue
+            rel = path[len(base.rstrip("/")) + 1:] if path.startswith(base) else path.split(f"/{name}/", 1)[-1]
+            out[rel] = int(meta.get("size") or 0)
+        return out
+
+    def verify(self, info: CheckpointInfo) -> str | None:
+        """None when every file the manifest lists is present with its size; else what is wrong."""
+        present = self._files(info.name)
+        for rel, size in info.files.items():
+            if rel not in present:
+                return f"{rel} is missing"
+            if present[rel] != size:
+                return f"{rel} has {present[rel]} bytes, the manifest says {size}"
+        return None
+
+    def complete(self) -> list[CheckpointInfo]:
+        """Complete checkpoints, oldest first (by images seen)."""
+        out = []
+        for name in self._names():
+            info = self.read_manifest(name)
+            if info is not None and self.verify(info) is None:
+                out.append(info)
+        return sorted(out, key=lambda i: i.images_seen)
+
+    def latest(self) -> CheckpointInfo | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+    def staging_dir(self, name: str, rank: int) -> str:
+        """Where a worker writes its files: the checkpoint directory itself locally, a per-rank temp dir remotely."""
+        if not self.remote:
+            return self.url(name)
+        return os.path.join(self.cache_dir, "staging", name, f"rank-{rank:05d}")
+
+    def remove(self, name: str) -> None:
+        """Delete a checkpoint: manifest first, so a half-deleted one is never taken for complete."""
+        fs, root = self._fs()
+        base = f"{root.rstrip('/')}/{name}"
+        try:
+            fs.rm_file(f"{base}/{MANIFEST}")
+        except FileNotFoundError:
+            pass
+        try:
+            fs.rm(base, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def prepare(self, name: str) -> None:
+        """Rank 0, before a save: clear a leftover directory of the same name (an earlier, interrupted save)."""
+        self.remove(name)
+        if self.remote:
+            shutil.rmtree(os.path.join(self.cache_dir, "staging", name), ignore_errors=True)
+        else:
+            os.makedirs(self.url(name), exist_ok=True)
+
+    def upload(self, name: str, rank: int) -> None:
+        """Remote store: copy this worker's staged files into the checkpoint (in parallel), then drop the copy."""
+        if not self.remote:
+            return
+        local = self.staging_dir(name, rank)
+        fs, root = self._fs()
+        base = f"{root.rstrip('/')}/{name}"
+        pairs = []
+        for dirpath, _, files in os.walk(local):
+            for f in files:
+                src = os.path.join(dirpath, f)
+                pairs.append((src, f"{base}/{os.path.relpath(src, local).replace(os.sep, '/')}"))
+        _parallel(lambda pair: fs.put_file(*pair), pairs)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def sync(self, name: str) -> None:
+        """Local store: flush every file of the checkpoint to disk before the manifest vouches for it (a crash after
+        the manifest must not leave it pointing at data still in the page cache). Object stores: uploads are durable
+        once they return."""
+        if self.remote:
+            return
+        base = self.url(name)
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def write_manifest(self, name: str, *, images_seen: int, step: int, world_size: int, zero_stage: int,
+                       engines: list[str], meaning: dict[str, Any], config_hash: str,
+                       upstream: dict[str, str] | None = None, counters: dict[str, Any] | None = None
+                       ) -> CheckpointInfo:
+        """Rank 0, after every worker's files are in place: list them with sizes, write the manifest last."""
+        files = {rel: size for rel, size in self._files(name).items() if rel != MANIFEST}
+        if not files:
+            raise CheckpointError(f"{self.url(name)}: no files were written; refusing to mark it complete")
+        info = CheckpointInfo(url=self.url(name), name=name, images_seen=images_seen, step=step,
+                              world_size=world_size, zero_stage=zero_stage, engines=sorted(engines), files=files,
+                              meaning=meaning, config_hash=config_hash, upstream=dict(upstream or {}),
+                              counters=dict(counters or {}), created=time.time())
+        body = asdict(info)
+        body.pop("url")
+        storage.write_bytes(storage.join(self.url(name), MANIFEST), json.dumps(body, indent=1).encode())
+        return info
+
+    def prune(self) -> list[str]:
+        """Keep the newest `keep` complete checkpoints; delete older ones and every incomplete leftover."""
+        done = self.complete()
+        keep = {i.name for i in done[-self.keep:]}
+        removed = []
+        for name in self._names():
+            if name not in keep:
+                self.remove(name)
+                removed.append(name)
+        return removed
+
+    # -- restoring --------------------------------------------------------------------------------------------------
+    def local_view(self, info: CheckpointInfo) -> str:
+        """A local directory holding the checkpoint's files (the checkpoint itself when the store is local).
+
+        Remote: downloaded to this node's cache once (callers let one process per node do it, the others wait)."""
+        if not self.remote:
+            return self.url(info.name)
+        local = os.path.join(self.cache_dir, "restore", info.name)
+        marker = os.path.join(local, ".downloaded")
+        if os.path.isfile(marker):
+            return local
+        fs, root = self._fs()
+        base = f"{root.rstrip('/')}/{info.name}"
+        pairs = [(f"{base}/{rel}", os.path.join(local, *rel.split("/"))) for rel in info.files]
+        for _, dst in pairs:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        _parallel(lambda pair: fs.get_file(*pair), pairs)
+        with open(marker, "w") as f:
+            f.write(info.name)
+        return local
+
+
+TRANSFER_THREADS = 8  # concurrent object-store transfers (one file each)
+
+
+def _parallel(fn, items: list) -> None:
+    """Run fn over items on a few threads (object-store round trips overlap); the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(TRANSFER_THREADS, len(items))) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def rank_state_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, "ranks", f"rank-{rank:05d}.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export: consolidated fp32 weights of a checkpoint as one safetensors file
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExportSummary:
+    path: str
+    checkpoint: str
+    which: str
+    models: list[str]
+    tensors: int
+    parameters: int
+    bytes: int
+
+    def line(self) -> str:
+        return (f"exported {self.which} weights of {', '.join(self.models)} from {self.checkpoint}: {self.tensors} "
+                f"tensors, {self.parameters / 1e6:.2f}M parameters, {self.bytes / 2**20:.1f} MiB -> {self.path}")
+
+
+def _engine_weights(local: str, name: str) -> dict[str, Any]:
+    """Full fp32 state dict of one engine from its ZeRO shards (any stage, any number of workers), offline."""
+    import torch
+    zero_dir = os.path.join(local, "engines", name)
+    model_states = os.path.join(zero_dir, "zero", "mp_rank_00_model_states.pt")
+    has_optim_shards = any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(zero_dir, "zero")))
+    if not has_optim_shards:  # ZeRO stage 0: the module state is whole in the model-states file
+        return {k: v.float() if v.is_floating_point() else v
+                for k, v in torch.load(model_states, map_location="cpu", weights_only=False)["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        return get_fp32_state_dict_from_zero_checkpoint(zero_dir, tag="zero")
+
+
+def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:
+    """Write `<model>.<name>` -> fp32 tensor for the trained models of a checkpoint (a checkpoint directory, or a run
+    directory whose latest complete checkpoint is taken). which="ema" takes the EMA average for the parameters of
+    models that keep one (buffers from the raw weights)."""
+    import torch
+    from safetensors.torch import save_file
+    from .deepspeed_engine import consolidate_ema_shards
+    if which not in ("raw", "ema"):
+        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
+    if storage.exists(storage.join(source, MANIFEST)):
+        parent, name = source.rstrip("/").rsplit("/", 1)
+        store = CheckpointStore(parent.rsplit("/checkpoints", 1)[0])
+        info = store.read_manifest(name)
+        problem = "unreadable manifest" if info is None else store.verify(info)
+        if problem:
+            raise CheckpointError(f"{source}: not a complete checkpoint ({problem})")
+    else:
+        store = CheckpointStore(source)
+        info = store.latest()
+        if info is None:
+            raise CheckpointError(f"{source}: no complete checkpoint (expected a run directory with "
+                                  f"checkpoints/img-*/manifest.json, or a checkpoint directory)")
+    chosen = models or info.engines
+    unknown = sorted(set(chosen) - set(info.engines))
+    if unknown:
+        raise CheckpointError(f"--models {','.join(unknown)}: not in checkpoint {info.url} (it holds "
+                              f"{', '.join(info.engines)})")
+    local = store.local_view(info)
+    ema_shards = None
+    if which == "ema":
+        ranks = [torch.load(rank_state_file(local, r), map_location="cpu", weights_only=True)
+                 for r in range(info.world_size)]
+        ema_shards = {n: [r["loop"]["ema"][n] for r in ranks] for n in ranks[0]["loop"].get("ema", {})}
+        if models is None:  # every model that keeps an average
+            chosen = [m for m in chosen if m in ema_shards]
+        missing = [m for m in chosen if m not in ema_shards]
+        if missing or not chosen:
+            raise CheckpointError(f"--weights ema: models {', '.join(missing) or 'of this stage'} keep no EMA in "
+                                  f"{info.url}; "
+                                  f"use --weights raw or --models with {', '.join(sorted(ema_shards)) or 'none'}")
+    flat: dict[str, Any] = {}
+    for name in chosen:
+        state = _engine_weights(local, name)
+        if ema_shards is not None:
+            for pname, avg in consolidate_ema_shards(ema_shards[name]).items():
+                state[pname] = avg.reshape(state[pname].shape)
+        for k, v in state.items():
+            flat[f"{name}.{k}"] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    save_file(flat, out, metadata={"checkpoint": info.url, "images_seen": str(info.images_seen), "which": which,
+                                   "models": ",".join(chosen)})
+    params = sum(v.numel() for v in flat.values())
+    return ExportSummary(out, info.url, which, list(chosen), len(flat), params, os.path.getsize(out))

@@ -1,0 +1,417 @@
+"""DeepSpeed engines for a stage's models: one engine per trainable model, frozen models prepared for inference.
+
+Every trainable `ModelSpec` becomes a `DeepSpeedEngine`: torch AdamW (the same optimiser `PlainEngine` uses, so a
+DeepSpeed run and a single-process run of the same seed follow the same trajectory), the linear warm-up schedule,
+global-norm clipping and ZeRO stage 0-3, all from the typed run config. Precision: bf16 autocast where the device
+has bf16 (parameters and optimiser state stay fp32), fp32 on CPU. Frozen models (the real score model, an SSL
+teacher) are not wrapped for training: eval mode, no gradients; under ZeRO-3 one too large to replicate is
+partitioned by a ZeRO-3 inference engine and gathered layer by layer in forward.
+
+The wrapper adds what DeepSpeed leaves to the caller:
+  - forwards run the plain module (DeepSpeed's engine forward hooks its outputs, so a discriminator inside the
+    generator's loss or an autograd.grad for an adaptive weight would run the wrong engine's gradient reduction);
+    backward goes through DeepSpeed with the prologue the output hook would have run (pinned DeepSpeed 0.19.8);
+  - a non-finite guard: a loss that is not finite on ANY worker skips backward and step on every worker together
+    (one 4-byte all-reduce per backward, the only per-step host sync of the engine); the shared loop counts skips;
+  - `ShardedEMA`, an EMA whose fp32 shadow is partitioned over the workers under every ZeRO stage (each rank keeps
+    1/world of every parameter), so it fits where ZeRO-3 parameters do and can be re-partitioned on a resume with
+    another number of workers.
+Activation checkpointing is the models' own (DiTConfig.grad_checkpointing: torch non-reentrant checkpointing, which
+works under ZeRO 1-3); gradient accumulation is DeepSpeed's (distributed.grad_accum micro-batches per step).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import DistributedConfig, OptimConfig
+from ..errors import UserError
+from .api import ModelSpec, warmup_lambda
+
+# A frozen model above this size is partitioned under ZeRO-3 instead of replicated on every worker.
+FROZEN_SHARD_BYTES = 2 * 2**30
+DS_CHECKPOINT_TAG = "zero"
+
+
+class EngineConfigError(UserError):
+    """A distributed setting that cannot work here (precision the device lacks, a stage without optimiser...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Process group and precision
+# ----------------------------------------------------------------------------------------------------------------------
+
+def init_distributed(use_gpu: bool) -> None:
+    """Join (or create) the process group through DeepSpeed: NCCL on GPU, gloo on CPU.
+
+    On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce op (80-140 s on first use). That op only serves
+    inference all-reduce; training collectives go through torch.distributed gloo either way, so we mark it
+    unavailable and skip the build.
+    """
+    import deepspeed
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EngineConfigError("distributed.use_gpu=true but no CUDA device is visible to this worker; "
+                                "set distributed.use_gpu=false or run where GPUs are")
+    # One visible device: the scheduler isolated this worker's GPU (CUDA_VISIBLE_DEVICES); else the node's devices
+    # are shared and the local rank picks one.
+    index = 0 if torch.cuda.device_count() == 1 else int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 where the device computes in bf16 (CUDA with bf16 support), else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16":
+        raise EngineConfigError("distributed.precision=fp16 is not supported (it needs per-engine loss scaling); "
+                                "use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EngineConfigError(f"distributed.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
+                                f"use fp32 or auto")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast region a stage step runs in: bf16 matmuls/convs with fp32 weights, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+# ----------------------------------------------------------------------------------------------------------------------
+
+def deepspeed_config(optim: OptimConfig, dist_cfg: DistributedConfig, *, micro_batch: int, world_size: int,
+                     load_universal: bool = False, zero_stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of one trainable model, generated from the typed run config (never hand-written)."""
+    stage = dist_cfg.zero_stage if zero_stage is None else zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        # Whole-model consolidation happens in our export (offline, from the shards), not at every save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": dist_cfg.grad_accum,
+        "train_batch_size": micro_batch * dist_cfg.grad_accum * world_size,
+        "gradient_clipping": float(optim.grad_clip or 0.0),
+        "zero_optimization": zero,
+        # bf16 runs as autocast around the stage step (fp32 master weights = the module's weights); DeepSpeed's
+        # own bf16 mode would cast the modules and every stage input along with them.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _adamw(optim: OptimConfig, device: torch.device):
+    def make(params):
+        # fused on CUDA: one kernel for the whole update; CPU keeps torch's default (foreach), like PlainEngine.
+        extra = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                 **extra)
+    return make
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA partitioned over the workers
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _partition(numel: int, world: int) -> int:
+    return math.ceil(numel / world)
+
+
+class ShardedEMA:
+    """EMA of a module's parameters in which rank r keeps elements [r*P, (r+1)*P) of every flattened parameter,
+    P = ceil(numel / world), padded at the end: the same layout as ZeRO-3's `param.ds_tensor`, so under ZeRO-3 the
+    update reads the local partition directly and never gathers."""
+
+    def __init__(self, module: nn.Module, decay: float, rank: int, world: int,
+                 should_update: Callable[[], bool] | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise EngineConfigError(f"optim.ema_decay: must be in [0, 1), got {decay}")
+        self.decay, self.rank, self.world = decay, rank, world
+        self.should_update = should_update
+        self.params = dict(module.named_parameters())
+        self.numel = {n: self._numel(p) for n, p in self.params.items()}
+        self.shape = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}
+        self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}
+
+    @staticmethod
+    def _numel(p: nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    def _local(self, p: nn.Parameter) -> torch.Tensor:
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, already in our layout
+            return p.ds_tensor.view(-1)
+        size = _partition(p.numel(), self.world)
+        flat = p.detach().reshape(-1)
+        part = flat[self.rank * size:(self.rank + 1) * size]
+        if part.numel() < size:
+            part = torch.cat([part, part.new_zeros(size - part.numel())])
+        return part
+
+    @torch.no_grad()
+    def update(self, module: nn.Module | None = None) -> None:
+        """After an optimiser step (the loop calls it with the module, which we already hold)."""
+        if self.should_update is not None and not self.should_update():
+            return
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(self._local(p).float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world": self.world, "decay": self.decay, "numel": dict(self.numel),
+                "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, shards: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """Load from the shards of ALL ranks of the saving run, whatever its world size was; or from this rank's own
+        shard alone when the saving run had the same world size."""
+        if isinstance(shards, dict):
+            shards = [shards]
+        if len(shards) == 1 and shards[0]["world"] == self.world and shards[0]["rank"] == self.rank:
+            own = shards[0]["shadow"]
+            missing = sorted(set(self.shadow) - set(own))
+            if missing:
+                raise KeyError(f"EMA state lacks parameters {missing[:5]}")
+            self.shadow = {n: own[n].to(self.shadow[n].device, torch.float32).clone() for n in self.shadow}
+            return
+        full = consolidate_ema_shards(shards)
+        missing = sorted(set(self.shadow) - set(full))
+        if missing:
+            raise KeyError(f"EMA state lacks parameters {missing[:5]}")
+        size_of = {n: _partition(self.numel[n], self.world) for n in self.shadow}
+        for n in self.shadow:
+            flat = full[n].reshape(-1)
+            if flat.numel() != self.numel[n]:
+                raise KeyError(f"EMA parameter {n}: {flat.numel()} elements saved, model has {self.numel[n]}")
+            size = size_of[n]
+            part = flat[self.rank * size:(self.rank + 1) * size]
+            if part.numel() < size:
+                part = torch.cat([part, part.new_zeros(size - part.numel())])
+            self.shadow[n] = part.to(self.shadow[n].device, torch.float32).clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All-gather the partitions into full fp32 tensors (collective: every rank must call it)."""
+        out = {}
+        for n, local in self.shadow.items():
+            if self.world > 1:
+                parts = [torch.empty_like(local) for _ in range(self.world)]
+                dist.all_gather(parts, local.contiguous())
+                flat = torch.cat(parts)
+            else:
+                flat = local
+            out[n] = flat[:self.numel[n]].reshape(self.shape[n]).cpu().clone()
+        return out
+
+
+def consolidate_ema_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Full flat fp32 tensors from the per-rank EMA shards of one save (no process group needed)."""
+    shards = sorted(shards, key=lambda s: s["rank"])
+    world = shards[0]["world"]
+    if [s["rank"] for s in shards] != list(range(world)):
+        raise KeyError(f"EMA shards of ranks {[s['rank'] for s in shards]} given; a save of {world} workers "
+                       f"needs all of 0..{world - 1}")
+    out = {}
+    for n, numel in shards[0]["numel"].items():
+        out[n] = torch.cat([s["shadow"][n].reshape(-1) for s in shards])[:numel].clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Engines
+# ----------------------------------------------------------------------------------------------------------------------
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine with the stage contract's calling convention and a non-finite guard that all workers agree
+    on: when the loss is not finite on any worker, backward and step are skipped on every worker."""
+
+    def __init__(self, name: str, ds_engine, world: int):
+        self.name = name
+        self.ds = ds_engine
+        self.module = ds_engine.module
+        self.world = world
+        self.skipped = 0
+        self._skip_pending = False
+        self._stepped = False
+        self._zero = ds_engine.zero_optimization()
+
+    def __call__(self, *args, **kwargs):
+        # The plain module runs the forward, never DeepSpeed's engine forward: that one hooks its outputs so that ANY
+        # backward through them counts as this engine's backward - a discriminator inside the generator's loss, or
+        # an autograd.grad for the adaptive GAN weight, would then run this engine's gradient reduction in the middle
+        # of another's. Parameter gathering under ZeRO-3 lives in module hooks and works either way. What the engine
+        # forward does for the optimiser at the start of a training forward, we do here.
+        if self._zero and torch.is_grad_enabled():
+            self.ds.optimizer.clear_backward_seen_flag()
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1.0:  # every worker sees the same value, so all skip together
+            self._skip_pending = True
+            self.skipped += 1
+            return
+        if self._zero:  # the engine forward's output hook would run this when the gradient reaches the outputs
+            self.ds._backward_prologue()
+        self.ds.backward(loss)
+
+    def all_finite(self, local_ok: bool = True) -> bool:
+        """The workers' joint verdict on the last backward's loss (decided there, with one all-reduce)."""
+        return local_ok and not self._skip_pending
+
+    def step(self) -> None:
+        if self._skip_pending:
+            self.skip_step()
+            return
+        boundary = self.ds.is_gradient_accumulation_boundary()  # the optimiser steps only on a boundary
+        self.ds.step()
+        self._stepped = boundary
+
+    def skip_step(self) -> None:
+        """Drop this iteration's update (its backward never ran, so there are no gradients to clear)."""
+        self._skip_pending = False
+        self._stepped = False
+
+    def stepped_optimizer(self) -> bool:
+        """Whether the last step() changed the weights (False inside a gradient-accumulation window or on a skip)."""
+        return self._stepped
+
+    def zero_grad(self) -> None:
+        self.ds.zero_grad()
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.ds.global_steps)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's full fp32 weights on every rank (collective under ZeRO-3)."""
+        params = list(self.module.parameters())
+        if any(hasattr(p, "ds_tensor") for p in params):
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+@dataclass
+class EngineSet:
+    """What `build_engines` returns: engines by name (trainable), frozen modules by name, precision."""
+
+    engines: dict[str, DeepSpeedEngine]
+    frozen: dict[str, nn.Module]
+    precision: str
+    device: torch.device
+    zero_stage: int
+    sharded_frozen: list[str] = field(default_factory=list)
+
+
+def param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _prepare_frozen(name: str, module: nn.Module, device: torch.device, zero_stage: int, micro_batch: int,
+                    shard_above_bytes: int) -> tuple[nn.Module, bool]:
+    module.eval().requires_grad_(False)
+    if zero_stage == 3 and param_bytes(module) > shard_above_bytes:
+        import deepspeed
+        # ZeRO-3 with no optimiser: parameters stay partitioned, forward hooks gather each layer when it runs.
+        cfg = {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": 3},
+               "steps_per_print": 2**31 - 1}
+        engine, *_ = deepspeed.initialize(model=module, config=cfg)
+        engine.eval()
+        return engine.module, True
+    return module.to(device), False
+
+
+def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, micro_batch: int, rank: int,
+                  world_size: int, device: torch.device, load_universal: bool = False,
+                  shard_frozen_above_bytes: int = FROZEN_SHARD_BYTES) -> EngineSet:
+    """Wrap every trainable model in a DeepSpeed engine and prepare frozen ones; process group must exist."""
+    import deepspeed
+    precision = resolve_precision(dist_cfg.precision, device)
+    engines: dict[str, DeepSpeedEngine] = {}
+    frozen: dict[str, nn.Module] = {}
+    sharded: list[str] = []
+    for name, spec in models.items():
+        if not spec.trainable:
+            frozen[name], was_sharded = _prepare_frozen(name, spec.module, device, dist_cfg.zero_stage, micro_batch,
+                                                        shard_frozen_above_bytes)
+            if was_sharded:
+                sharded.append(name)
+            continue
+        if spec.optim is None:
+            raise EngineConfigError(f"model '{name}' is trainable but its ModelSpec has no optim settings")
+        params = [p for p in spec.module.parameters() if p.requires_grad]
+        if not params:
+            raise EngineConfigError(f"model '{name}' is trainable but has no parameter with requires_grad")
+        cfg = deepspeed_config(spec.optim, dist_cfg, micro_batch=micro_batch, world_size=world_size,
+                               load_universal=load_universal)
+        warmup = warmup_lambda(spec.optim.warmup_steps)
+        ds_engine, *_ = deepspeed.initialize(
+            model=spec.module.to(device), model_parameters=params, optimizer=_adamw(spec.optim, device),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup), config=cfg)
+        engines[name] = DeepSpeedEngine(name, ds_engine, world_size)
+    if not engines:
+        raise EngineConfigError("the stage declares no trainable model; nothing to train")
+    return EngineSet(engines, frozen, precision, device, dist_cfg.zero_stage, sharded)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Save / load of the engines' DeepSpeed state (collective)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def save_engines(engines: dict[str, DeepSpeedEngine], directory: str) -> None:
+    """Every rank writes its ZeRO shards of every engine under directory/engines/<name>/zero/."""
+    for name, eng in engines.items():
+        eng.ds.save_checkpoint(os.path.join(directory, "engines", name), tag=DS_CHECKPOINT_TAG, client_state={},
+                               save_latest=False)
+
+
+def load_engines(engines: dict[str, DeepSpeedEngine], directory: str, universal: bool) -> None:
+    """Load every engine (module, optimiser, scheduler, step counters); raises if anything is missing."""
+    tag = f"{DS_CHECKPOINT_TAG}_universal" if universal else DS_CHECKPOINT_TAG
+    for name, eng in engines.items():
+        path, _ = eng.ds.load_checkpoint(os.path.join(directory, "engines", name), tag=tag,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint of engine '{name}' under "
+                                    f"{directory}/engines/{name}/{tag}")
+
+
+def convert_to_universal(directory: str, names: Iterable[str]) -> None:
+    """DeepSpeed's universal-checkpoint conversion of each engine (run by one process; others wait)."""
+    import argparse
+    from deepspeed.checkpoint import ds_to_universal
+    for name in names:
+        src = os.path.join(directory, "engines", name, DS_CHECKPOINT_TAG)
+        dst = os.path.join(directory, "engines", name, f"{DS_CHECKPOINT_TAG}_universal")
+        if os.path.isfile(os.path.join(dst, ".complete")):
+            continue
+        shutil.rmtree(dst, ignore_errors=True)  # an earlier conversion that did not finish
+        args = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            ds_to_universal.main(args)
+        open(os.path.join(dst, ".complete"), "w").close()

@@ -1,0 +1,216 @@
+"""Distributed-engine benchmark (one worker).
+
+1. step time: the DeepSpeed engine (train/deepspeed_engine.py: ZeRO stage --zero, AdamW, clipping, the agreed
+   non-finite guard) against plain PyTorch (train/api.py PlainEngine: the same AdamW, clipping, schedule) for the
+   same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
+2. checkpoint throughput: saving and restoring the engine through the real checkpoint path (ZeRO shards + worker
+   state + manifest, train/worker.write_checkpoint; restore through load_engines) against writing and reading the
+   same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
+
+Prints a table whose last line is the headline ratio and writes JSON (--json). CPU example:
+    OMP_NUM_THREADS=1 python tools/bench_engine.py --hidden 256 --depth 4 --batch 16 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def _init_single_process_group() -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+
+
+def build(args, device):
+    from dmvae_scale.config import load_config
+    from dmvae_scale.models.dit import LightningDiT
+    cfg = load_config(None, [f"score.depth={args.depth}", f"score.hidden_size={args.hidden}",
+                             f"score.num_heads={max(1, args.hidden // 64)}", f"score.input_size={args.input_size}",
+                             "score.in_channels=4", "score.num_classes=10", "optim.lr=1e-4", "optim.warmup_steps=10",
+                             f"distributed.zero_stage={args.zero}", f"batch_size={args.batch}"])
+    torch.manual_seed(0)
+    model = LightningDiT(cfg.score).to(device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    shape = (args.batch, 4, args.input_size, args.input_size)
+    batch = {"x1": torch.randn(shape, generator=g).to(device), "x0": torch.randn(shape, generator=g).to(device),
+             "t": torch.rand(args.batch, generator=g).to(device),
+             "y": torch.randint(0, 10, (args.batch,), generator=g).to(device)}
+    return cfg, model, batch
+
+
+def train_steps(engine, batch, steps: int, device) -> float:
+    from dmvae_scale.method.flow import flow_matching_loss
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = flow_matching_loss(engine, batch["x1"], batch["y"], t=batch["t"], x0=batch["x0"])
+        engine.backward(loss)
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_step_time(args, device) -> dict:
+    import copy
+
+    from dmvae_scale.train.api import ModelSpec, PlainEngine
+    from dmvae_scale.train.deepspeed_engine import autocast_context, build_engines
+    cfg, model, batch = build(args, device)
+    plain = PlainEngine(copy.deepcopy(model), cfg.optim)
+    engines = build_engines({"dit": ModelSpec(copy.deepcopy(model), True, cfg.optim)}, cfg.distributed,
+                            micro_batch=args.batch, rank=0, world_size=1, device=device)
+    ds = engines.engines["dit"]
+    with autocast_context(engines.precision, device):
+        for engine in (plain, ds):  # warm-up: allocator, kernels, optimizer state
+            train_steps(engine, batch, args.warmup, device)
+        plain_t, ds_t = [], []
+        for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
+            plain_t.append(train_steps(plain, batch, args.steps, device))
+            ds_t.append(train_steps(ds, batch, args.steps, device))
+    params = sum(p.numel() for p in model.parameters())
+    return {"params": params, "plain_step_s": statistics.median(plain_t), "deepspeed_step_s": statistics.median(ds_t),
+            "ratio": statistics.median(ds_t) / statistics.median(plain_t), "precision": engines.precision,
+            "engine_set": engines}
+
+
+def _raw_write(url: str, nbytes: int) -> float:
+    from dmvae_scale.data import storage
+    data = os.urandom(nbytes)  # incompressible, like trained weights (a repeated pattern may be deduplicated)
+    t0 = time.perf_counter()
+    if storage.is_remote(url):
+        fs, path = storage.filesystem(url)
+        fs.pipe_file(path, data)
+    else:  # flushed to disk, as the checkpoint's files are before its manifest is written
+        with open(url, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def _evict(path: str) -> None:
+    """Drop our own files from the page cache, so a read measures the storage, not memory (local disk only)."""
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _raw_read(url: str) -> float:
+    from dmvae_scale.data import storage
+    t0 = time.perf_counter()
+    if storage.is_remote(url):
+        storage.read_bytes(url)
+    else:
+        with open(url, "rb") as f:
+            f.read()
+    return time.perf_counter() - t0
+
+
+def bench_checkpoint(args, device, engine_set) -> dict:
+    from dmvae_scale.data import storage
+    from dmvae_scale.train import checkpoint as ckpt
+    from dmvae_scale.train.deepspeed_engine import load_engines
+    from dmvae_scale.train.worker import write_checkpoint
+    root = args.s3 or tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir)
+    store = ckpt.CheckpointStore(storage.join(root, "run"), keep=1,
+                                 cache_dir=tempfile.mkdtemp(prefix="bench-engine-cache-"))
+    save_t, load_t, raw_w, raw_r, sizes = [], [], [], [], []
+    for i in range(args.ckpt_rounds):
+        name = ckpt.checkpoint_name(i + 1)
+        t0 = time.perf_counter()
+        info = write_checkpoint(store, name, engine_set.engines, {"images_seen": i + 1}, rank=0, device=device,
+                                config_yaml="bench: true\n",
+                                manifest=dict(images_seen=i + 1, step=i + 1, world_size=1, zero_stage=args.zero,
+                                              engines=list(engine_set.engines), meaning={}, config_hash="bench"))
+        save_t.append(time.perf_counter() - t0)
+        nbytes = sum(info.files.values())
+        sizes.append(nbytes)
+        raw_url = storage.join(root, f"raw-{i}.bin")
+        raw_w.append(_raw_write(raw_url, nbytes))
+        if store.remote:  # restore reads from the store: drop the node cache so every round downloads
+            shutil.rmtree(os.path.join(store.cache_dir, "restore"), ignore_errors=True)
+        else:  # both reads come from the disk, not from the page cache
+            _evict(info.url)
+            _evict(raw_url)
+        t0 = time.perf_counter()
+        load_engines(engine_set.engines, store.local_view(info), universal=False)
+        load_t.append(time.perf_counter() - t0)
+        raw_r.append(_raw_read(raw_url))
+    if not args.s3:
+        shutil.rmtree(root, ignore_errors=True)
+    mib = statistics.median(sizes) / 2**20
+    return {"checkpoint_mib": mib, "save_s": statistics.median(save_t), "raw_write_s": statistics.median(raw_w),
+            "restore_s": statistics.median(load_t), "raw_read_s": statistics.median(raw_r),
+            "save_ratio": statistics.median(raw_w) / statistics.median(save_t),
+            "restore_ratio": statistics.median(raw_r) / statistics.median(load_t), "storage": root}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--input-size", type=int, default=16, help="latent grid side (16: ImageNet-256 latents)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ckpt-rounds", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--s3", default=None, help="s3://bucket/prefix for the checkpoint part (default: local disk)")
+    ap.add_argument("--local-dir", default=None, help="directory for the local checkpoint part (default: tmp)")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    _init_single_process_group()
+    from dmvae_scale.train.deepspeed_engine import init_distributed
+    init_distributed(device.type == "cuda")
+
+    step = bench_step_time(args, device)
+    engine_set = step.pop("engine_set")
+    ck = bench_checkpoint(args, device, engine_set)
+    rows = [
+        ("model", f"LightningDiT depth {args.depth} width {args.hidden}, {step['params'] / 1e6:.2f}M params, "
+                  f"batch {args.batch}, {device.type}, {step['precision']}, ZeRO-{args.zero}"),
+        ("plain PyTorch step", f"{step['plain_step_s'] * 1e3:.1f} ms"),
+        ("DeepSpeed engine step", f"{step['deepspeed_step_s'] * 1e3:.1f} ms"),
+        ("checkpoint size", f"{ck['checkpoint_mib']:.1f} MiB on {'s3' if args.s3 else 'local disk'}"),
+        ("save / raw write", f"{ck['save_s']:.3f} s / {ck['raw_write_s']:.3f} s -> {ck['save_ratio']:.2f}x of raw"),
+        ("restore / raw read", f"{ck['restore_s']:.3f} s / {ck['raw_read_s']:.3f} s -> "
+                               f"{ck['restore_ratio']:.2f}x of raw"),
+        ("HEADLINE", f"step time DeepSpeed/plain {step['ratio']:.3f}x (goal <= 1.10); checkpoint save "
+                     f"{ck['save_ratio']:.2f}x, restore {ck['restore_ratio']:.2f}x of raw throughput (goal >= 0.8)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "step": step, "checkpoint": ck}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
