@@ -173,14 +173,26 @@ def _add_train(sub):
     p = sub.add_parser("train", help="run one training stage (tokenizer|reference|dmd|decoder|generator)")
     p.add_argument("config", help="YAML config of the stage, e.g. configs/demo/tokenizer.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. total_images=640 run_dir=runs/x")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (single process)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run the DeepSpeed workers on ('auto', 'ray://HOST:10001', 'HOST:6379')")
+    p.add_argument("--launcher", choices=("auto", "ray", "local"), default="auto",
+                   help="ray: DeepSpeed workers under Ray Train (embedded loopback Ray without --address); local: "
+                        "this process only; auto (default): ray when --address is given or "
+                        "distributed.num_workers > 1, else local")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (local launcher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
 
     def run(args):
         from .config import load_config
         cfg = load_config(args.config, args.overrides)
-        from .train.local import run_local
-        run_local(cfg, device=args.device, progress=not args.no_progress)
+        use_ray = args.launcher == "ray" or (args.launcher == "auto" and (
+            args.address is not None or cfg.distributed.address is not None or cfg.distributed.num_workers > 1))
+        if use_ray:
+            from .train.launch import train
+            train(cfg, address=args.address)
+        else:
+            from .train.local import run_local
+            run_local(cfg, device=args.device, progress=not args.no_progress)
     p.set_defaults(func=run)
 
 
@@ -342,7 +354,24 @@ def _add_export(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="every stage end to end on real Fashion-MNIST: local Ray, DeepSpeed workers, FID")
+    p.add_argument("--out", default="runs/demo", help="output directory (re-running resumes; default runs/demo)")
+    p.add_argument("--images", type=int, default=2048, help="Fashion-MNIST training images (default 2048)")
+    p.add_argument("--workers", type=int, default=2, help="DeepSpeed workers per stage (default 2)")
+    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=2)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's images (0.1: a smoke run)")
+    p.add_argument("--per-class", type=int, default=10, help="samples per class for the final FID (default 10)")
+    p.add_argument("--eval-images", type=int, default=500, help="real test images for the FID reference")
+
+    def run(args):
+        from .demo import DemoOptions, run_demo
+        run_demo(DemoOptions(out=args.out, images=args.images, workers=args.workers, zero_stage=args.zero_stage,
+                             scale=args.scale, per_class=args.per_class, eval_images=args.eval_images))
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_add_demo, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

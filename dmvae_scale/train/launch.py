@@ -11,8 +11,10 @@ than the config, and forwards SIGTERM/SIGINT to the workers, which checkpoint an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -107,6 +109,8 @@ def connect(address: Optional[str], num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is None and os.environ.get("RAY_ADDRESS"):  # inside a Ray job: its cluster
+        address = "auto"
     if address is None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  log_to_driver=True, configure_logging=False)
@@ -132,6 +136,25 @@ def _control_actor():
             return self.stop
 
     return RunControl.remote()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The workers' own exception line out of Ray Train's wrapped error text (which leads with a generic header)."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", ln)
+              and "WorkerGroupError" not in ln and "TrainingFailedError" not in ln]
+    return causes[-1] if causes else (lines[0] if lines and lines[0] else type(exc).__name__)
+
+
+def _teacher_for(cfg: RunConfig, stage_factory: Optional[Callable], address: Optional[str]):
+    """teacher.remote: the driver starts (or joins) the TeacherService before the workers and stops it after them;
+    the driver, not a worker, owns it because an actor dies with its creator. The workers connect by name."""
+    if not cfg.teacher.remote or stage_factory is not None:
+        return contextlib.nullcontext()
+    from ..distributed.teacher_service import options_from_config, teacher_service
+    from .stages import stage_teacher_spec
+    spec = stage_teacher_spec(cfg)  # refuses teacher.remote for a stage without a frozen encoder
+    return teacher_service(spec, options_from_config(cfg, spec=spec), address=address)
 
 
 def train(cfg: RunConfig, *, address: Optional[str] = None, max_failures: int = 2,
@@ -181,11 +204,11 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, max_failures: int = 
             run_config=RayRunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=ray_storage,
                                     failure_config=FailureConfig(max_failures=max_failures)))
         try:
-            result = trainer.fit()
-        except Exception as exc:  # TrainingFailedError after the retries: keep its first line, name the run dir
-            first = str(exc).strip().splitlines()
+            with _teacher_for(cfg, stage_factory, address):
+                result = trainer.fit()
+        except Exception as exc:  # TrainingFailedError after the retries: name the workers' error and the run dir
             raise TrainingStoppedError(
-                f"training failed after {max_failures} restarts ({first[0] if first else type(exc).__name__}); "
+                f"training failed after {max_failures} restarts ({_root_cause(exc)}); "
                 f"the latest complete checkpoint in {cfg.run_dir} is kept; rerun to resume from it") from exc
         out: WorkerResult = result.return_value
         if out is None:
