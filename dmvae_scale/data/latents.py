@@ -7,6 +7,10 @@ the tokenizer artifact id, its LatentSpec (the normalisation every score/generat
 measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
+With `attach` (train/local.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
+teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request and
+only the bottleneck runs here.
+
 LatentStreamDataset serves the cache as {"latent": raw float32 (C, h, w), "label": long}: the stage normalises with
 `dataset.latent_spec`, exactly as it would normalise latents it encoded itself. The image or its flip is chosen per
 (seed, epoch, sample id), like the image reader's flip.
@@ -20,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,6 +38,7 @@ from .stream import ImageStreamDataset, _EpochAware, streaming_locations
 from .transforms import sample_rng
 
 LATENT_COLUMNS = {"key": "str", "label": "int", "latent": "ndarray", "latent_flip": "ndarray"}
+FEATURES_KEY = "teacher_features"  # where a feature source's `attach` puts the encoder's tokens (the service's key)
 
 
 @dataclass
@@ -84,9 +89,21 @@ def _encode(tokenizer, x: torch.Tensor) -> torch.Tensor:
     return tokenizer.encode(x)
 
 
+def _with_mirrors(batches: Iterable[dict]) -> Iterator[dict]:
+    """Each batch's images followed by their mirrors: one teacher request gives the features of both."""
+    for batch in batches:
+        x = batch["image"]
+        yield {**batch, "image": torch.cat([x, x.flip(-1)])}
+
+
 def cache_latents(src: str, dest: str, tokenizer_dir: str, *, weights: str = "ema", image_size: int | None = None,
                   batch_size: int = 64, workers: int = 2, device: str = "auto", dtype: str = "float16",
-                  limit: int | None = None, progress: bool = True) -> LatentSummary:
+                  limit: int | None = None, progress: bool = True,
+                  attach: Optional[Callable[[Iterable[dict]], Iterator[dict]]] = None) -> LatentSummary:
+    """Encode the images of `src` with the tokenizer of `tokenizer_dir` into a latent cache at `dest`.
+
+    attach: a feature source's `attach` (in-process or the TeacherService) whose teacher is this tokenizer's frozen
+    encoder; the encoder then does not run here."""
     from streaming import MDSWriter
     from torch.utils.data import DataLoader
     started = time.perf_counter()
@@ -113,11 +130,16 @@ def cache_latents(src: str, dest: str, tokenizer_dir: str, *, weights: str = "em
         with MDSWriter(out=out_dir, columns=LATENT_COLUMNS, hashes=["sha1"]) as writer, \
                 tqdm(total=total, unit="img", desc=f"cache-latents {dest}", disable=not progress) as bar, \
                 torch.inference_mode():
-            for batch in loader:
-                take = min(len(batch["label"]), total - count)
-                x = batch["image"][:take].to(dev)
-                z = _encode(tokenizer, x).float()
-                z_flip = _encode(tokenizer, x.flip(-1)).float()
+            for batch in (loader if attach is None else attach(_with_mirrors(loader))):
+                n = len(batch["label"])
+                take = min(n, total - count)
+                if FEATURES_KEY in batch:
+                    both = tokenizer.encode_from_features(batch[FEATURES_KEY].to(dev)).float()
+                    z, z_flip = both[:take], both[n:n + take]
+                else:
+                    x = batch["image"][:take].to(dev)
+                    z = _encode(tokenizer, x).float()
+                    z_flip = _encode(tokenizer, x.flip(-1)).float()
                 batch_means.append(z.mean().item())
                 inv_stds.append(1.0 / z.std().item())
                 z_np, zf_np = z.cpu().numpy().astype(np_dtype), z_flip.cpu().numpy().astype(np_dtype)

@@ -8,9 +8,12 @@ sends the same batch again, so a crash costs a retry, never a batch without its 
 
 A worker sees one interface whether the teacher is remote (`teacher.remote: true`) or in-process:
 
-    source = open_feature_source(cfg, rank)            # TeacherClient or LocalFeatures
-    for batch in source.attach(loader):                # remote: asks for batch k+1 while batch k trains
-        feats = batch["teacher_features"]              # (B, grid*grid, D), identical in both modes
+    source = open_feature_source(cfg, rank, spec=spec)  # TeacherClient or LocalFeatures
+    for batch in source.attach(loader):                 # remote: asks for batch k+1 while batch k trains
+        feats = batch["teacher_features"]               # (B, grid*grid, D), identical in both modes
+
+(`spec`: the teacher equal to a stage's frozen encoder, train.stages.stage_teacher_spec; `teacher_service(spec)`
+starts or joins the service for the duration of a block and stops only what it started.)
 
 Both compute with `Teacher.encode` (fixed-shape chunks), which is what makes the results identical bit for bit.
 """
@@ -22,6 +25,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig
-from .teachers import DTYPES, Teacher, TeacherSpec, build_teacher, spec_from_config
+from .teachers import DTYPES, Teacher, TeacherSpec, build_teacher, encoder_teacher, spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,18 @@ class ServiceOptions:
     threads: int = 0  # torch intra-op threads in the actor; 0: max(1, num_cpus)
 
 
-def options_from_config(cfg: RunConfig, name: str = "dmvae-teacher") -> ServiceOptions:
+def service_name(spec: TeacherSpec) -> str:
+    """A name per teacher: runs that need the same features share one service, others never collide."""
+    return f"dmvae-teacher-{spec.key()}"
+
+
+def options_from_config(cfg: RunConfig, name: Optional[str] = None,
+                        spec: Optional[TeacherSpec] = None) -> ServiceOptions:
+    """Service options from cfg.teacher; named after `spec` when given (else `name`, else dmvae-teacher)."""
     t = cfg.teacher
     if t.replicas < 1:
         raise ConfigError(f"teacher.replicas: must be at least 1, got {t.replicas}")
+    name = name or (service_name(spec) if spec is not None else "dmvae-teacher")
     return ServiceOptions(name=name, replicas=t.replicas, num_gpus=t.num_gpus, num_cpus=t.num_cpus)
 
 
@@ -230,6 +242,40 @@ def stop_teacher_service(pool: TeacherPool) -> None:
         ray.kill(h, no_restart=True)
 
 
+def _running(options: ServiceOptions) -> bool:
+    import ray
+    try:
+        ray.get_actor(_replica_name(options, 0), namespace=options.namespace)
+        return True
+    except ValueError:
+        return False
+
+
+@contextmanager
+def teacher_service(spec: TeacherSpec, options: ServiceOptions = ServiceOptions(), address: Optional[str] = None,
+                    ready_timeout_s: float = 600.0) -> Iterator[TeacherPool]:
+    """The service for `spec` for the duration of a block: joined when it already runs under options.name, else
+    started here. On exit it stops only what it started: the actors, and the Ray connection when this process was
+    not connected yet (then it connects to `address`: None means RAY_ADDRESS or a Ray started in this process)."""
+    import ray
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        # A fixed namespace: another run on the same cluster finds (and shares) the service by name.
+        ray.init(address=address, namespace="dmvae-scale", log_to_driver=False)
+    try:
+        joined = _running(options)
+        pool = start_teacher_service(spec, options, ready_timeout_s)
+        log.info("teacher service '%s' %s", options.name, "joined" if joined else "started")
+        try:
+            yield pool
+        finally:
+            if not joined:
+                stop_teacher_service(pool)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Feature sources: the remote client and the in-process teacher, one interface
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,14 +382,18 @@ class LocalFeatures:
 
 
 def open_feature_source(cfg: RunConfig, rank: int = 0, start: bool = False,
-                        options: Optional[ServiceOptions] = None) -> TeacherClient | LocalFeatures:
+                        options: Optional[ServiceOptions] = None, spec: Optional[TeacherSpec] = None,
+                        network: Optional[torch.nn.Module] = None) -> TeacherClient | LocalFeatures:
     """The feature source a run's config asks for: the remote service (teacher.remote) or the in-process teacher.
 
-    `start=True` starts the service when it is not running (the driver, or a single-process run); workers connect.
+    `spec`: the teacher (default: the one cfg.teacher names); `network`: in-process, use this module (a stage's own
+    frozen encoder, equal to the spec's network) instead of building a second copy. `start=True` starts the service
+    when it is not running (the driver, or a single-process run); workers connect. The service is named after the
+    spec unless `options` say otherwise.
     """
-    spec = spec_from_config(cfg)
+    spec = spec or spec_from_config(cfg)
     if not cfg.teacher.remote:
-        return LocalFeatures(build_teacher(spec))
-    options = options or options_from_config(cfg)
+        return LocalFeatures(encoder_teacher(spec, network) if network is not None else build_teacher(spec))
+    options = options or options_from_config(cfg, spec=spec)
     pool = start_teacher_service(spec, options) if start else connect_teacher_service(spec, options)
     return TeacherClient(pool, rank)

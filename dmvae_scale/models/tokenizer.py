@@ -199,13 +199,28 @@ class Tokenizer(nn.Module):
             raise ValueError(f"tokenizer expects {self.cfg.in_channels}-channel images, got shape {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # the SSL encoder sees grayscale as RGB
-        z = self.bottleneck(self.encoder(x))  # (B, h*w, C)
+        return self.encode_from_features(self.encoder(x))
+
+    def encode_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The encoder's tokens (B, h*w, D), e.g. computed by a frozen teacher equal to it -> latents (B, C, h, w)."""
         c, h, w = self.latent_shape
+        if features.ndim != 3 or features.shape[1:] != (h * w, self.encoder.embed_dim):
+            raise ValueError(f"encoder features must have shape (B, {h * w}, {self.encoder.embed_dim}), "
+                             f"got {tuple(features.shape)}")
+        z = self.bottleneck(features.to(self.bottleneck.fc1.weight.dtype))  # (B, h*w, C)
         return z.transpose(1, 2).reshape(len(z), c, h, w)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
+    def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, latents). `features`: the frozen encoder's tokens for x, computed elsewhere; the
+        encoder is then skipped (refused while it trains: precomputed tokens would carry no gradient to it)."""
+        if features is None:
+            z = self.encode(x)
+        elif self._encoder_trainable:
+            raise ValueError("precomputed encoder features were given but the encoder is trainable; "
+                             "they apply to a frozen encoder only")
+        else:
+            z = self.encode_from_features(features)
         return self.decode(z), z

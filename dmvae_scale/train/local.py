@@ -4,20 +4,31 @@ Data: Fashion-MNIST from Debian's package, or an ImageNet-style folder (`root/<s
 `root/<class>/<image>`) decoded once into memory, resized by the short side and centre-cropped to data.image_size.
 The batch order is a function of (seed, images seen): position p of the stream is image perm_e[p mod N] of epoch
 e = p div N, so a run restarted at images_seen continues the same sequence.
+
+Frozen-encoder features (stages with a frozen tokenizer encoder): `teacher.remote: false` computes them in this
+process with the stage's own encoder, `true` asks the TeacherService (started here, or joined when one serving the
+same teacher runs on the cluster; stopped at the end if started here), one batch ahead. Both compute in fixed-shape
+chunks with the same weights, so the artifact is the same bit for bit (same device, dtype and thread count).
 """
 from __future__ import annotations
 
+import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..artifacts import ArtifactInfo
-from ..config import RunConfig, save_resolved
+from ..artifacts import ArtifactInfo, read_artifact_info
+from ..config import RunConfig, load_config, save_resolved
 from ..data.builtin import ImageArrayDataset, load_fashion_mnist
+from ..data.latents import LatentSummary, cache_latents, resolve_device
+from ..distributed.teacher_service import (LocalFeatures, ServiceOptions, TeacherClient, connect_teacher_service,
+                                           options_from_config, service_name, teacher_service)
+from ..distributed.teachers import build_teacher, encoder_teacher, tokenizer_encoder_spec
 from ..errors import UserError
 from .api import PlainEngine
 from .loop import LoopSummary, train_loop
@@ -107,14 +118,96 @@ def stream_batches(dataset: ImageArrayDataset, batch_size: int, seed: int, start
 
 def stats_batches(dataset: ImageArrayDataset, batch_size: int, images: int = STATS_IMAGES
                   ) -> Iterator[dict[str, torch.Tensor]]:
-    """The first `images` images in data-set order (no flip): identical on every rank and every run."""
+    """The first `images` images in data-set order (no flip): identical on every rank and every run.
+
+    Works for the in-memory data set and for shard readers (ImageStreamDataset: indices are global sample ids, the flip
+    lives in its transform)."""
+    if hasattr(dataset, "transform"):  # shard reader: its transform is a frozen dataclass
+        saved = dataset.transform
+        dataset.transform = dataclasses.replace(saved, hflip=False)
+        try:
+            yield from _first_images(dataset, batch_size, images)
+        finally:
+            dataset.transform = saved
+        return
     hflip, dataset.hflip = dataset.hflip, False
     try:
-        count = min(images, len(dataset))
-        for start in tqdm(range(0, count, batch_size), desc="latent statistics", unit="batch", leave=False):
-            yield _collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+        yield from _first_images(dataset, batch_size, images)
     finally:
         dataset.hflip = hflip
+
+
+def _first_images(dataset, batch_size: int, images: int) -> Iterator[dict[str, torch.Tensor]]:
+    total = getattr(dataset, "num_samples", None) or len(dataset)
+    count = min(images, total)
+    for start in tqdm(range(0, count, batch_size), desc="latent statistics", unit="batch", leave=False):
+        yield _collate([{k: v for k, v in dataset[i].items() if k in ("image", "label")}
+                        for i in range(start, min(start + batch_size, count))])
+
+
+Attach = Callable[[Iterable[dict]], Iterator[dict]]
+
+
+def _no_features(batches: Iterable[dict]) -> Iterator[dict]:
+    yield from batches
+
+
+def open_stage_features(stage, cfg: RunConfig, device: torch.device, stack: ExitStack, *, start: bool = True,
+                        rank: int = 0, share_encoder: bool = True) -> Attach:
+    """How a run's batches get their frozen-encoder features: from the service (teacher.remote), in-process, or not
+    at all (the stage has no frozen encoder). Returns `attach(batches) -> batches with "teacher_features"`.
+
+    start: start (or join) the service, bound to `stack`: a single-process run. A Ray Train worker passes
+    start=False and its rank: it connects to the service its driver started (an actor dies with its creator).
+    share_encoder: in-process, the stage's own encoder computes the features (no second copy); a DeepSpeed worker
+    passes False (its engine may shard or cast that module) and gets a copy built from the spec, equal to the
+    service's network.
+    """
+    spec = stage.teacher_spec
+    if spec is None:
+        return _no_features
+    if cfg.teacher.remote:
+        options = options_from_config(cfg, spec=spec)
+        if start:
+            pool = stack.enter_context(teacher_service(spec, options, address=cfg.distributed.address))
+        else:
+            pool = connect_teacher_service(spec, options)
+        return _remote_attach(TeacherClient(pool, rank), stack, report=rank == 0)
+    # In-process on this run's device: the spec's device follows the run, not distributed.use_gpu.
+    spec = dataclasses.replace(spec, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+    teacher = encoder_teacher(spec, stage.frozen_encoder) if share_encoder else build_teacher(spec)
+    return LocalFeatures(teacher).attach
+
+
+def _remote_attach(client: TeacherClient, stack: ExitStack, report: bool = True) -> Attach:
+    if report:
+        stack.callback(lambda: print(f"teacher service: {client.requests} requests, {client.retries} retries, "
+                                     f"{client.wait_s:.1f} s waiting for features", flush=True))
+    return lambda batches: client.attach(batches, depth=1)
+
+
+def cache_latents_with_teacher(src: str, dest: str, tokenizer_dir: str, *, remote: bool, weights: str = "ema",
+                               batch_size: int = 64, device: str = "auto", options: ServiceOptions | None = None,
+                               address: str | None = None, **kwargs) -> LatentSummary:
+    """data.latents.cache_latents with the encoder's features from a teacher that is the artifact's frozen encoder:
+    the TeacherService (`remote`; `options` default to one CPU-side replica named after the teacher) or the same
+    network in this process. Both give the same latents, bit for bit. kwargs go to cache_latents."""
+    info = read_artifact_info(tokenizer_dir)
+    artifact_cfg = load_config(Path(tokenizer_dir) / "config.yaml")
+    # The features are computed where the teacher runs: the service's device, or this process's.
+    on_gpu = (options is not None and options.num_gpus > 0) if remote else resolve_device(device).type == "cuda"
+    # One chunk holds a batch and its mirrors: a fixed shape whatever the batch, so both sources agree.
+    spec = dataclasses.replace(
+        tokenizer_encoder_spec(artifact_cfg, tokenizer_dir, weights, info.content_hash), chunk=2 * batch_size,
+        device="cuda" if on_gpu else "cpu", dtype="bfloat16" if on_gpu else "float32")
+    with ExitStack() as stack:
+        if remote:
+            options = options or ServiceOptions(name=service_name(spec))
+            attach = _remote_attach(TeacherClient(stack.enter_context(teacher_service(spec, options, address))), stack)
+        else:
+            attach = LocalFeatures(build_teacher(spec)).attach
+        return cache_latents(src, dest, tokenizer_dir, weights=weights, batch_size=batch_size, device=device,
+                             attach=attach, **kwargs)
 
 
 @dataclass
@@ -140,10 +233,12 @@ def run_local(cfg: RunConfig, device: str = "cpu", progress: bool = True) -> Loc
     for spec in stage.models().values():
         spec.module.to(dev)
     engines = {name: PlainEngine(spec.module, spec.optim) for name, spec in stage.models().items() if spec.trainable}
-    if stage.needs_prepare():
-        stage.prepare(stats_batches(dataset, cfg.batch_size))
-    summary, loop = train_loop(stage, engines, stream_batches(dataset, cfg.batch_size, cfg.seed), cfg,
-                               device=dev, progress=progress)
+    with ExitStack() as stack:
+        attach = open_stage_features(stage, cfg, dev, stack)
+        if stage.needs_prepare():
+            stage.prepare(attach(stats_batches(dataset, cfg.batch_size)))
+        summary, loop = train_loop(stage, engines, attach(stream_batches(dataset, cfg.batch_size, cfg.seed)), cfg,
+                                   device=dev, progress=progress)
     run_dir = Path(cfg.run_dir)
     save_resolved(cfg, run_dir)
     info = save_stage_artifact(stage, loop.emas, cfg, run_dir / "artifact")

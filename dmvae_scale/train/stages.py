@@ -11,6 +11,13 @@ what the stage needs from the stage before and what it hands on.
     decoder    decoder, discriminator              encoder, bottleneck          inputs.tokenizer
     generator  generator (DiT, flow matching)      tokenizer                    inputs.tokenizer (with latent stats)
 
+Frozen-encoder features: where the tokenizer's encoder is frozen (tokenizer with tokenizer.encoder.frozen, reference
+on tokenizer latents, decoder, generator) the stage names the teacher equal to that encoder (`teacher_spec`, and the
+module itself as `frozen_encoder`); a batch may then carry its features under "teacher_features" (computed in-process
+or by the TeacherService, train/local.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
+builds its encoder from the teacher (random_vit: the seeded network's weights), the later stages name the encoder of
+their tokenizer artifact, so both sources give the same bits. DMD trains the encoder: no teacher there.
+
 Every declared input is used or the stage refuses to start; a missing artifact, a latent shape or statistics mismatch,
 or weights that do not load stop with an error naming the file and the config key. Stages build on the CPU; the
 driver moves models to the device, wraps trainable ones in engines and calls prepare(), then step() per batch.
@@ -26,8 +33,11 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ..artifacts import ArtifactError, ArtifactInfo, LatentSpec, load_artifact, load_into, save_artifact
-from ..config import RunConfig, config_hash, dump_yaml, load_config, to_dict
+from ..artifacts import (ArtifactError, ArtifactInfo, LatentSpec, load_artifact, load_into, read_artifact_info,
+                         save_artifact)
+from ..config import ConfigError, RunConfig, config_hash, dump_yaml, load_config, to_dict
+from ..distributed.teacher_service import FEATURES_KEY
+from ..distributed.teachers import TeacherSpec, build_teacher, spec_from_config, tokenizer_encoder_spec
 from ..errors import UserError
 from ..method.dm_loss import annealed_t_range, dm_loss
 from ..method.flow import drop_labels, flow_matching_loss
@@ -264,11 +274,13 @@ class AutoencoderLosses:
 
 def measure_latent_stats(sample: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
                          ) -> tuple[float, float]:
-    """(mean of batch means, mean of 1/std) of the latents `sample(images, labels)` makes from the batches."""
+    """(mean of batch means, mean of 1/std) of the latents `sample(batch)` makes from the batches (moved to
+    `device`; a batch may carry teacher features beside its images)."""
     means, inv_stds = [], []
     with torch.no_grad():
         for batch in batches:
-            z = sample(batch["image"].to(device), batch["label"].to(device)).float()
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            z = sample(batch).float()
             means.append(z.mean())
             inv_stds.append(1.0 / z.std())
     if not means:
@@ -284,9 +296,58 @@ def _device_of(module: nn.Module) -> torch.device:
 # Stages
 # ----------------------------------------------------------------------------------------------------------------------
 
+def _check_teacher_name(cfg: RunConfig) -> None:
+    if cfg.teacher.name == "inception":
+        raise ConfigError("teacher.name: 'inception' serves features only (the teacher service and feature path); "
+                          "a tokenizer's encoder is a ViT and cannot be the Inception network, so the training stages "
+                          "refuse it; use teacher.name=dinov2 (or random_vit for plumbing)")
+
+
+def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
+    """The teacher whose features equal the stage's frozen encoder's, or None where the stage has none (and then
+    teacher.remote is refused). Reads at most an artifact manifest: a driver calls it to start the service.
+
+    tokenizer (frozen encoder): the teacher cfg.teacher names; reference on tokenizer latents, decoder, generator: the
+    encoder of inputs.tokenizer (local paths made absolute: the service may run in another directory).
+    """
+    _check_teacher_name(cfg)
+    why = None
+    if cfg.stage == "dmd":
+        why = "stage 3 trains the encoder; its features cannot come from a frozen teacher"
+    elif cfg.stage == "tokenizer":
+        if cfg.tokenizer.encoder.frozen:
+            # Checked in full only where a service must rebuild the network from the spec alone.
+            return spec_from_config(cfg, check=cfg.teacher.remote)
+        why = "tokenizer.encoder.frozen=false: the encoder trains"
+    elif cfg.stage == "reference" and cfg.reference.kind not in ("tokenizer", "noisy_tokenizer"):
+        why = f"reference.kind={cfg.reference.kind} uses no tokenizer"
+    elif cfg.inputs.tokenizer is None:
+        return None  # the stage refuses the missing input itself, naming it
+    else:
+        try:
+            info = read_artifact_info(cfg.inputs.tokenizer)
+        except ArtifactError as exc:
+            raise StageInputError(f"inputs.tokenizer: {exc}") from None
+        path = cfg.inputs.tokenizer if "://" in cfg.inputs.tokenizer else str(Path(cfg.inputs.tokenizer).resolve())
+        return tokenizer_encoder_spec(cfg, path, cfg.inputs.tokenizer_weights, info.content_hash)
+    if cfg.teacher.remote:
+        raise StageInputError(f"teacher.remote: stage '{cfg.stage}' has no frozen encoder whose features a teacher "
+                              f"could compute ({why}); set teacher.remote=false")
+    return None
+
+
+def _seeded_encoder_weights(cfg: RunConfig, tokenizer: Tokenizer) -> None:
+    """teacher.name=random_vit: the encoder IS the teacher's seeded network, so the service computes its features."""
+    spec = dataclasses.replace(spec_from_config(cfg), device="cpu", dtype="float32")
+    tokenizer.encoder.load_state_dict(build_teacher(spec).network.state_dict())
+
+
 class _StageBase:
     name: str
     export: tuple[str, ...] = ()  # models whose weights go into the artifact
+    # The frozen encoder whose features a batch may carry, and the teacher that computes exactly those (None: none).
+    teacher_spec: Optional[TeacherSpec] = None
+    frozen_encoder: Optional[nn.Module] = None
 
     def __init__(self, cfg: RunConfig, rank: int):
         self.cfg = cfg
@@ -334,9 +395,13 @@ class AutoencoderStage(_StageBase):
         self.latent: Optional[LatentSpec] = None
         if cfg.stage == "tokenizer":
             _reject_unused(cfg, {"tokenizer.encoder.weights"})
+            self.teacher_spec = stage_teacher_spec(cfg)
             self.tokenizer = Tokenizer(cfg.tokenizer)
+            if cfg.teacher.name == "random_vit":
+                _seeded_encoder_weights(cfg, self.tokenizer)
         else:
             _reject_unused(cfg, {"inputs.tokenizer"})
+            self.teacher_spec = stage_teacher_spec(cfg)
             if not cfg.tokenizer.encoder.frozen:
                 raise StageInputError("tokenizer.encoder.frozen: the decoder stage keeps encoder and bottleneck "
                                       "frozen (the latents must not change); set it true")
@@ -349,6 +414,8 @@ class AutoencoderStage(_StageBase):
             self.tokenizer.set_encoder_trainable(False)
             self.tokenizer.bottleneck.requires_grad_(False)
             self.upstream = {"tokenizer": up.info.id}
+        if self.teacher_spec is not None:
+            self.frozen_encoder = self.tokenizer.encoder
         self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
                         "discriminator": ModelSpec(self.discriminator, True, cfg.optim)}
         if self.losses.perceptual is not None:
@@ -362,15 +429,20 @@ class AutoencoderStage(_StageBase):
             return
         c, h, w = self.tokenizer.latent_shape
         channels = self.cfg.tokenizer.in_channels
-        mean, scale = measure_latent_stats(lambda x, y: self.tokenizer.encode(_image_channels(x, channels)),
-                                           batches, _device_of(self.tokenizer))
+
+        def latents(batch):
+            if FEATURES_KEY in batch:
+                return self.tokenizer.encode_from_features(batch[FEATURES_KEY])
+            return self.tokenizer.encode(_image_channels(batch["image"], channels))
+
+        mean, scale = measure_latent_stats(latents, batches, _device_of(self.tokenizer))
         self.latent = LatentSpec(c, h, w, mean, scale)
 
     def step(self, batch, step, engines):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
         _, g = self._rng(step, x)
         tok, disc = engines["tokenizer"], engines["discriminator"]
-        recon, _ = tok(x)
+        recon, _ = tok(x, features=batch.get(FEATURES_KEY))
         loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
         tok.backward(loss)
         tok.step()
@@ -393,15 +465,24 @@ class AutoencoderStage(_StageBase):
         return out
 
 
+def _latents_of(tokenizer: Tokenizer, channels: int):
+    """encode(x) for a reference source: x is a batch of images (B, C, H, W) or of the frozen encoder's features
+    (B, N, D) computed by its teacher; the rank tells them apart."""
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return tokenizer.encode_from_features(x)
+        return tokenizer.encode(_image_channels(x, channels))
+    return encode
+
+
 def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> ReferenceSource:
     kind = cfg.reference.kind
     shape = (cfg.score.in_channels, cfg.score.input_size, cfg.score.input_size)
     channels = cfg.tokenizer.in_channels
     if kind == "tokenizer":
-        return TokenizerLatents(lambda x: tokenizer.encode(_image_channels(x, channels)), tokenizer.latent_shape)
+        return TokenizerLatents(_latents_of(tokenizer, channels), tokenizer.latent_shape)
     if kind == "noisy_tokenizer":
-        return NoisyTokenizerLatents(lambda x: tokenizer.encode(_image_channels(x, channels)),
-                                     tokenizer.latent_shape, cfg.reference.noise_t)
+        return NoisyTokenizerLatents(_latents_of(tokenizer, channels), tokenizer.latent_shape, cfg.reference.noise_t)
     if kind == "gaussian":
         return StandardGaussian(shape)
     if kind == "gmm":
@@ -435,11 +516,13 @@ class FlowMatchingStage(_StageBase):
         if cfg.stage == "reference" and cfg.reference.kind == "file":
             used.add("reference.path")
         _reject_unused(cfg, used)
+        self.teacher_spec = stage_teacher_spec(cfg)
         if uses_tokenizer:
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up).eval().requires_grad_(False)
             _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up.path}")
             self.upstream = {"tokenizer": up.info.id}
+            self.frozen_encoder = self.tokenizer.encoder
             if cfg.stage == "generator":
                 if up.info.latent is None:
                     raise StageInputError(
@@ -447,8 +530,7 @@ class FlowMatchingStage(_StageBase):
                         f"'latent'); the generator needs them: hand it a decoder-stage artifact")
                 self.latent = up.info.latent
         self.source = _reference_source(cfg, self.tokenizer) if cfg.stage == "reference" else \
-            TokenizerLatents(lambda x: self.tokenizer.encode(_image_channels(x, cfg.tokenizer.in_channels)),
-                             self.tokenizer.latent_shape)
+            TokenizerLatents(_latents_of(self.tokenizer, cfg.tokenizer.in_channels), self.tokenizer.latent_shape)
         self.score = LightningDiT(cfg.score)
         self._models = {self.model_name: ModelSpec(self.score, True, cfg.optim, ema=True)}
         if self.tokenizer is not None:
@@ -463,7 +545,8 @@ class FlowMatchingStage(_StageBase):
         device = _device_of(self.score)
         g = torch.Generator(device=device).manual_seed(self.cfg.seed)
         mean, scale = measure_latent_stats(
-            lambda x, y: self.source.sample(len(x), g, images=x, labels=y)[0], batches, device)
+            lambda b: self.source.sample(len(b["image"]), g, images=b.get(FEATURES_KEY, b["image"]),
+                                         labels=b["label"])[0], batches, device)
         self.latent = LatentSpec(*self.source.shape, mean=mean, scale=scale)
 
     def step(self, batch, step, engines):
@@ -471,7 +554,7 @@ class FlowMatchingStage(_StageBase):
             raise RuntimeError("prepare() must measure the latent statistics before the first step")
         x, y = batch["image"], batch["label"]
         g, _ = self._rng(step, x)
-        z, labels = self.source.sample(len(x), g, images=x, labels=y)
+        z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
         z = self.latent.normalize(z)
         if labels is not None:
             labels = drop_labels(labels, self.cfg.score.num_classes, self.cfg.score.class_dropout, g)
@@ -505,6 +588,7 @@ class DMDStage(_StageBase):
 
     def __init__(self, cfg: RunConfig, rank: int = 0):
         super().__init__(cfg, rank)
+        stage_teacher_spec(cfg)  # none: refuses teacher.remote
         _reject_unused(cfg, {"inputs.tokenizer", "inputs.reference"})
         dm = cfg.dm
         if dm.tokenizer_every < 1:

@@ -597,7 +597,10 @@ class Worker:
             self.attach = lambda batches: batches
             if getattr(self.stage, "teacher_spec", None) is not None:
                 from .local import open_stage_features
-                self.attach = open_stage_features(self.stage, self.cfg, self.device, stack)
+                # Connect to the driver's service; in-process, share the stage's encoder unless ZeRO-3 shards it.
+                self.attach = open_stage_features(self.stage, self.cfg, self.device, stack, start=False,
+                                                  rank=self.rank,
+                                                  share_encoder=self.cfg.distributed.zero_stage < 3)
             return self._run()
 
     def _run(self) -> WorkerResult:
