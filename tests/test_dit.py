@@ -178,7 +178,8 @@ def test_model_with_math_and_sdpa_backends_agrees():
     out_math = randomized(cfg_math)(x, t, y)
     out_sdpa = randomized(cfg_sdpa)(x, t, y)
     assert out_math.abs().max() > 0.1
-    torch.testing.assert_close(out_sdpa, out_math, rtol=0, atol=1e-5)
+    # Outputs reach ~13; the two kernels sum in different orders, so the error is relative (seen: 8e-7 relative).
+    torch.testing.assert_close(out_sdpa, out_math, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_scores_depend_only_on_relative_grid_offset():

@@ -377,7 +377,20 @@ class _StageBase:
         return {"models": list(self.export), "latent": None, "upstream": dict(self.upstream), "extra": {}}
 
 
-class AutoencoderStage(_StageBase):
+class _MeasuresLatentStats:
+    """Stages that measure latent mean/scale before training keep them in their checkpointed state."""
+
+    latent: Optional[LatentSpec]
+
+    def state_dict(self) -> dict:
+        return {"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "latent" in state:
+            self.latent = LatentSpec(**state["latent"])
+
+
+class AutoencoderStage(_MeasuresLatentStats, _StageBase):
     """Stage 1 (tokenizer) and stage 4 (decoder): train the tokenizer's trainable part + the discriminator.
 
     Stage 1 builds the tokenizer fresh (SSL encoder weights from tokenizer.encoder.weights, frozen per
@@ -451,13 +464,6 @@ class AutoencoderStage(_StageBase):
             metrics.update(self.losses.discriminator_step(x, recon, disc, g))
         return StepOutput(metrics, images=len(x))
 
-    def state_dict(self):
-        return {"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {}
-
-    def load_state_dict(self, state):
-        if "latent" in state:
-            self.latent = LatentSpec(**state["latent"])
-
     def artifact(self):
         out = super().artifact()
         out["latent"] = self.latent
@@ -500,7 +506,7 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
     return FileSamples(samples, labels)
 
 
-class FlowMatchingStage(_StageBase):
+class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
     """Stage 2 (reference: the real score on p_r's samples, latent statistics measured first) and stage 5
     (generator: a DiT on the final tokenizer's normalised latents, statistics from its artifact)."""
 
@@ -562,13 +568,6 @@ class FlowMatchingStage(_StageBase):
         engines[self.model_name].backward(loss)
         engines[self.model_name].step()
         return StepOutput({"fm_loss": loss.detach()}, images=len(x))
-
-    def state_dict(self):
-        return {"latent": dataclasses.asdict(self.latent)} if self.latent is not None else {}
-
-    def load_state_dict(self, state):
-        if "latent" in state:
-            self.latent = LatentSpec(**state["latent"])
 
     def artifact(self):
         out = super().artifact()
