@@ -6,17 +6,27 @@ driver for one module only: other modules may call ray.init() themselves.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dmvae_scale.distributed.ray_local import connected, start_local_cluster
 
 _shared = {"cluster": None, "users": 0}
+CLUSTER_HIDDEN_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                       "AWS_REGION", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
     if _shared["cluster"] is None or not _shared["cluster"].alive():
-        _shared["cluster"] = start_local_cluster(num_cpus=2, env={"OMP_NUM_THREADS": "1"})
+        # The head must not inherit credentials another fixture put in this process (the S3 server's test keys):
+        # jobs would see them instead of the ones their submission carries.
+        saved = {k: os.environ.pop(k) for k in CLUSTER_HIDDEN_VARS if k in os.environ}
+        try:
+            _shared["cluster"] = start_local_cluster(num_cpus=2, env={"OMP_NUM_THREADS": "1"})
+        finally:
+            os.environ.update(saved)
     _shared["users"] += 1
     yield _shared["cluster"]
     _shared["users"] -= 1

@@ -135,6 +135,8 @@ def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    for var in ("AWS_DEFAULT_REGION", "AWS_REGION"):  # set by other fixtures in the same session; passed on when set
+        monkeypatch.delenv(var, raising=False)
     sub = jobs.build_submission(DEMO, ["total_images=64"])
     try:
         env = sub.runtime_env["env_vars"]
