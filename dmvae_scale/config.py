@@ -118,6 +118,7 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 0
     limit: Optional[int] = None  # use only the first N samples (demo / tests)
+    stats_images: int = 4096  # images (first in data-set order, unflipped) the latent mean/scale are measured on
     latents: Optional[str] = None  # cached latent shards for the generator stage
 
 
@@ -413,6 +414,8 @@ def validate(cfg: RunConfig) -> None:
     gi = cfg.sampler.guidance_interval
     if gi is not None and not 0.0 <= gi[0] < gi[1] <= 1.0:
         raise ConfigError(f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi)}")
+    if cfg.data.stats_images <= 0:
+        raise ConfigError(f"data.stats_images: must be positive, got {cfg.data.stats_images}")
     if cfg.sampler.steps <= 0:
         raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
 

@@ -78,6 +78,8 @@ def test_cross_field_validation():
         load_config(None, ["batch_size=30", "distributed.num_workers=4"])
     with pytest.raises(ConfigError, match="tokenizer.image_size: 250 is not a multiple of tokenizer.encoder.patch_size"):
         load_config(None, ["tokenizer.image_size=250"])
+    with pytest.raises(ConfigError, match="data.stats_images: must be positive, got 0"):
+        load_config(None, ["data.stats_images=0"])
 
 
 @pytest.mark.parametrize("args,message", [

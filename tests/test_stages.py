@@ -367,7 +367,8 @@ def test_five_stages_run_end_to_end_on_fashion_mnist_each_from_the_previous_arti
     tok = AutoencoderStage(demo("tokenizer")).tokenizer
     tok.load_state_dict(tok_ema["tokenizer"])
     with torch.no_grad():
-        zs = [tok.eval().encode(b["image"]) for b in stats_batches(build_dataset(cfg), cfg.batch_size)]
+        batches = stats_batches(build_dataset(cfg), cfg.batch_size, cfg.data.stats_images)
+        zs = [tok.eval().encode(b["image"]) for b in batches]
     mean = float(torch.stack([z.mean() for z in zs]).mean())
     scale = float(torch.stack([1 / z.std() for z in zs]).mean())
     assert infos["reference"].latent.mean == pytest.approx(mean, rel=1e-4, abs=1e-6)
@@ -402,7 +403,7 @@ def test_a_short_dmd_run_moves_encoder_latents_toward_the_reference(tmp_path):
     run_local(cfg, progress=False)
 
     spec = ref.info.latent
-    images = next(stats_batches(build_dataset(cfg), 256))["image"]
+    images = next(stats_batches(build_dataset(cfg), 256, cfg.data.stats_images))["image"]
     reference = torch.randn(256 * 64, 4, generator=torch.Generator().manual_seed(0))
 
     def distance(artifact: Path) -> float:

@@ -34,7 +34,6 @@ from .api import PlainEngine
 from .loop import LoopSummary, train_loop
 from .stages import build_stage, save_stage_artifact
 
-STATS_IMAGES = 4096  # images the latent mean/scale are measured on (fewer if the data set is smaller)
 
 
 def load_image_folder(root: str, split: str, image_size: int, limit: int | None = None
@@ -116,7 +115,7 @@ def stream_batches(dataset: ImageArrayDataset, batch_size: int, seed: int, start
         yield _collate(items)
 
 
-def stats_batches(dataset: ImageArrayDataset, batch_size: int, images: int = STATS_IMAGES
+def stats_batches(dataset: ImageArrayDataset, batch_size: int, images: int
                   ) -> Iterator[dict[str, torch.Tensor]]:
     """The first `images` images in data-set order (no flip): identical on every rank and every run.
 
@@ -236,7 +235,7 @@ def run_local(cfg: RunConfig, device: str = "cpu", progress: bool = True) -> Loc
     with ExitStack() as stack:
         attach = open_stage_features(stage, cfg, dev, stack)
         if stage.needs_prepare():
-            stage.prepare(attach(stats_batches(dataset, cfg.batch_size)))
+            stage.prepare(attach(stats_batches(dataset, cfg.batch_size, cfg.data.stats_images)))
         summary, loop = train_loop(stage, engines, attach(stream_batches(dataset, cfg.batch_size, cfg.seed)), cfg,
                                    device=dev, progress=progress)
     run_dir = Path(cfg.run_dir)

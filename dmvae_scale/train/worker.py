@@ -550,7 +550,7 @@ class Worker:
                 if dataset is None or not hasattr(dataset, "__getitem__"):
                     raise UserError("this stage measures latent statistics first, which needs an in-memory data "
                                     "source (fashion-mnist or a local image folder)")
-                self.stage.prepare(self.attach(stats_batches(dataset, self.per_rank_batch)))
+                self.stage.prepare(self.attach(stats_batches(dataset, self.per_rank_batch, self.job.cfg.data.stats_images)))
             return
         # Remote stores: one download per node (local rank 0), the others wait.
         local = self.store.local_view(latest) if (not self.store.remote or self.local_rank == 0) else None
