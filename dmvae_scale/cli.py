@@ -83,12 +83,20 @@ def _add_data(sub):
     cache.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cache.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
     cache.add_argument("--limit", type=int, default=None, help="encode only the first N samples")
+    cache.add_argument("--remote-teacher", action="store_true",
+                       help="encoder features from the TeacherService (started, or joined if running); same latents")
+    cache.add_argument("--address", default=None, help="Ray cluster for --remote-teacher (default: embedded loopback)")
 
     def run_cache(args):
-        from .data.latents import cache_latents
-        summary = cache_latents(args.src, args.dest, args.tokenizer, weights=args.weights,
-                                image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
-                                device=args.device, dtype=args.dtype, limit=args.limit)
+        kwargs = dict(weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
+                      workers=args.workers, device=args.device, dtype=args.dtype, limit=args.limit)
+        if args.remote_teacher:
+            from .train.local import cache_latents_with_teacher
+            summary = cache_latents_with_teacher(args.src, args.dest, args.tokenizer, remote=True,
+                                                 address=args.address, **kwargs)
+        else:
+            from .data.latents import cache_latents
+            summary = cache_latents(args.src, args.dest, args.tokenizer, **kwargs)
         print(summary.line())
     cache.set_defaults(func=run_cache)
 

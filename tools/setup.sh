@@ -19,11 +19,15 @@ export DS_BUILD_OPS=0
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dmvae-scale/torch_extensions}"
 stamp_dir="$HOME/.cache/dmvae-scale"; mkdir -p "$stamp_dir"
 want="$(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$stamp_dir/installed" 2>/dev/null)" != "$want" ] || ! "$PY" -c "import dmvae_scale, deepspeed, ray, streaming" 2>/dev/null; then
+if [ "$(cat "$stamp_dir/installed" 2>/dev/null)" != "$want" ] || \
+   ! "$PY" -c "import deepspeed, ray, streaming, s3fs, torch_fidelity, moto, sklearn" 2>/dev/null; then
   # torch first, by exact version, so no other requirement can pull a different build.
   "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
   "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp_dir/installed"
+else
+  # The stack is in place: only point the package (and the dmvae-scale command) at this checkout.
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
 
 case "$what" in
