@@ -57,3 +57,34 @@ def test_unreachable_endpoint_fails_fast_naming_it(s3_server, monkeypatch, capsy
         ImageStreamDataset("s3://some-bucket/fm", batch_size=4, image_size=28)
     assert main(["data", "verify", "s3://some-bucket/fm"]) == 2
     assert time.monotonic() - started < 15  # seconds, not minutes of retries
+
+
+def _cache_bytes(cache) -> int:
+    return sum(p.stat().st_size for p in cache.rglob("*.mds"))
+
+
+def test_many_shards_every_sample_once_with_and_without_cache_limit(s3_bucket, tmp_path):
+    """The reader skips Streaming's per-sample cache lock once a shard is local for good (no cache limit); with a
+    cache limit every call still goes through Streaming, which evicts. Both read each sample exactly once per epoch."""
+    url = f"{s3_bucket}/fm-many"
+    assert main(["data", "shards", "fashion-mnist", url, "--limit", "240", "--shard-mb", "0.01",
+                 "--workers", "1"]) == 0
+
+    free = ImageStreamDataset(url, batch_size=8, image_size=28, cache_dir=str(tmp_path / "free"), with_keys=True)
+    assert free.num_shards >= 10
+    loader = make_loader(free)
+    for _epoch in range(2):  # the second epoch runs entirely on the fast path
+        keys = [k for batch in loader for k in batch["key"]]
+        assert len(keys) == 240 and len(set(keys)) == 240
+    assert free._local_shards == set(range(free.num_shards))
+    del loader, free
+
+    largest = max(s.get_max_size() for s in ImageStreamDataset(
+        url, batch_size=8, image_size=28, cache_dir=str(tmp_path / "probe")).shards)
+    limit = 5 * largest  # Streaming requires at least 4; the dataset is 14 shards
+    capped = ImageStreamDataset(url, batch_size=8, image_size=28, cache_dir=str(tmp_path / "capped"),
+                                with_keys=True, cache_limit=limit)
+    keys = [k for batch in make_loader(capped) for k in batch["key"]]
+    assert len(keys) == 240 and len(set(keys)) == 240
+    assert _cache_bytes(tmp_path / "capped") <= limit  # older shards were evicted on the way
+    assert not getattr(capped, "_local_shards", set())

@@ -23,10 +23,13 @@ from typing import Any
 
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState  # Streaming 0.13 internals; pinned in pyproject
 
 from . import storage
 from .shards import load_index
 from .transforms import ImageTransform, decode_image, sample_rng
+
+_LOCAL = _ShardState.LOCAL
 
 
 def default_cache_dir(url: str) -> str:
@@ -44,7 +47,11 @@ def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None
 
 
 class _EpochAware(StreamingDataset):
-    """Remembers the epoch Streaming resolves at the start of each iteration (needed to seed augmentation)."""
+    """StreamingDataset plus two things every reader here needs.
+
+    * It remembers the epoch Streaming resolves at the start of each iteration (needed to seed augmentation).
+    * A lock-free fast path for shards already in the local cache (see `prepare_shard`).
+    """
 
     current_epoch = 0
 
@@ -52,6 +59,26 @@ class _EpochAware(StreamingDataset):
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self.current_epoch = epoch
         return epoch, sample_in_epoch
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's download-or-touch of a shard, skipped once the shard is known to be local for good.
+
+        Streaming's background thread calls this for every sample; each call takes the node-wide cache file lock,
+        checks the raw shard file on disk and records an access time. The access time only feeds cache eviction,
+        which runs only with `cache_limit` set; without a limit nothing ever moves a LOCAL shard back, so after
+        this process has once seen the shard LOCAL (its raw file then exists: Streaming sets LOCAL only after the
+        download or decompression finished) the call has nothing left to do. Measured: the per-sample lock alone
+        cost 0.13 ms of CPU with filelock 4, about a sixth of the decode + augment time of an ImageNet photo.
+        """
+        if self.cache_limit:
+            super().prepare_shard(shard_id, blocking)
+            return
+        local = self.__dict__.setdefault("_local_shards", set())  # per process: set after fork/unpickle
+        if shard_id in local:
+            return
+        super().prepare_shard(shard_id, blocking)
+        if self._shard_states[shard_id] == _LOCAL:
+            local.add(shard_id)
 
 
 class ImageStreamDataset(_EpochAware):
