@@ -4,6 +4,7 @@ partitioned over workers."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,36 @@ def test_keep_last_k_removes_older_and_incomplete_checkpoints(tmp_path):
     assert [i.images_seen for i in store.complete()] == [16, 24]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
         [ckpt.checkpoint_name(16), ckpt.checkpoint_name(24)]
+
+
+def test_background_prune_finishes_before_the_next_save_and_reports_errors(tmp_path, monkeypatch):
+    store = ckpt.CheckpointStore(str(tmp_path), keep=1)
+    for images in (8, 16):
+        _fake_checkpoint(store, images)
+    gate = threading.Event()
+    real_remove = store.remove
+
+    def slow_remove(name):
+        gate.wait(10)
+        real_remove(name)
+
+    monkeypatch.setattr(store, "remove", slow_remove)
+    assert store.prune(background=True) == [ckpt.checkpoint_name(8)]
+    assert (tmp_path / "checkpoints" / ckpt.checkpoint_name(8)).exists()  # still deleting: training went on
+    gate.set()
+    store.prepare(ckpt.checkpoint_name(24))  # the next save joins the prune before it writes
+    assert not (tmp_path / "checkpoints" / ckpt.checkpoint_name(8)).exists()
+    monkeypatch.setattr(store, "remove", real_remove)
+
+    def failing_remove(name):
+        raise PermissionError(f"read-only: {name}")
+
+    _fake_checkpoint(store, 24)
+    monkeypatch.setattr(store, "remove", failing_remove)
+    store.prune(background=True)
+    with pytest.raises(ckpt.CheckpointError, match="deleting old checkpoints under .* failed: read-only: img-"):
+        store.wait()
+    store.wait()  # reported once
 
 
 def test_store_works_against_s3(s3_bucket, tmp_path):
@@ -224,3 +255,27 @@ def test_wandb_requested_without_wandb_installed_fails_before_any_worker_starts(
     with pytest.raises(UserError, match=r"WANDB_PROJECT is set but wandb is not installed"):
         train(load_config(None, [f"run_dir={tmp_path}/run"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_engine_hands_the_same_file_to_deepspeed_once(tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8 loads the model-states file twice in a row per restore; the second request is served from
+    the first, once, and only while the file is unchanged."""
+    from dmvae_scale.train.deepspeed_engine import _reusing_checkpoint_engine_class
+    engine = _reusing_checkpoint_engine_class()()
+    path = str(tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"w": torch.arange(4.0)}, path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+
+    first = engine.load(path, map_location=lambda storage, loc: storage)
+    second = engine.load(path, map_location=lambda storage, loc: storage)  # a new, equal lambda, as DeepSpeed does
+    assert second is first and len(reads) == 1
+    third = engine.load(path, map_location=lambda storage, loc: storage)  # handed out once only
+    assert third is not first and len(reads) == 2
+    assert engine.load(path, map_location="cpu") is not third and len(reads) == 3  # another map_location: re-read
+
+    torch.save({"w": torch.arange(5.0)}, path)  # rewritten in place: never the stale object
+    assert torch.equal(engine.load(path, map_location="cpu")["w"], torch.arange(5.0)) and len(reads) == 4
+    engine.forget()
+    assert engine._last is None

@@ -372,6 +372,7 @@ def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, 
         ds_engine, *_ = deepspeed.initialize(
             model=spec.module.to(device), model_parameters=params, optimizer=_adamw(spec.optim, device),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup), config=cfg)
+        _use_reusing_loads(ds_engine)
         engines[name] = DeepSpeedEngine(name, ds_engine, world_size)
     if not engines:
         raise EngineConfigError("the stage declares no trainable model; nothing to train")
@@ -382,22 +383,77 @@ def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, 
 # Save / load of the engines' DeepSpeed state (collective)
 # ----------------------------------------------------------------------------------------------------------------------
 
-def save_engines(engines: dict[str, DeepSpeedEngine], directory: str) -> None:
-    """Every rank writes its ZeRO shards of every engine under directory/engines/<name>/zero/."""
-    for name, eng in engines.items():
-        eng.ds.save_checkpoint(os.path.join(directory, "engines", name), tag=DS_CHECKPOINT_TAG, client_state={},
-                               save_latest=False)
+def _location_key(map_location) -> Any:
+    """Equal for equal map_location arguments; DeepSpeed passes a fresh `lambda storage, loc: storage` each time,
+    so a function compares by its code, not by identity."""
+    code = getattr(map_location, "__code__", None)
+    if code is None:
+        return repr(map_location)
+    if map_location.__closure__ or getattr(map_location, "__defaults__", None):
+        return ("id", id(map_location))  # captured values could differ: never reuse across two of these
+    return (code.co_code, code.co_consts, code.co_names, code.co_varnames)
+
+
+def _reusing_checkpoint_engine_class():
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class ReusingTorchCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, minus one redundant read of every restore.
+
+        DeepSpeed 0.19.8 deserialises the model-states file twice in a row on every load: SDLoaderBase's
+        check_ckpt_list reads the whole file for one metadata field and drops it, then load() reads it again. Here
+        the object loaded last is handed out once more when the very next request is for the same unchanged file
+        (same path, size and mtime), then forgotten; `forget()` drops it at the end of a restore. A restore thus
+        reads each byte once, as a raw read of the checkpoint does. Saving is unchanged.
+        """
+
+        _last: tuple | None = None
+
+        def load(self, path: str, map_location=None):
+            st = os.stat(path)
+            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, _location_key(map_location))
+            last, self._last = self._last, None
+            if last is not None and last[0] == key:
+                return last[1]
+            state = torch.load(path, map_location=map_location, weights_only=False)
+            self._last = (key, state)
+            return state
+
+        def forget(self) -> None:
+            self._last = None
+
+    return ReusingTorchCheckpointEngine
+
+
+def _use_reusing_loads(ds_engine) -> None:
+    """Swap DeepSpeed's default torch checkpoint engine for the one above (other engines, such as a decoupled or
+    Nebula engine a user configured, are left alone)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    if type(ds_engine.checkpoint_engine) is TorchCheckpointEngine:
+        ds_engine.checkpoint_engine = _reusing_checkpoint_engine_class()(ds_engine._config)
 
 
 def load_engines(engines: dict[str, DeepSpeedEngine], directory: str, universal: bool) -> None:
     """Load every engine (module, optimiser, scheduler, step counters); raises if anything is missing."""
     tag = f"{DS_CHECKPOINT_TAG}_universal" if universal else DS_CHECKPOINT_TAG
     for name, eng in engines.items():
-        path, _ = eng.ds.load_checkpoint(os.path.join(directory, "engines", name), tag=tag,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            path, _ = eng.ds.load_checkpoint(os.path.join(directory, "engines", name), tag=tag,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            forget = getattr(eng.ds.checkpoint_engine, "forget", None)
+            if forget is not None:
+                forget()
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint of engine '{name}' under "
                                     f"{directory}/engines/{name}/{tag}")
+
+
+def save_engines(engines: dict[str, DeepSpeedEngine], directory: str) -> None:
+    """Every rank writes its ZeRO shards of every engine under directory/engines/<name>/zero/."""
+    for name, eng in engines.items():
+        eng.ds.save_checkpoint(os.path.join(directory, "engines", name), tag=DS_CHECKPOINT_TAG, client_state={},
+                               save_latest=False)
 
 
 def convert_to_universal(directory: str, names: Iterable[str]) -> None:

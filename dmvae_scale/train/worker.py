@@ -417,10 +417,11 @@ def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank
     local = store.staging_dir(name, rank)
     error = None
     try:
-        save_engines(engines, local)
-        path = ckpt.rank_state_file(local, rank)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(rank_state, path)
+        with ckpt.without_zip_crc32():
+            save_engines(engines, local)
+            path = ckpt.rank_state_file(local, rank)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(rank_state, path)
         if rank == 0:
             with open(os.path.join(local, "config.yaml"), "w") as f:
                 f.write(config_yaml)
@@ -435,7 +436,7 @@ def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank
     if rank == 0:
         store.sync(name)
         info = store.write_manifest(name, **manifest)
-        store.prune()
+        store.prune(background=True)  # joined by the next save and at the end of the run
     return _broadcast(info)
 
 
@@ -629,6 +630,7 @@ class Worker:
             result.artifact = self.write_artifact()
         elif self.last_saved is not None:
             result.checkpoint = self.last_saved.url
+        self.store.wait()  # the last background prune: a finished run leaves exactly keep-last-k checkpoints
         if self.sinks is not None:
             self.sinks.close()
         return result
