@@ -157,12 +157,14 @@ def _raw_read(url: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench_checkpoint(args, device, engine_set) -> dict:
+def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
     from dmvae_scale.data import storage
     from dmvae_scale.train import checkpoint as ckpt
     from dmvae_scale.train.deepspeed_engine import load_engines
     from dmvae_scale.train.worker import write_checkpoint
-    root = args.s3 or tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir)
+    # one fresh root per measured model: two stores under one prefix would prune each other's checkpoints
+    root = (f"{args.s3.rstrip('/')}/{label}-{os.getpid()}" if args.s3 else
+            tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir))
     store = ckpt.CheckpointStore(storage.join(root, "run"), keep=1,
                                  cache_dir=tempfile.mkdtemp(prefix="bench-engine-cache-"))
     save_t, load_t, raw_w, raw_r, sizes = [], [], [], [], []
@@ -217,7 +219,11 @@ def bench_checkpoint(args, device, engine_set) -> dict:
         for fn in (restore, raw_read) if i % 2 == 0 else (raw_read, restore):
             fn()
         _remove(raw_url)
-    if not args.s3:
+    store.wait()
+    if args.s3:
+        fs, path = storage.filesystem(root)
+        fs.rm(path, recursive=True)
+    else:
         shutil.rmtree(root, ignore_errors=True)
     mib = statistics.median(sizes[1:]) / 2**20
     return {"checkpoint_mib": mib, "save_s": statistics.median(save_t), "raw_write_s": statistics.median(raw_w),
@@ -278,7 +284,7 @@ def main() -> int:
     checkpoints = []
     for size in [x.strip() for x in args.ckpt_sizes.split(",") if x.strip()]:
         engine_set = checkpoint_engine_set(args, device, size, step_engines)
-        ck = bench_checkpoint(args, device, engine_set)
+        ck = bench_checkpoint(args, device, engine_set, size)
         ck["model"] = size
         ck["params"] = sum(p.numel() for e in engine_set.engines.values() for p in e.module.parameters())
         checkpoints.append(ck)

@@ -72,11 +72,12 @@ def swiglu_hidden(dim: int, mlp_ratio: float, multiple_of: int = 8) -> int:
 
 
 class SwiGLU(nn.Module):
-    """out = W3 (silu(W1 x) * W2 x); W1 and W2 are one fused matrix."""
+    """out = W3 (silu(W1 x) * W2 x); W1 and W2 are one fused matrix (`w12`, as in DINOv2's SwiGLUFFNFused, so
+    the ViT loader uses this class too). Hidden width: `hidden` if given, else swiglu_hidden(dim, mlp_ratio)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, hidden: int | None = None):
         super().__init__()
-        hidden = swiglu_hidden(dim, mlp_ratio)
+        hidden = hidden or swiglu_hidden(dim, mlp_ratio)
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 

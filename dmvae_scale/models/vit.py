@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from .layers import SwiGLU
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,18 +82,9 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SwiGLU(nn.Module):
-    """DINOv2's SwiGLUFFNFused: one matrix produces gate and value (`w12`), `w3` projects back."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+def dinov2_swiglu_hidden(hidden: int) -> int:
+    """DINOv2's SwiGLUFFNFused width for an MLP width `hidden`: 2/3 of it, rounded up to a multiple of 8."""
+    return (int(hidden * 2 / 3) + 7) // 8 * 8
 
 
 class LayerScale(nn.Module):
@@ -111,7 +103,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SwiGLU(dim, 4 * dim) if ffn == "swiglu" else Mlp(dim, 4 * dim)
+        self.mlp = SwiGLU(dim, hidden=dinov2_swiglu_hidden(4 * dim)) if ffn == "swiglu" else Mlp(dim, 4 * dim)
         self.ls2 = LayerScale(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
