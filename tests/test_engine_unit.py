@@ -279,3 +279,23 @@ def test_checkpoint_engine_hands_the_same_file_to_deepspeed_once(tmp_path, monke
     assert torch.equal(engine.load(path, map_location="cpu")["w"], torch.arange(5.0)) and len(reads) == 4
     engine.forget()
     assert engine._last is None
+
+
+def test_checkpoint_files_are_flushed_while_written_and_a_flush_error_fails_the_save(tmp_path, monkeypatch):
+    flushed = []
+    real = ckpt._fsync_path
+    monkeypatch.setattr(ckpt, "_fsync_path", lambda path: flushed.append(path) or real(path))
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    with ckpt.writing_checkpoint(remote=False):
+        torch.save({"x": torch.ones(3)}, a)
+        ckpt.file_written(str(a))
+        torch.save({"x": torch.ones(3)}, b)
+        ckpt.file_written(str(b))
+    assert sorted(flushed) == [str(a), str(b)]  # both flushed by the time the block is left
+    ckpt.file_written(str(a))  # outside a checkpoint write: nothing to do
+    with ckpt.writing_checkpoint(remote=True):  # object store: staged files are uploaded, not flushed
+        ckpt.file_written(str(b))
+    assert len(flushed) == 2
+    with pytest.raises(FileNotFoundError, match="gone.pt"):
+        with ckpt.writing_checkpoint(remote=False):
+            ckpt.file_written(str(tmp_path / "gone.pt"))

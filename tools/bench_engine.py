@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--s3", default=None, help="s3://bucket/prefix for the checkpoint part (default: local disk)")
     ap.add_argument("--local-dir", default=None, help="directory for the local checkpoint part (default: tmp)")
-    ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--out", "--json", dest="json", default=None, help="write the figures here (JSON)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -259,12 +259,8 @@ class CheckpointStore:
             return
         base = self.url(name)
         for dirpath, _, files in os.walk(base):
-            for f in files:
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            for f in files:  # mostly flushed already while they were written (writing_checkpoint): cheap then
+                _fsync_path(os.path.join(dirpath, f))
 
     def write_manifest(self, name: str, *, images_seen: int, step: int, world_size: int, zero_stage: int,
                        engines: list[str], meaning: dict[str, Any], config_hash: str,
@@ -340,6 +336,61 @@ class CheckpointStore:
         with open(marker, "w") as f:
             f.write(info.name)
         return local
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _EarlyFlush:
+    """While a worker writes its checkpoint files to a local store, each finished file is fsynced on a background
+    thread, so flushing one file overlaps writing the next (a stage has several engines, each with two or more
+    files). Leaving `writing_checkpoint` waits for these flushes, so the store's sync() before the manifest finds
+    the files already on disk."""
+
+    def __init__(self):
+        self.active = False
+        self._pool = None
+        self._pending: list = []
+
+    def written(self, path: str) -> None:
+        if not self.active:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="checkpoint-fsync")
+        self._pending.append(self._pool.submit(_fsync_path, path))
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+
+_EARLY_FLUSH = _EarlyFlush()
+
+
+def file_written(path: str) -> None:
+    """A checkpoint file is complete (called by the writers: DeepSpeed's checkpoint engine, the worker state)."""
+    _EARLY_FLUSH.written(path)
+
+
+@contextlib.contextmanager
+def writing_checkpoint(remote: bool):
+    """Around a worker's writing of its checkpoint files: torch.save without the zip CRC32 (see without_zip_crc32)
+    and, for a local store, early background fsyncs (_EarlyFlush). Object-store saves stage to local disk and
+    upload, so their staged files need no flush."""
+    with without_zip_crc32():
+        _EARLY_FLUSH.active = not remote
+        try:
+            yield
+        finally:
+            _EARLY_FLUSH.active = False
+            _EARLY_FLUSH.drain()  # a flush error raises here, and fails the save on every worker
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import DistributedConfig, OptimConfig
 from ..errors import UserError
 from .api import ModelSpec, warmup_lambda
+from .checkpoint import file_written
 
 # A frozen model above this size is partitioned under ZeRO-3 instead of replicated on every worker.
 FROZEN_SHARD_BYTES = 2 * 2**30
@@ -398,13 +399,14 @@ def _reusing_checkpoint_engine_class():
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class ReusingTorchCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch checkpoint engine, minus one redundant read of every restore.
+        """DeepSpeed's torch checkpoint engine, minus one redundant read of every restore, plus early flushes.
 
         DeepSpeed 0.19.8 deserialises the model-states file twice in a row on every load: SDLoaderBase's
         check_ckpt_list reads the whole file for one metadata field and drops it, then load() reads it again. Here
         the object loaded last is handed out once more when the very next request is for the same unchanged file
         (same path, size and mtime), then forgotten; `forget()` drops it at the end of a restore. A restore thus
-        reads each byte once, as a raw read of the checkpoint does. Saving is unchanged.
+        reads each byte once, as a raw read of the checkpoint does. Saving reports each finished file to the
+        checkpoint writer (checkpoint.file_written), which flushes it in the background while the next is written.
         """
 
         _last: tuple | None = None
@@ -421,6 +423,10 @@ def _reusing_checkpoint_engine_class():
 
         def forget(self) -> None:
             self._last = None
+
+        def save(self, state_dict, path: str):
+            super().save(state_dict, path)
+            file_written(path)  # a background fsync when a checkpoint is being written to local disk
 
     return ReusingTorchCheckpointEngine
 

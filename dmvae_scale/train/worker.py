@@ -417,11 +417,12 @@ def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank
     local = store.staging_dir(name, rank)
     error = None
     try:
-        with ckpt.without_zip_crc32():
+        with ckpt.writing_checkpoint(store.remote):
             save_engines(engines, local)
             path = ckpt.rank_state_file(local, rank)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(rank_state, path)
+            ckpt.file_written(path)
         if rank == 0:
             with open(os.path.join(local, "config.yaml"), "w") as f:
                 f.write(config_yaml)
@@ -551,7 +552,8 @@ class Worker:
                 if dataset is None or not hasattr(dataset, "__getitem__"):
                     raise UserError("this stage measures latent statistics first, which needs an in-memory data "
                                     "source (fashion-mnist or a local image folder)")
-                self.stage.prepare(self.attach(stats_batches(dataset, self.per_rank_batch, self.job.cfg.data.stats_images)))
+                images = self.job.cfg.data.stats_images
+                self.stage.prepare(self.attach(stats_batches(dataset, self.per_rank_batch, images)))
             return
         # Remote stores: one download per node (local rank 0), the others wait.
         local = self.store.local_view(latest) if (not self.store.remote or self.local_rank == 0) else None
