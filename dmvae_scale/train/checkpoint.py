@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from typing import Any
 from ..config import RunConfig, to_dict
 from ..data import storage
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -286,7 +289,8 @@ class CheckpointStore:
         while a large old checkpoint is removed (on local disk that was a quarter of a save's time; on an object
         store it is one request per file). `wait()` joins it; the next save waits for it before it starts, so a
         deletion never overlaps the writing of a new checkpoint. Deleting removes the manifest first: a deletion
-        cut short leaves an incomplete directory that is never resumed from, and the next prune removes it."""
+        cut short leaves an incomplete directory that is never resumed from, and the next prune removes it. A
+        failed deletion is reported by wait() as a warning, not raised."""
         self.wait()
         done = self.complete()
         keep = {i.name for i in done[-self.keep:]}
@@ -307,14 +311,18 @@ class CheckpointStore:
         self._pruning.start()
         return removed
 
-    def wait(self) -> None:
-        """Join a background prune; raise its error, if it had one."""
+    def wait(self) -> str | None:
+        """Join a background prune. If its deleting failed, log a warning and return the message: old checkpoints
+        are housekeeping, so a run goes on (the next prune retries them) rather than stopping on one worker."""
         thread, self._pruning = self._pruning, None
         if thread is not None:
             thread.join()
         error, self._prune_error = self._prune_error, None
-        if error is not None:
-            raise CheckpointError(f"deleting old checkpoints under {self.root} failed: {error}") from error
+        if error is None:
+            return None
+        message = f"deleting old checkpoints under {self.root} failed: {error}; the next save retries"
+        log.warning(message)
+        return message
 
     # -- restoring --------------------------------------------------------------------------------------------------
     def local_view(self, info: CheckpointInfo) -> str:
