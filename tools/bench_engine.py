@@ -99,8 +99,7 @@ def _raw_write(url: str, nbytes: int) -> float:
     data = os.urandom(nbytes)  # incompressible, like trained weights (a repeated pattern may be deduplicated)
     t0 = time.perf_counter()
     if storage.is_remote(url):
-        fs, path = storage.filesystem(url)
-        fs.pipe_file(path, data)
+        storage.write_bytes(url, data)
     else:  # flushed to disk, as the checkpoint's files are before its manifest is written
         with open(url, "wb") as f:
             f.write(data)
@@ -135,15 +134,6 @@ def _settle(remote: bool, nbytes: int) -> None:
         os.sync()
     warm = np.ones(2 * nbytes, dtype=np.uint8)
     del warm
-
-
-def _remove(url: str) -> None:
-    from dmvae_scale.data import storage
-    if storage.is_remote(url):
-        fs, path = storage.filesystem(url)
-        fs.rm_file(path)
-    else:
-        os.remove(url)
 
 
 def _raw_read(url: str) -> float:
@@ -218,13 +208,10 @@ def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
 
         for fn in (restore, raw_read) if i % 2 == 0 else (raw_read, restore):
             fn()
-        _remove(raw_url)
+        storage.remove(raw_url)
     store.wait()
-    if args.s3:
-        fs, path = storage.filesystem(root)
-        fs.rm(path, recursive=True)
-    else:
-        shutil.rmtree(root, ignore_errors=True)
+    storage.remove(root)
+    shutil.rmtree(store.cache_dir, ignore_errors=True)
     mib = statistics.median(sizes[1:]) / 2**20
     return {"checkpoint_mib": mib, "save_s": statistics.median(save_t), "raw_write_s": statistics.median(raw_w),
             "restore_s": statistics.median(load_t), "raw_read_s": statistics.median(raw_r),

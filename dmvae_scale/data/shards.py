@@ -94,7 +94,7 @@ def _write_part(task: _PartTask) -> dict:
     from streaming import MDSWriter
     part_url = storage.join(task.dest, part_name(task.index))
     remote = storage.is_remote(task.dest)
-    _clear_part(part_url)  # leftovers of an interrupted attempt
+    storage.remove(part_url)  # leftovers of an interrupted attempt
     staging = tempfile.mkdtemp(prefix=f"dmvae-{part_name(task.index)}-") if remote else None
     local_dir = os.path.join(staging, "part") if remote else part_url
     written, nbytes, corrupt, label_counts = 0, 0, [], {}
@@ -127,12 +127,6 @@ def _write_part(task: _PartTask) -> dict:
             "first_key": task.samples[0].key, "last_key": task.samples[-1].key, "index": index}
     storage.write_bytes(storage.join(part_url, "done.json"), json.dumps(done).encode())
     return done
-
-
-def _clear_part(part_url: str) -> None:
-    fs, path = storage.filesystem(part_url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -95,6 +95,13 @@ def write_bytes(url: str, data: bytes) -> None:
     tmp.replace(p)
 
 
+def remove(url: str) -> None:
+    """Delete a file or a whole tree (local or object store); nothing there is not an error."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)

@@ -291,8 +291,7 @@ class CheckpointStore:
         deletion never overlaps the writing of a new checkpoint. Deleting removes the manifest first: a deletion
         cut short leaves an incomplete directory that is never resumed from, and the next prune removes it. A
         failed deletion is reported by wait() as a warning, not raised."""
-        self.wait()
-        done = self.complete()
+        done = self.complete()  # joins an earlier background prune first
         keep = {i.name for i in done[-self.keep:]}
         removed = [name for name in self._names() if name not in keep]
         if not background:

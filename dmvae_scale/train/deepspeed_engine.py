@@ -22,6 +22,7 @@ works under ZeRO 1-3); gradient accumulation is DeepSpeed's (distributed.grad_ac
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -395,6 +396,7 @@ def _location_key(map_location) -> Any:
     return (code.co_code, code.co_consts, code.co_names, code.co_varnames)
 
 
+@functools.lru_cache(maxsize=None)
 def _reusing_checkpoint_engine_class():
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
