@@ -153,6 +153,7 @@ class SamplerConfig:
     cfg_scale: float = 1.0
     guidance_interval: Optional[tuple[float, float]] = None  # apply CFG only for t in [lo, hi]
     seed: int = 0
+    time_shift: float = 1.0  # ode_* samplers: noise level s -> shift*s/(1+(shift-1)*s); 1 = uniform steps
 
 
 @dataclass
@@ -418,6 +419,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.stats_images: must be positive, got {cfg.data.stats_images}")
     if cfg.sampler.steps <= 0:
         raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+    if not cfg.sampler.time_shift > 0:
+        raise ConfigError(f"sampler.time_shift: must be > 0, got {cfg.sampler.time_shift}")
+    if cfg.sampler.time_shift != 1.0 and not cfg.sampler.method.startswith("ode_"):
+        raise ConfigError(f"sampler.time_shift={cfg.sampler.time_shift} applies to the ode_* samplers only; "
+                          f"set sampler.time_shift=1.0 or sampler.method=ode_euler / ode_heun")
 
 
 def dump_yaml(cfg: Any) -> str:
