@@ -118,7 +118,7 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 0
     limit: Optional[int] = None  # use only the first N samples (demo / tests)
-    stats_images: int = 4096  # images (first in data-set order, unflipped) the latent mean/scale are measured on
+    stats_images: int = 4096  # images (a seeded random class-covering sample, unflipped) for the latent mean/scale
     latents: Optional[str] = None  # cached latent shards for the generator stage
 
 
