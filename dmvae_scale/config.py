@@ -92,7 +92,7 @@ class DiscriminatorConfig:
 class LossConfig:
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
-    perceptual_weights: Optional[str] = None  # backbone weights file; None -> documented fallback
+    perceptual_weights: Optional[str] = None  # torchvision VGG16 state dict for LPIPS; needed when perceptual_weight > 0
     perceptual_sha256: Optional[str] = None
     gan_weight: float = 0.5
     gan_start_step: int = 5000
