@@ -86,6 +86,7 @@ class DiscriminatorConfig:
     num_layers: int = 3
     diffaug: bool = True
     consistency_weight: float = 1.0
+    weight_decay: Optional[float] = None  # the discriminator's own AdamW weight decay; None: optim.weight_decay
 
 
 @dataclass
