@@ -73,6 +73,9 @@ class DecoderConfig:
 
 @dataclass
 class TokenizerConfig:
+    # dmvae: frozen/trainable SSL ViT + bottleneck, deterministic; kl_vae: the SD-VAE-style baseline (models/kl_vae.py):
+    # trainable conv encoder (decoder's mirror, downsampling by encoder.patch_size), diagonal Gaussian posterior
+    kind: Literal["dmvae", "kl_vae"] = "dmvae"
     image_size: int = 256
     in_channels: int = 3
     latent_channels: int = 32
@@ -98,6 +101,7 @@ class LossConfig:
     gan_weight: float = 0.5
     gan_start_step: int = 5000
     adaptive_weight_max: float = 1e4
+    kl_weight: float = 0.0  # tokenizer.kind=kl_vae: weight of the per-element mean KL(q(z|x) || N(0, I))
 
 
 @dataclass
@@ -125,7 +129,7 @@ class DataConfig:
 
 @dataclass
 class DMConfig:
-    """Stage 3: distribution-matching joint training (METHOD.md)."""
+    """Stage 3: distribution-matching joint training (docs/method.md)."""
 
     tokenizer_every: int = 5  # k: tokenizer + discriminator step every k-th iteration
     lambda_dm: float = 10.0
@@ -138,7 +142,7 @@ class DMConfig:
 
 @dataclass
 class ReferenceConfig:
-    """Where the reference distribution's samples come from (stage 2), METHOD.md Table 1."""
+    """Where the reference distribution's samples come from (stage 2), docs/method.md (stage 2)."""
 
     kind: Literal["tokenizer", "gaussian", "gmm", "noisy_tokenizer", "file"] = "tokenizer"
     gmm_components: int = 8
@@ -159,7 +163,8 @@ class SamplerConfig:
 
 @dataclass
 class TeacherConfig:
-    name: Literal["dinov2", "inception", "random_vit"] = "dinov2"
+    name: Literal["dinov2", "inception", "random_vit", "ssl"] = "dinov2"
+    artifact: Optional[str] = None  # ssl: the `teacher` stage's artifact whose network is the encoder
     block: str = "mixed_7"  # inception: the block whose features are pooled to the latent grid
     input_size: int = 299  # inception: input resolution
     chunk: int = 0  # images per teacher forward (fixed, padded: bit-exact features); 0 = the per-worker micro-batch
@@ -420,6 +425,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.stats_images: must be positive, got {cfg.data.stats_images}")
     if cfg.sampler.steps <= 0:
         raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+    if cfg.loss.kl_weight < 0:
+        raise ConfigError(f"loss.kl_weight: must be >= 0, got {cfg.loss.kl_weight}")
+    if cfg.loss.kl_weight > 0 and cfg.tokenizer.kind != "kl_vae":
+        raise ConfigError(f"loss.kl_weight={cfg.loss.kl_weight} applies to tokenizer.kind=kl_vae only; this run's "
+                          f"tokenizer is '{cfg.tokenizer.kind}' (deterministic, no KL): set loss.kl_weight=0")
     if not cfg.sampler.time_shift > 0:
         raise ConfigError(f"sampler.time_shift: must be > 0, got {cfg.sampler.time_shift}")
     if cfg.sampler.time_shift != 1.0 and not cfg.sampler.method.startswith("ode_"):

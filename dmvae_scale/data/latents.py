@@ -4,7 +4,7 @@
     {"key": str, "label": int, "latent": (C, h, w), "latent_flip": (C, h, w)}
 (latent_flip encodes the mirrored image: a flip of the image is not a flip of the latent) and latents.json with
 the tokenizer artifact id, its LatentSpec (the normalisation every score/generator model uses), and the statistics
-measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
+measured over the cache (mean of batch means, mean of 1/std, docs/method.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
 With `attach` (train/local.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a

@@ -5,7 +5,7 @@ tokens a side, so the decoder must upsample by exactly the encoder's patch size.
 
 The decoder is SD/Flux-style: conv_in, a middle (ResNet block, self-attention, ResNet block), then one level per
 channel multiplier from the deepest to the shallowest with `num_res_blocks` ResNet blocks each (the count per level,
-as METHOD.md states it: 3 for ImageNet; Flux's own `num_res_blocks=2` means the same 3 decoder blocks), then
+as docs/method.md states it: 3 for ImageNet; Flux's own `num_res_blocks=2` means the same 3 decoder blocks), then
 GroupNorm + SiLU + conv_out. Each level transition doubles the resolution (nearest 2x + conv), nearest the output
 first when fewer steps are needed. A factor that needs one 2x step more than there are transitions gets it on the
 latent grid itself, before conv_in, as the DMVAE reference decoder does (ImageNet 256: [1, 2, 4, 4] and patch 16 ->

@@ -1,4 +1,4 @@
-"""The five stages of METHOD.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
+"""The five stages of docs/method.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
 what the stage needs from the stage before and what it hands on.
 
     stage      trains                              frozen                       needs (config key)
@@ -344,7 +344,8 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
 
 
 def _seeded_encoder_weights(cfg: RunConfig, tokenizer: Tokenizer) -> None:
-    """teacher.name=random_vit: the encoder IS the teacher's seeded network, so the service computes its features."""
+    """teacher.name=random_vit or ssl: the encoder IS the teacher's network (seeded, or trained by the `teacher`
+    stage), so the service computes its features."""
     spec = dataclasses.replace(spec_from_config(cfg), device="cpu", dtype="float32")
     tokenizer.encoder.load_state_dict(build_teacher(spec).network.state_dict())
 
@@ -417,8 +418,10 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
             _reject_unused(cfg, {"tokenizer.encoder.weights"})
             self.teacher_spec = stage_teacher_spec(cfg)
             self.tokenizer = Tokenizer(cfg.tokenizer)
-            if cfg.teacher.name == "random_vit":
+            if cfg.teacher.name in ("random_vit", "ssl"):
                 _seeded_encoder_weights(cfg, self.tokenizer)
+            if cfg.teacher.name == "ssl":
+                self.upstream = {"teacher": read_artifact_info(cfg.teacher.artifact).id}
         else:
             _reject_unused(cfg, {"inputs.tokenizer"})
             self.teacher_spec = stage_teacher_spec(cfg)
