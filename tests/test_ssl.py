@@ -68,3 +68,40 @@ def test_linear_probe_separates_what_is_separable_and_not_noise():
     assert linear_probe_accuracy(x[:300], y[:300], x[300:], y[300:]) > 0.95
     noise = torch.randn(600, 5, generator=g)
     assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.5
+
+
+def _teacher_artifact(path, stage="teacher"):
+    from dmvae_scale.artifacts import ArtifactInfo, save_artifact
+    torch.manual_seed(1)
+    net = SSLEncoder("vit_tiny", 32, 4, expander_dim=64)
+    save_artifact(path, ArtifactInfo(stage=stage, models=[], config_hash="x"), {"teacher": net.backbone.state_dict()},
+                  ema={"teacher": net.backbone.state_dict()})
+    return net
+
+
+def test_a_teacher_artifact_is_a_registry_teacher_and_the_tokenizer_encoder(tmp_path):
+    from dmvae_scale.config import ConfigError, load_config
+    from dmvae_scale.distributed.teachers import build_teacher, spec_from_config
+    from dmvae_scale.train.stages import build_stage
+    net = _teacher_artifact(tmp_path / "teacher")
+    cfg = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/teacher"])
+    spec = spec_from_config(cfg)
+    assert spec.name == "ssl" and spec.weights == str((tmp_path / "teacher").resolve())
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    feats = build_teacher(spec).encode(x)
+    assert feats.shape == (3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(feats, net.backbone.eval()(x), atol=1e-5)
+    # The tokenizer stage's frozen encoder is that network, and the artifact is its upstream.
+    stage = build_stage(cfg)
+    with torch.no_grad():
+        assert torch.allclose(stage.tokenizer.encoder(x), feats, atol=1e-5)
+    assert set(stage.artifact()["upstream"]) == {"teacher"}
+    with pytest.raises(ConfigError, match="teacher.artifact: teacher.name=ssl needs"):
+        spec_from_config(load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl"]))
+    with pytest.raises(ConfigError, match="teacher.artifact is set but teacher.name=random_vit"):
+        spec_from_config(load_config("configs/demo/tokenizer.yaml", [f"teacher.artifact={tmp_path}/teacher"]))
+    _teacher_artifact(tmp_path / "other", stage="tokenizer")
+    other = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/other"])
+    with pytest.raises(Exception, match="is a 'tokenizer' artifact; name the artifact of a `teacher` stage"):
+        build_teacher(spec_from_config(other))
