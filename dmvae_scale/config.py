@@ -34,7 +34,7 @@ class ConfigError(UserError, ValueError):
 # Sections
 # ----------------------------------------------------------------------------------------------------------------------
 
-STAGES = ("tokenizer", "reference", "dmd", "decoder", "generator")
+STAGES = ("teacher", "tokenizer", "reference", "dmd", "decoder", "generator")
 
 
 @dataclass
@@ -203,8 +203,19 @@ class InputsConfig:
 
 
 @dataclass
+class SSLConfig:
+    """The `teacher` stage: VICReg self-supervised training of the tokenizer's encoder network (docs/method.md)."""
+
+    expander_dim: int = 512
+    crop_min: float = 0.25  # smallest random-resized-crop area, as a fraction of the image
+    invariance_weight: float = 25.0
+    variance_weight: float = 25.0
+    covariance_weight: float = 1.0
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["tokenizer", "reference", "dmd", "decoder", "generator"] = "tokenizer"
+    stage: Literal["teacher", "tokenizer", "reference", "dmd", "decoder", "generator"] = "tokenizer"
     name: str = "run"
     run_dir: str = "runs/run"
     seed: int = 0
@@ -224,6 +235,7 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
 
@@ -438,6 +450,9 @@ def validate(cfg: RunConfig) -> None:
                           f"{cfg.distributed.timeout_s}")
     if cfg.sampler.steps <= 0:
         raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+    if cfg.ssl.expander_dim < 1 or not 0 < cfg.ssl.crop_min <= 1:
+        raise ConfigError(f"ssl: need expander_dim >= 1 and 0 < crop_min <= 1, got {cfg.ssl.expander_dim}, "
+                          f"{cfg.ssl.crop_min}")
     if cfg.loss.kl_weight < 0:
         raise ConfigError(f"loss.kl_weight: must be >= 0, got {cfg.loss.kl_weight}")
     if cfg.loss.kl_weight > 0 and cfg.tokenizer.kind != "kl_vae":

@@ -65,7 +65,7 @@ def test_dotted_overrides_are_typed():
     ("scor.depth=3", "unknown config key 'scor'; did you mean score?"),
     ("score.dpth=3", "unknown config key 'score.dpth'; did you mean score.depth?"),
     ("score.depth=abc", "score.depth: expected an integer or null, got 'abc'"),
-    ("stage=tokeniser", "stage: expected one of 'tokenizer', 'reference', 'dmd', 'decoder', 'generator'"),
+    ("stage=tokeniser", "stage: expected one of 'teacher', 'tokenizer', 'reference', 'dmd', 'decoder', 'generator'"),
     ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),
     ("distributed.use_gpu=1", "distributed.use_gpu: expected true or false, got 1"),
     ("score.depth", "must look like key.path=value"),

@@ -74,8 +74,8 @@ def _teacher_artifact(path, stage="teacher"):
     from dmvae_scale.artifacts import ArtifactInfo, save_artifact
     torch.manual_seed(1)
     net = SSLEncoder("vit_tiny", 32, 4, expander_dim=64)
-    save_artifact(path, ArtifactInfo(stage=stage, models=[], config_hash="x"), {"teacher": net.backbone.state_dict()},
-                  ema={"teacher": net.backbone.state_dict()})
+    save_artifact(path, ArtifactInfo(stage=stage, models=[], config_hash="x"), {"teacher": net.state_dict()},
+                  ema={"teacher": net.state_dict()})
     return net
 
 
@@ -105,3 +105,26 @@ def test_a_teacher_artifact_is_a_registry_teacher_and_the_tokenizer_encoder(tmp_
     other = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/other"])
     with pytest.raises(Exception, match="is a 'tokenizer' artifact; name the artifact of a `teacher` stage"):
         build_teacher(spec_from_config(other))
+
+
+@pytest.mark.integration
+def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path):
+    from dmvae_scale.artifacts import load_artifact
+    from dmvae_scale.config import load_config
+    from dmvae_scale.train.local import run_local
+    from dmvae_scale.train.stages import build_stage
+    cfg = load_config("configs/demo/teacher.yaml", [f"run_dir={tmp_path}/teacher", "total_images=48", "batch_size=16",
+                                                    "data.limit=64", "optim.warmup_steps=1"])
+    run = run_local(cfg, progress=False)
+    assert run.info.stage == "teacher" and run.info.models == ["teacher"]
+    assert run.summary.images == 48 and set(run.summary.final_metrics) >= {"loss", "variance", "covariance"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.summary.final_metrics.values())
+    _, raw = load_artifact(run.artifact, "raw")
+    _, ema = load_artifact(run.artifact, "ema")
+    fresh = SSLEncoder("vit_tiny", 32, 4)
+    assert not torch.equal(raw["teacher"]["backbone.blocks.0.attn.qkv.weight"], fresh.backbone.blocks[0].attn.qkv.weight)
+    tok = build_stage(load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl",
+                                                                  f"teacher.artifact={run.artifact}"]))
+    assert tok.artifact()["upstream"] == {"teacher": run.info.id}
+    # The tokenizer's frozen encoder is the teacher's EMA backbone.
+    assert torch.equal(tok.tokenizer.encoder.blocks[0].attn.qkv.weight, ema["teacher"]["backbone.blocks.0.attn.qkv.weight"])

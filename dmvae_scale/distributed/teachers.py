@@ -138,7 +138,8 @@ def _build_tokenizer_encoder(spec: TeacherSpec) -> Teacher:
 
 
 def _build_ssl(spec: TeacherSpec) -> Teacher:
-    """The backbone a `teacher` stage trained, from its artifact (model "teacher": a VisionTransformer state dict)."""
+    """The backbone a `teacher` stage trained, from its artifact (model "teacher": models/ssl.py's SSLEncoder; its
+    `backbone.*` entries are the network, the expander is left behind)."""
     try:
         info, models = load_artifact(spec.weights, which=spec.artifact_weights)
     except ArtifactError as exc:
@@ -151,7 +152,8 @@ def _build_ssl(spec: TeacherSpec) -> Teacher:
                                f"a `teacher` stage")
     with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
         net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
-    load_into(net, models["teacher"], f"the teacher of artifact {spec.weights} (tokenizer.encoder must have its "
+    state = {k[len("backbone."):]: v for k, v in models["teacher"].items() if k.startswith("backbone.")}
+    load_into(net, state, f"the teacher of artifact {spec.weights} (tokenizer.encoder must have its "
                                       f"arch, image size and patch size)")
     return Teacher(spec, net, net.embed_dim)
 

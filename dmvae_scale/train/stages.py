@@ -1,7 +1,9 @@
-"""The five stages of docs/method.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
+"""The stages of docs/method.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
 what the stage needs from the stage before and what it hands on.
 
     stage      trains                              frozen                       needs (config key)
+    teacher    SSL encoder (VICReg; optional,      -                            -
+               where no SSL weights exist)
     tokenizer  tokenizer (bottleneck+decoder),     SSL encoder                  -
                discriminator
     reference  real_score (DiT, flow matching)     tokenizer (if the reference  inputs.tokenizer (tokenizer refs)
@@ -44,8 +46,10 @@ from ..method.flow import drop_labels, flow_matching_loss
 from ..method.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
 from ..method.references import (FileSamples, GaussianMixture, NoisyTokenizerLatents, ReferenceSource,
                                  StandardGaussian, TokenizerLatents, random_means)
+from ..method.ssl import ViewAugment, vicreg_loss
 from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
 from ..models.dit import LightningDiT
+from ..models.ssl import SSLEncoder
 from ..models.tokenizer import Tokenizer
 from .api import EMA, Engine, ModelSpec, StepOutput
 from .precision import ForwardPrecision
@@ -324,7 +328,9 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     """
     _check_teacher_name(cfg)
     why = None
-    if cfg.stage == "dmd":
+    if cfg.stage == "teacher":
+        why = "the teacher stage trains the teacher network itself"
+    elif cfg.stage == "dmd":
         why = "stage 3 trains the encoder; its features cannot come from a frozen teacher"
     elif cfg.stage == "tokenizer":
         if cfg.tokenizer.encoder.frozen:
@@ -750,8 +756,42 @@ class DMDStage(_StageBase):
         return out
 
 
+class TeacherStage(_StageBase):
+    """Stage 0 (teacher): train the tokenizer's encoder network self-supervised (VICReg) on the images, where no SSL
+    weights can be had. Geometry from the tokenizer section (encoder arch and patch size, image size), so the
+    artifact's network is the `ssl` registry teacher and loads into a tokenizer's encoder as it is."""
+
+    export = ("teacher",)
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
+        super().__init__(cfg, rank)
+        self.name = cfg.stage
+        _reject_unused(cfg, set())
+        self.teacher_spec = stage_teacher_spec(cfg)  # None; refuses teacher.remote
+        enc = cfg.tokenizer.encoder
+        self.network = SSLEncoder(enc.arch, cfg.tokenizer.image_size, enc.patch_size, cfg.ssl.expander_dim)
+        self.augment = ViewAugment(scale=(cfg.ssl.crop_min, 1.0))
+        self._models = {"teacher": ModelSpec(self.network, True, cfg.optim, ema=True)}
+
+    def step(self, batch, step, engines):
+        x = batch["image"]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        _, g = self._rng(step, x)
+        views = torch.cat([self.augment(x, g), self.augment(x, g)])
+        net, s = engines["teacher"], self.cfg.ssl
+        with self.autocast():
+            z1, z2 = net(views).chunk(2)
+        loss, terms = vicreg_loss(z1, z2, s.invariance_weight, s.variance_weight, s.covariance_weight)
+        net.backward(loss)
+        net.step()
+        return StepOutput({"loss": loss.detach(), **terms}, images=len(x))
+
+
 def build_stage(cfg: RunConfig, rank: int = 0):
     """The stage cfg.stage names, with its inputs checked and loaded (on the CPU)."""
+    if cfg.stage == "teacher":
+        return TeacherStage(cfg, rank)
     if cfg.stage in ("tokenizer", "decoder"):
         return AutoencoderStage(cfg, rank)
     if cfg.stage in ("reference", "generator"):
