@@ -79,7 +79,8 @@ class DecoderConfig:
 @dataclass
 class TokenizerConfig:
     # dmvae: frozen/trainable SSL ViT + bottleneck, deterministic; kl_vae: the SD-VAE-style baseline (models/kl_vae.py):
-    # trainable conv encoder (decoder's mirror, downsampling by encoder.patch_size), diagonal Gaussian posterior
+    # trainable conv encoder (decoder's mirror, downsampling by encoder.patch_size), diagonal Gaussian posterior.
+    # Read by the tokenizer stage; later stages build the kind their inputs.tokenizer artifact holds.
     kind: Literal["dmvae", "kl_vae"] = "dmvae"
     image_size: int = 256
     in_channels: int = 3
@@ -455,6 +456,9 @@ def validate(cfg: RunConfig) -> None:
                           f"{cfg.ssl.crop_min}")
     if cfg.loss.kl_weight < 0:
         raise ConfigError(f"loss.kl_weight: must be >= 0, got {cfg.loss.kl_weight}")
+    if cfg.stage == "dmd" and cfg.tokenizer.kind == "kl_vae":
+        raise ConfigError("tokenizer.kind=kl_vae: the KL-VAE baseline has no distribution-matching stage; its chain is "
+                          "tokenizer -> decoder -> generator")
     if cfg.loss.kl_weight > 0 and cfg.tokenizer.kind != "kl_vae":
         raise ConfigError(f"loss.kl_weight={cfg.loss.kl_weight} applies to tokenizer.kind=kl_vae only; this run's "
                           f"tokenizer is '{cfg.tokenizer.kind}' (deterministic, no KL): set loss.kl_weight=0")

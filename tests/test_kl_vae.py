@@ -60,3 +60,31 @@ def test_kl_weight_is_refused_for_the_deterministic_tokenizer():
         load_config("configs/demo/tokenizer.yaml", ["loss.kl_weight=0.001"])
     with pytest.raises(ConfigError, match="tokenizer.kind"):
         load_config("configs/demo/tokenizer.yaml", ["tokenizer.kind=sd"])
+
+
+@pytest.mark.integration
+def test_kl_chain_trains_and_the_generator_config_serves_either_latent_space(tmp_path):
+    from dmvae_scale.artifacts import load_artifact
+    from dmvae_scale.eval.artifact_models import load_tokenizer
+    from dmvae_scale.models.kl_vae import KLTokenizer
+    from dmvae_scale.train.local import run_local
+    small = ["batch_size=16", "data.limit=64", "data.stats_images=32", "log_every_images=16"]
+    tok = run_local(load_config("configs/demo/kl_tokenizer.yaml", [f"run_dir={tmp_path}/tok", "total_images=32",
+                                                                    "loss.gan_start_step=1", *small]), progress=False)
+    assert tok.info.extra["tokenizer_kind"] == "kl_vae" and "kl" in tok.summary.final_metrics
+    dec = run_local(load_config("configs/demo/kl_decoder.yaml", [f"run_dir={tmp_path}/dec", "total_images=16",
+                                                                  f"inputs.tokenizer={tok.artifact}", *small]),
+                    progress=False)
+    assert dec.info.latent is not None and dec.info.latent.scale > 0
+    # Encoder and posterior stayed exactly as the tokenizer stage handed them on (EMA).
+    _, tok_ema = load_artifact(tok.artifact, "ema")
+    _, dec_raw = load_artifact(dec.artifact, "raw")
+    assert all(torch.equal(dec_raw["tokenizer"][k], tok_ema["tokenizer"][k])
+               for k in tok_ema["tokenizer"] if k.startswith(("encoder.", "bottleneck.")))
+    # The demo generator config, unchanged but for where its tokenizer comes from.
+    gen = run_local(load_config("configs/demo/generator.yaml", [f"run_dir={tmp_path}/gen", "total_images=16",
+                                                                 f"inputs.tokenizer={dec.artifact}", *small]),
+                    progress=False)
+    assert gen.info.latent == dec.info.latent
+    model, _, _ = load_tokenizer(dec.artifact)
+    assert isinstance(model, KLTokenizer)

@@ -69,7 +69,7 @@ def resolve_device(device: str) -> torch.device:
 def load_tokenizer(artifact_dir: str, weights: str = "ema"):
     """(Tokenizer with the artifact's weights, in eval mode; ArtifactInfo) from a tokenizer-producing stage."""
     from dmvae_scale.config import load_config
-    from dmvae_scale.models.tokenizer import Tokenizer
+    from dmvae_scale.models.tokenizer import build_tokenizer
     info, models = load_artifact(artifact_dir, which=weights)
     if "tokenizer" not in models:
         raise UserError(f"{artifact_dir}: artifact of stage '{info.stage}' holds no tokenizer "
@@ -78,7 +78,7 @@ def load_tokenizer(artifact_dir: str, weights: str = "ema"):
     if not config_file.is_file():
         raise UserError(f"{config_file}: missing; the tokenizer's shape cannot be known without it")
     cfg = load_config(config_file).tokenizer
-    tokenizer = Tokenizer(cfg, load_pretrained=False)
+    tokenizer = build_tokenizer(cfg, load_pretrained=False, kind=info.extra.get("tokenizer_kind"))
     load_into(tokenizer, models["tokenizer"], f"tokenizer from {artifact_dir}")
     return tokenizer.eval().requires_grad_(False), info
 

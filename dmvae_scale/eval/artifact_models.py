@@ -28,12 +28,13 @@ def _weights_of(path: Path, model: str, which: str) -> tuple[ArtifactInfo, dict]
 
 def load_tokenizer(path: str | Path, which: str = "ema"):
     """(Tokenizer in eval mode, its artifact info, the config it was trained with)."""
-    from dmvae_scale.models.tokenizer import Tokenizer
+    from dmvae_scale.models.tokenizer import build_tokenizer
 
     path = Path(path)
     info, state = _weights_of(path, "tokenizer", which)
     cfg = _artifact_config(path)
-    tokenizer = Tokenizer(cfg.tokenizer, load_pretrained=False)  # the artifact holds every weight, encoder included
+    # The artifact holds every weight, encoder included, and names its kind (DMVAE or the KL-VAE baseline).
+    tokenizer = build_tokenizer(cfg.tokenizer, load_pretrained=False, kind=info.extra.get("tokenizer_kind"))
     load_into(tokenizer, state, f"'tokenizer' from {path} ({which} weights)")
     return tokenizer.eval().requires_grad_(False), info, cfg
 

@@ -122,10 +122,13 @@ class KLTokenizer(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction of a posterior sample, the sample, mean, logvar)."""
+        """(reconstruction, the latent it decodes, mean, logvar). sample=True decodes mean + std * eps (training the
+        tokenizer); False decodes the mean (the latent the generator models: decoder fine-tuning)."""
         mean, logvar = self.posterior(x)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar) * eps
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
         return self.decode(z), z, mean, logvar

@@ -224,3 +224,14 @@ class Tokenizer(nn.Module):
         else:
             z = self.encode_from_features(features)
         return self.decode(z), z
+
+
+def build_tokenizer(cfg: TokenizerConfig, load_pretrained: bool = True, kind: str | None = None) -> nn.Module:
+    """The tokenizer `kind` (default tokenizer.kind) names: DMVAE's (this module) or the KL-VAE baseline
+    (models/kl_vae.py). Both have encode(x) -> latents, decode(z), latent_shape, last_layer, bottleneck and
+    set_encoder_trainable. A tokenizer artifact records its kind in its manifest (extra.tokenizer_kind): loaders pass
+    that, since a later stage's config (decoder) need not repeat it."""
+    if (kind or cfg.kind) == "kl_vae":
+        from .kl_vae import KLTokenizer
+        return KLTokenizer(cfg)
+    return Tokenizer(cfg, load_pretrained=load_pretrained)

@@ -50,7 +50,9 @@ from ..method.ssl import ViewAugment, vicreg_loss
 from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
 from ..models.dit import LightningDiT
 from ..models.ssl import SSLEncoder
-from ..models.tokenizer import Tokenizer
+from ..method.kl import gaussian_kl
+from ..models.kl_vae import KLTokenizer
+from ..models.tokenizer import Tokenizer, build_tokenizer
 from .api import EMA, Engine, ModelSpec, StepOutput
 from .precision import ForwardPrecision
 
@@ -102,7 +104,10 @@ def _check_same(now: Any, then: Any, section: str, source: str, ignore: set[str]
                                   f"use the same value")
 
 
-_TOKENIZER_SETTINGS = {"tokenizer.encoder.weights", "tokenizer.encoder.sha256", "tokenizer.encoder.frozen"}
+# tokenizer.kind: a stage that loads inputs.tokenizer builds the kind that artifact holds (DMVAE or the KL-VAE
+# baseline, same latent shape and decoder), so one generator config serves both latent spaces.
+_TOKENIZER_SETTINGS = {"tokenizer.encoder.weights", "tokenizer.encoder.sha256", "tokenizer.encoder.frozen",
+                       "tokenizer.kind"}
 _SCORE_SETTINGS = {"score.class_dropout", "score.grad_checkpointing", "score.attention"}
 
 
@@ -143,7 +148,8 @@ def open_upstream(key: str, path: str, which: str) -> Upstream:
 
 def _tokenizer_from(cfg: RunConfig, up: Upstream) -> Tokenizer:
     _check_same(cfg.tokenizer, up.cfg.tokenizer, "tokenizer", f"{up.key}={up.path}", _TOKENIZER_SETTINGS)
-    tokenizer = Tokenizer(cfg.tokenizer, load_pretrained=False)
+    tokenizer = build_tokenizer(cfg.tokenizer, load_pretrained=False,
+                                kind=up.info.extra.get("tokenizer_kind", up.cfg.tokenizer.kind))
     up.load(tokenizer, "tokenizer", cfg.inputs.tokenizer_weights)
     return tokenizer
 
@@ -328,7 +334,9 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     """
     _check_teacher_name(cfg)
     why = None
-    if cfg.stage == "teacher":
+    if cfg.stage == "tokenizer" and cfg.tokenizer.kind == "kl_vae":
+        why = "the KL-VAE baseline's encoder is a conv net that trains, not a registry teacher"
+    elif cfg.stage == "teacher":
         why = "the teacher stage trains the teacher network itself"
     elif cfg.stage == "dmd":
         why = "stage 3 trains the encoder; its features cannot come from a frozen teacher"
@@ -348,6 +356,12 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
             info = read_artifact_info(cfg.inputs.tokenizer)
         except ArtifactError as exc:
             raise StageInputError(f"inputs.tokenizer: {exc}") from None
+        if info.extra.get("tokenizer_kind", "dmvae") == "kl_vae":
+            why = "the KL-VAE baseline's encoder is a conv net of its own, not a registry teacher"
+            if cfg.teacher.remote:
+                raise StageInputError(f"teacher.remote: stage '{cfg.stage}' has no frozen encoder whose features a "
+                                      f"teacher could compute ({why}); set teacher.remote=false")
+            return None
         path = cfg.inputs.tokenizer if "://" in cfg.inputs.tokenizer else str(Path(cfg.inputs.tokenizer).resolve())
         return tokenizer_encoder_spec(cfg, path, cfg.inputs.tokenizer_weights, info.content_hash)
     if cfg.teacher.remote:
@@ -439,8 +453,12 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         if cfg.stage == "tokenizer":
             _reject_unused(cfg, {"tokenizer.encoder.weights"})
             self.teacher_spec = stage_teacher_spec(cfg)
-            self.tokenizer = Tokenizer(cfg.tokenizer)
-            if cfg.teacher.name in ("random_vit", "ssl"):
+            self.tokenizer = build_tokenizer(cfg.tokenizer)
+            if cfg.tokenizer.kind == "kl_vae":
+                if cfg.tokenizer.encoder.frozen:
+                    raise StageInputError("tokenizer.encoder.frozen: the KL-VAE baseline trains its encoder from "
+                                          "scratch; set it false")
+            elif cfg.teacher.name in ("random_vit", "ssl"):
                 _seeded_encoder_weights(cfg, self.tokenizer)
             if cfg.teacher.name == "ssl":
                 self.upstream = {"teacher": read_artifact_info(cfg.teacher.artifact).id}
@@ -487,9 +505,18 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
         _, g = self._rng(step, x)
         tok, disc = engines["tokenizer"], engines["discriminator"]
+        kl = None
         with self.autocast():
-            recon, _ = tok(x, features=batch.get(FEATURES_KEY))
+            if isinstance(tok.module, KLTokenizer):  # sample the posterior while the encoder trains, else its mean
+                recon, _, mean, logvar = tok(x, generator=self._rng(step, x)[0], sample=self.cfg.stage == "tokenizer")
+                kl = gaussian_kl(mean, logvar)
+            else:
+                recon, _ = tok(x, features=batch.get(FEATURES_KEY))
         loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
+        if kl is not None:
+            metrics["kl"] = kl.detach()
+            if self.cfg.stage == "tokenizer" and self.cfg.loss.kl_weight > 0:
+                loss = loss + self.cfg.loss.kl_weight * kl
         tok.backward(loss)
         tok.step()
         metrics["loss"] = loss.detach()
@@ -500,7 +527,8 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
     def artifact(self):
         out = super().artifact()
         out["latent"] = self.latent
-        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape)}
+        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape),
+                        "tokenizer_kind": "kl_vae" if isinstance(self.tokenizer, KLTokenizer) else "dmvae"}
         return out
 
 
