@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-# A moto S3 server on 127.0.0.1 (session) and a fresh bucket per test; see tests/s3_server.py.
+# A SeaweedFS S3 server on 127.0.0.1 (session) and a fresh bucket per test; see tests/s3_server.py.
 from s3_server import s3_bucket, s3_server  # noqa: E402,F401
 
 
