@@ -49,6 +49,7 @@ from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_
 from ..models.dit import LightningDiT
 from ..models.tokenizer import Tokenizer
 from .api import EMA, Engine, ModelSpec, StepOutput
+from .precision import ForwardPrecision
 
 
 class StageInputError(UserError):
@@ -226,6 +227,7 @@ class AutoencoderLosses:
             raise StageInputError("discriminator.consistency_weight > 0 needs discriminator.diffaug=true "
                                   "(the term compares augmented and plain logits); set one of the two")
         self.augment = DiffAugment() if cfg.discriminator.diffaug else None
+        self.autocast = ForwardPrecision()  # the stage's, set by Stage.set_precision
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
             from ..models.perceptual import build_perceptual
@@ -238,11 +240,13 @@ class AutoencoderLosses:
         return self.augment(x, g) if self.augment is not None else x
 
     def reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        recon = recon.float()
         l1 = (recon - x).abs().mean()
         rec = self.loss.l1_weight * l1
         metrics = {"l1": l1.detach()}
         if self.perceptual is not None:
-            perc = self.perceptual(recon, x).mean()
+            with self.autocast():
+                perc = self.perceptual(recon, x).float().mean()
             rec = rec + self.loss.perceptual_weight * perc
             metrics["perceptual"] = perc.detach()
         return rec, metrics
@@ -252,20 +256,21 @@ class AutoencoderLosses:
         rec, metrics = self.reconstruction(x, recon)
         if not self.gan_active(step):
             return rec, metrics
-        with no_param_grads(discriminator.module):
-            gan = hinge_g_loss(discriminator(self._aug(recon, g)))
-        weight = adaptive_weight(rec, gan, last_layer, self.loss.adaptive_weight_max)
+        with no_param_grads(discriminator.module), self.autocast():
+            gan = hinge_g_loss(discriminator(self._aug(recon, g)).float())
+        weight = adaptive_weight(rec, gan, last_layer, self.loss.adaptive_weight_max)  # outside autocast: a backward
         metrics.update(gan_g=gan.detach(), gan_weight=weight)
         return rec + self.loss.gan_weight * weight * gan, metrics
 
     def discriminator_step(self, x, recon, discriminator: Engine, g: torch.Generator) -> dict[str, torch.Tensor]:
-        fake = recon.detach()
-        loss = hinge_d_loss(discriminator(self._aug(x, g)), discriminator(self._aug(fake, g)))
-        metrics = {"gan_d": loss.detach()}
-        if self.disc_cfg.consistency_weight > 0:
-            cons = consistency_term(discriminator, torch.cat([x, fake]), self.augment, g)
-            loss = loss + self.disc_cfg.consistency_weight * cons
-            metrics["gan_consistency"] = cons.detach()
+        fake = recon.detach().float()
+        with self.autocast():
+            loss = hinge_d_loss(discriminator(self._aug(x, g)).float(), discriminator(self._aug(fake, g)).float())
+            metrics = {"gan_d": loss.detach()}
+            if self.disc_cfg.consistency_weight > 0:
+                cons = consistency_term(discriminator, torch.cat([x, fake]), self.augment, g).float()
+                loss = loss + self.disc_cfg.consistency_weight * cons
+                metrics["gan_consistency"] = cons.detach()
         discriminator.backward(loss)
         discriminator.step()
         return metrics
@@ -353,6 +358,15 @@ class _StageBase:
         self.rank = rank
         self.upstream: dict[str, str] = {}
         self._models: dict[str, ModelSpec] = {}
+        self.autocast = ForwardPrecision()
+
+    def set_precision(self, precision: str, device_type: str) -> None:
+        """The driver's resolved precision ('fp32' or 'bf16') and device type: each forward + loss of a step then runs
+        in its own autocast region."""
+        self.autocast = ForwardPrecision(precision, device_type)
+        losses = getattr(self, "losses", None)
+        if losses is not None:
+            losses.autocast = self.autocast
 
     def models(self) -> dict[str, ModelSpec]:
         return self._models
@@ -452,7 +466,8 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
         _, g = self._rng(step, x)
         tok, disc = engines["tokenizer"], engines["discriminator"]
-        recon, _ = tok(x, features=batch.get(FEATURES_KEY))
+        with self.autocast():
+            recon, _ = tok(x, features=batch.get(FEATURES_KEY))
         loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
         tok.backward(loss)
         tok.step()
@@ -557,11 +572,13 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
             raise RuntimeError("prepare() must measure the latent statistics before the first step")
         x, y = batch["image"], batch["label"]
         g, _ = self._rng(step, x)
-        z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
-        z = self.latent.normalize(z)
+        with torch.no_grad(), self.autocast():  # the frozen tokenizer's forward (for tokenizer references)
+            z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
+        z = self.latent.normalize(z)  # float32 from here on
         if labels is not None:
             labels = drop_labels(labels, self.cfg.score.num_classes, self.cfg.score.class_dropout, g)
-        loss = flow_matching_loss(engines[self.model_name], z, labels, g)
+        with self.autocast():
+            loss = flow_matching_loss(engines[self.model_name], z, labels, g)
         engines[self.model_name].backward(loss)
         engines[self.model_name].step()
         return StepOutput({"fm_loss": loss.detach()}, images=len(x))
@@ -642,9 +659,12 @@ class DMDStage(_StageBase):
         metrics: dict[str, torch.Tensor] = {}
         k = cfg.dm.tokenizer_every
         if step % k == k - 1:  # the fake score has had k-1 updates on the current latents first
-            recon, z = tok(x)
-            z = self.latent.normalize(z)
-            ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null, self.t_range(step), g)
+            with self.autocast():
+                recon, z = tok(x)
+            z = self.latent.normalize(z)  # float32: the DM difference must not be taken in bf16
+            with self.autocast():  # both score forwards run under no_grad inside dm_loss
+                ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null,
+                                        self.t_range(step), g)
             loss, metrics = self.losses.tokenizer_loss(x, recon, step, engines["discriminator"],
                                                        tok.module.last_layer, g_cpu)
             loss = loss + cfg.dm.lambda_dm * ldm
@@ -655,10 +675,12 @@ class DMDStage(_StageBase):
                 metrics.update(self.losses.discriminator_step(x, recon, engines["discriminator"], g_cpu))
             z = z.detach()
         else:
-            with torch.no_grad():
-                z = self.latent.normalize(tok.module.encode(x))
+            with torch.no_grad(), self.autocast():
+                z = tok.module.encode(x)
+            z = self.latent.normalize(z)
         fake_labels = drop_labels(labels, null, cfg.score.class_dropout, g) if labels is not None else None
-        fake_loss = flow_matching_loss(fake, z, fake_labels, g)
+        with self.autocast():  # x_t and the model input share one float32 t (flow_matching_loss)
+            fake_loss = flow_matching_loss(fake, z, fake_labels, g)
         fake.backward(fake_loss)
         fake.step()
         metrics["fake_fm_loss"] = fake_loss.detach()
