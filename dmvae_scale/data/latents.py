@@ -180,11 +180,12 @@ class LatentStreamDataset(_EpochAware):
         self.hflip = hflip
         self.seed = int(seed)
         self.with_keys = with_keys
+        self.url = url
         super().__init__(**locations, batch_size=batch_size, shuffle=shuffle, shuffle_seed=self.seed,
                          num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        raw = self.get_item(sample_id)
+        raw = self.read_sample(sample_id, lambda raw: raw)  # a damaged shard: ShardDataError naming it
         flip = self.hflip and bool(sample_rng(self.seed, self.current_epoch, sample_id).integers(0, 2))
         latent = raw["latent_flip"] if flip else raw["latent"]
         out = {"latent": torch.from_numpy(np.asarray(latent, dtype=np.float32).copy()),
