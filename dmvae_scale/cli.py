@@ -400,7 +400,8 @@ def _add_demo(sub):
                                     "demo pipeline submitted through the Job API, on real Fashion-MNIST")
     p.add_argument("overrides", nargs="*", help="pipeline overrides: STEP:key=value for one step, key=value for all")
     p.add_argument("--out", default="runs/demo", help="output directory (re-running resumes; default runs/demo)")
-    p.add_argument("--store", default=None, help="a directory to use as the store instead of the embedded S3 server")
+    p.add_argument("--store", default=None, help="an existing store instead of the embedded S3 server: a directory, "
+                                                 "or s3://bucket/prefix (S3_ENDPOINT_URL and AWS_* name the server)")
     p.add_argument("--quick", action="store_true", help="the same path, small: a few minutes (what CI runs)")
     p.add_argument("--workers", type=int, default=1, help="DeepSpeed workers per stage (default 1)")
 

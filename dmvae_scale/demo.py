@@ -57,6 +57,18 @@ def _copy_report(store_url: str, dest: Path) -> dict:
     return metrics
 
 
+def _artifact_ids(pipe) -> dict[str, str]:
+    """step -> artifact id of every train step (what the next steps were made from)."""
+    from .data import storage
+    from .train.pipeline import artifact_id
+    out = {}
+    for step in pipe.steps:
+        if step.kind == "train":
+            out[step.name] = artifact_id(json.loads(storage.read_bytes(storage.join(pipe.artifact_url(step.name),
+                                                                                   "artifact.json"))))
+    return out
+
+
 def run_demo(o: DemoOptions) -> dict:
     from .distributed import jobs
     from .distributed.ray_local import start_local_cluster
@@ -81,8 +93,9 @@ def run_demo(o: DemoOptions) -> dict:
             store_proc = ObjectStore(out / "object-store").start()
             os.environ.update(store_proc.env())
             store_url = f"{store_proc.create_bucket(BUCKET)}/pipeline"
-        else:
-            store_url = str(Path(o.store).resolve())
+        else:  # an existing store: a directory, or s3://bucket/prefix reached through S3_ENDPOINT_URL / AWS_*
+            from .data import storage
+            store_url = o.store.rstrip("/") if storage.is_remote(o.store) else str(Path(o.store).resolve())
         pipe = load_pipeline(config_dir, store_url, overrides)  # every config checked before a job is sent
         print(f"[demo] Ray head on loopback with its Job API; {len(pipe.steps)} pipeline steps -> {store_url}",
               flush=True)
@@ -106,6 +119,7 @@ def run_demo(o: DemoOptions) -> dict:
             raise UserError(f"the demo pipeline job {job_id} ended {status}: {message}; the logs above say where; "
                             f"run the same command again to resume")
         metrics = _copy_report(store_url, out / "report")
+        artifacts = _artifact_ids(pipe)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -114,7 +128,8 @@ def run_demo(o: DemoOptions) -> dict:
         os.environ.clear()
         os.environ.update(saved_env)
     seconds = time.perf_counter() - began
-    summary = {"seconds": round(seconds, 1), "store": store_url, "metrics": metrics, "report": str(out / "report")}
+    summary = {"seconds": round(seconds, 1), "store": store_url, "metrics": metrics, "report": str(out / "report"),
+               "artifacts": artifacts}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     fid = metrics.get("fid", {}).get("fid")
     print(f"demo done in {seconds:.0f} s: FID {fid if fid is None else round(fid, 2)}; report in {out / 'report'}; "
