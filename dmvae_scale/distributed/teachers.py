@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import ArtifactError, load_artifact, load_into
+from ..artifacts import ArtifactError, load_into
 from ..config import ConfigError, RunConfig
+from ..data.artifact_store import open_artifact
+from ..data.storage import StorageError
 from ..models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
 from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
 
@@ -121,18 +123,20 @@ def _build_dinov2(spec: TeacherSpec) -> Teacher:
 
 def _build_tokenizer_encoder(spec: TeacherSpec) -> Teacher:
     try:
-        info, models = load_artifact(spec.weights, which=spec.artifact_weights)
+        artifact = open_artifact(spec.weights)  # local, or downloaded once per node from the object store
+        info = artifact.info
         if info.content_hash != spec.sha256:
             raise WeightsFileError(f"tokenizer artifact {spec.weights}: content hash {info.content_hash[:16]}... is "
                                    f"not the {str(spec.sha256)[:16]}... this run was started with (the artifact "
                                    f"changed); restart the run")
-        if "tokenizer" not in models:
+        if "tokenizer" not in info.models:
             raise WeightsFileError(f"artifact {spec.weights} (stage '{info.stage}') holds no tokenizer")
-        state = {k[len("encoder."):]: v for k, v in models["tokenizer"].items() if k.startswith("encoder.")}
+        tokenizer = artifact.state("tokenizer", spec.artifact_weights)
+        state = {k[len("encoder."):]: v for k, v in tokenizer.items() if k.startswith("encoder.")}
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
             net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
         load_into(net, state, f"the encoder of tokenizer artifact {spec.weights}")
-    except ArtifactError as exc:
+    except (ArtifactError, StorageError) as exc:
         raise WeightsFileError(str(exc)) from None
     return Teacher(spec, net, net.embed_dim)
 
@@ -141,20 +145,22 @@ def _build_ssl(spec: TeacherSpec) -> Teacher:
     """The backbone a `teacher` stage trained, from its artifact (model "teacher": models/ssl.py's SSLEncoder; its
     `backbone.*` entries are the network, the expander is left behind)."""
     try:
-        info, models = load_artifact(spec.weights, which=spec.artifact_weights)
-    except ArtifactError as exc:
+        artifact = open_artifact(spec.weights)  # local, or downloaded once per node from the object store
+        info = artifact.info
+        if spec.sha256 and info.content_hash != spec.sha256:
+            raise WeightsFileError(f"teacher artifact {spec.weights}: content hash {info.content_hash[:16]}... is not "
+                                   f"the {spec.sha256[:16]}... this run was started with (the artifact changed)")
+        if info.stage != "teacher" or "teacher" not in info.models:
+            raise WeightsFileError(f"teacher.artifact {spec.weights} is a '{info.stage}' artifact; name the artifact "
+                                   f"of a `teacher` stage")
+        weights = artifact.state("teacher", spec.artifact_weights)
+        state = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
+            net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
+        load_into(net, state, f"the teacher of artifact {spec.weights} (tokenizer.encoder must have its arch, image "
+                              f"size and patch size)")
+    except (ArtifactError, StorageError) as exc:
         raise WeightsFileError(f"teacher.artifact: {exc}") from None
-    if spec.sha256 and info.content_hash != spec.sha256:
-        raise WeightsFileError(f"teacher artifact {spec.weights}: content hash {info.content_hash[:16]}... is not the "
-                               f"{spec.sha256[:16]}... this run was started with (the artifact changed)")
-    if info.stage != "teacher" or "teacher" not in models:
-        raise WeightsFileError(f"teacher.artifact {spec.weights} is a '{info.stage}' artifact; name the artifact of "
-                               f"a `teacher` stage")
-    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
-        net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
-    state = {k[len("backbone."):]: v for k, v in models["teacher"].items() if k.startswith("backbone.")}
-    load_into(net, state, f"the teacher of artifact {spec.weights} (tokenizer.encoder must have its "
-                                      f"arch, image size and patch size)")
     return Teacher(spec, net, net.embed_dim)
 
 
