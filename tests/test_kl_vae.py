@@ -65,7 +65,7 @@ def test_kl_weight_is_refused_for_the_deterministic_tokenizer():
 @pytest.mark.integration
 def test_kl_chain_trains_and_the_generator_config_serves_either_latent_space(tmp_path):
     from dmvae_scale.artifacts import load_artifact
-    from dmvae_scale.eval.artifact_models import load_tokenizer
+    from dmvae_scale.data.artifact_store import open_tokenizer
     from dmvae_scale.models.kl_vae import KLTokenizer
     from dmvae_scale.train.local import run_local
     small = ["batch_size=16", "data.limit=64", "data.stats_images=32", "log_every_images=16"]
@@ -86,5 +86,5 @@ def test_kl_chain_trains_and_the_generator_config_serves_either_latent_space(tmp
                                                                  f"inputs.tokenizer={dec.artifact}", *small]),
                     progress=False)
     assert gen.info.latent == dec.info.latent
-    model, _, _ = load_tokenizer(dec.artifact)
+    model, _ = open_tokenizer(dec.artifact)
     assert isinstance(model, KLTokenizer)
