@@ -50,6 +50,12 @@ def test_imagenet_dmd_recipe_is_the_official_one_and_the_discriminator_gets_its_
     # Without the key the discriminator shares the run's settings.
     tok = load_config(ROOT / "configs/imagenet256/tokenizer.yaml")
     assert discriminator_optim(tok) == tok.optim
+    # The stage hands the discriminator's engine its own settings.
+    from dmvae_scale.train.stages import build_stage
+    stage = build_stage(load_config(ROOT / "configs/demo/tokenizer.yaml", ["discriminator.weight_decay=0.0005",
+                                                                          "optim.weight_decay=0.005"]))
+    assert stage.models()["discriminator"].optim.weight_decay == 0.0005
+    assert stage.models()["tokenizer"].optim.weight_decay == 0.005
 
 
 def test_dotted_overrides_are_typed():
