@@ -325,6 +325,8 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
         why = "tokenizer.encoder.frozen=false: the encoder trains"
     elif cfg.stage == "reference" and cfg.reference.kind not in ("tokenizer", "noisy_tokenizer"):
         why = f"reference.kind={cfg.reference.kind} uses no tokenizer"
+    elif cfg.data.latents is not None:
+        why = "data.latents: its batches carry cached latents, no encoder runs"
     elif cfg.inputs.tokenizer is None:
         return None  # the stage refuses the missing input itself, naming it
     else:
@@ -518,6 +520,35 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
     return FileSamples(samples, labels)
 
 
+CACHED_LATENTS_KEY = "latent"  # a batch of the latent cache (data/latents.py LatentStreamDataset)
+
+
+def check_latent_cache(cfg: RunConfig, up: Upstream, latent: Optional[LatentSpec]) -> LatentSpec:
+    """The cache named by data.latents must hold latents of the tokenizer inputs.tokenizer names, with the same
+    statistics; returns the normalisation to train with (the artifact's, else the one measured over the cache)."""
+    from ..data.latents import read_latent_info
+    info = read_latent_info(cfg.data.latents)
+    if info["tokenizer"] != up.info.id:
+        raise StageInputError(f"data.latents: {cfg.data.latents} holds latents of tokenizer {info['tokenizer']}, but "
+                              f"inputs.tokenizer={up.path} is tokenizer {up.info.id}; re-run `dmvae-scale data "
+                              f"cache-latents` with this tokenizer, or name the tokenizer the cache was made with")
+    if info.get("weights", cfg.inputs.tokenizer_weights) != cfg.inputs.tokenizer_weights:
+        raise StageInputError(f"data.latents: {cfg.data.latents} was encoded with the {info['weights']} weights, but "
+                              f"inputs.tokenizer_weights={cfg.inputs.tokenizer_weights}; use the same weights")
+    cached = LatentSpec(**info["latent"])
+    want = latent if latent is not None else cached
+    same = (cached.channels, cached.height, cached.width) == (want.channels, want.height, want.width) and \
+        abs(cached.mean - want.mean) <= 1e-6 * max(1.0, abs(want.mean)) and \
+        abs(cached.scale - want.scale) <= 1e-6 * max(1.0, abs(want.scale))
+    if not same:
+        raise StageInputError(f"data.latents: {cfg.data.latents} carries latent statistics {cached} but "
+                              f"inputs.tokenizer={up.path} has {want}; re-run `dmvae-scale data cache-latents`")
+    if latent is None:  # the reference stage on a cache: the statistics measured over the whole cache
+        measured = info.get("measured", info["latent"])
+        return LatentSpec(**measured)
+    return latent
+
+
 class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
     """Stage 2 (reference: the real score on p_r's samples, latent statistics measured first) and stage 5
     (generator: a DiT on the final tokenizer's normalised latents, statistics from its artifact)."""
@@ -534,24 +565,30 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
         if cfg.stage == "reference" and cfg.reference.kind == "file":
             used.add("reference.path")
         _reject_unused(cfg, used)
-        self.teacher_spec = stage_teacher_spec(cfg)
+        self.cached = cfg.data.latents is not None  # batches carry cached latents: no encoder runs here
+        if self.cached and not (cfg.stage == "generator" or cfg.reference.kind == "tokenizer"):
+            raise StageInputError(f"data.latents: reference.kind={cfg.reference.kind} does not train on a tokenizer's "
+                                  f"latents; remove data.latents")
+        self.teacher_spec = None if self.cached else stage_teacher_spec(cfg)
         if uses_tokenizer:
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up).eval().requires_grad_(False)
             _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up.path}")
             self.upstream = {"tokenizer": up.info.id}
-            self.frozen_encoder = self.tokenizer.encoder
+            self.frozen_encoder = None if self.cached else self.tokenizer.encoder
             if cfg.stage == "generator":
                 if up.info.latent is None:
                     raise StageInputError(
                         f"inputs.tokenizer: {up.path}/artifact.json has no measured latent statistics (key "
                         f"'latent'); the generator needs them: hand it a decoder-stage artifact")
                 self.latent = up.info.latent
+            if self.cached:
+                self.latent = check_latent_cache(cfg, up, self.latent)
         self.source = _reference_source(cfg, self.tokenizer) if cfg.stage == "reference" else \
             TokenizerLatents(_latents_of(self.tokenizer, cfg.tokenizer.in_channels), self.tokenizer.latent_shape)
         self.score = LightningDiT(cfg.score)
         self._models = {self.model_name: ModelSpec(self.score, True, cfg.optim, ema=True)}
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and not self.cached:
             self._models["tokenizer"] = ModelSpec(self.tokenizer, False)
 
     def needs_prepare(self) -> bool:
@@ -570,10 +607,16 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
     def step(self, batch, step, engines):
         if self.latent is None:
             raise RuntimeError("prepare() must measure the latent statistics before the first step")
-        x, y = batch["image"], batch["label"]
-        g, _ = self._rng(step, x)
-        with torch.no_grad(), self.autocast():  # the frozen tokenizer's forward (for tokenizer references)
-            z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
+        y = batch["label"]
+        if CACHED_LATENTS_KEY in batch:  # data.latents: encoded once by this very tokenizer (checked at build)
+            z = x = batch[CACHED_LATENTS_KEY]
+            labels = y
+            g, _ = self._rng(step, z)
+        else:
+            x = batch["image"]
+            g, _ = self._rng(step, x)
+            with torch.no_grad(), self.autocast():  # the frozen tokenizer's forward (for tokenizer references)
+                z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
         z = self.latent.normalize(z)  # float32 from here on
         if labels is not None:
             labels = drop_labels(labels, self.cfg.score.num_classes, self.cfg.score.class_dropout, g)
