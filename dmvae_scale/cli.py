@@ -396,19 +396,19 @@ def _add_export(sub):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="every stage end to end on real Fashion-MNIST: local Ray, DeepSpeed workers, FID")
+    p = sub.add_parser("demo", help="the cluster path on an embedded default: SeaweedFS + a loopback Ray head, the "
+                                    "demo pipeline submitted through the Job API, on real Fashion-MNIST")
+    p.add_argument("overrides", nargs="*", help="pipeline overrides: STEP:key=value for one step, key=value for all")
     p.add_argument("--out", default="runs/demo", help="output directory (re-running resumes; default runs/demo)")
-    p.add_argument("--images", type=int, default=2048, help="Fashion-MNIST training images (default 2048)")
-    p.add_argument("--workers", type=int, default=2, help="DeepSpeed workers per stage (default 2)")
-    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=2)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's images (0.1: a smoke run)")
-    p.add_argument("--per-class", type=int, default=10, help="samples per class for the final FID (default 10)")
-    p.add_argument("--eval-images", type=int, default=500, help="real test images for the FID reference")
+    p.add_argument("--store", default=None, help="an existing store instead of the embedded S3 server: a directory, "
+                                                 "or s3://bucket/prefix (S3_ENDPOINT_URL and AWS_* name the server)")
+    p.add_argument("--quick", action="store_true", help="the same path, small: a few minutes (what CI runs)")
+    p.add_argument("--workers", type=int, default=1, help="DeepSpeed workers per stage (default 1)")
 
     def run(args):
         from .demo import DemoOptions, run_demo
-        run_demo(DemoOptions(out=args.out, images=args.images, workers=args.workers, zero_stage=args.zero_stage,
-                             scale=args.scale, per_class=args.per_class, eval_images=args.eval_images))
+        run_demo(DemoOptions(out=args.out, store=args.store, quick=args.quick, workers=args.workers,
+                             overrides=list(args.overrides)))
     p.set_defaults(func=run)
 
 

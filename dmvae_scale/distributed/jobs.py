@@ -209,7 +209,7 @@ def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "chec
     copy_config_dir(pipe.config_dir, staging / "pipeline")
     runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
     head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
-    entrypoint = shlex.join(head + ["pipeline", "pipeline", "--store", pipe.store] + list(overrides))
+    entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store])
     first = RunConfig()
     return Submission(entrypoint, runtime_env, first, entrypoint_num_cpus, entrypoint_num_gpus,
                       metadata={"run": f"pipeline {pipe.config_dir.name}", "store": pipe.store},
