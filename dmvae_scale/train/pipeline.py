@@ -15,7 +15,8 @@ CONFIG_DIR holds the stage configs and `pipeline.yaml`, an ordered list of named
 A step names the earlier steps it reads (data, latents, tokenizer, real_score, generator, samples); the store layout
 is fixed: data/NAME (shards), runs/NAME (run directory; its artifact at runs/NAME/artifact), latents/NAME,
 samples/NAME, eval/NAME. Overrides: `STEP:key=value` for one step (a train step's config keys, e.g.
-`tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `key=value` for every train step.
+`tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `*:key=value` for every other
+step that has that field (`*:per_class=2`), `key=value` for every train step.
 
 Rerunning skips what is complete and resumes what is not: a train step whose artifact was made by this exact config
 (the artifact manifest's config hash) from the current upstream artifacts is skipped; otherwise it runs, resuming from
@@ -155,6 +156,15 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
         head, sep, rest = text.partition(":")
         if not sep or "=" in head:
             pipe.global_overrides.append(text)
+            continue
+        if head == "*":  # `*:key=value`: every non-train step that has this field (e.g. *:per_class=2)
+            from ..config import parse_override
+            key, value = rest.split("=", 1) if "=" in rest else (rest, "")
+            targets = [st for st in steps if st.kind != "train" and key in FIELDS[st.kind] and key not in REFERENCES]
+            if not targets:
+                raise PipelineError(f"override {text!r}: no step has a setting {key!r}")
+            for st in targets:
+                st.spec[key] = parse_override(f"x={value}")[1]
             continue
         if not any(s.name == head for s in steps):
             raise PipelineError(f"override {text!r}: no step named {head!r}; steps: {', '.join(s.name for s in steps)}")
