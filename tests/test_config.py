@@ -10,7 +10,7 @@ from dmvae_scale.config import (ConfigError, RunConfig, config_hash, dump_yaml, 
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.name != "pipeline.yaml")  # run configs only
+CONFIGS = [p for p in sorted((ROOT / "configs").glob("*/*.yaml")) if p.name != "pipeline.yaml"]  # pipeline.yaml lists steps: tests/test_pipeline.py
 
 
 def cli(*args):
