@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 from .errors import UserError
 
 
@@ -338,6 +336,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
+    import yaml  # here, not at module top: models import this file on machines with torch alone
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
@@ -372,6 +371,7 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    import yaml
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -421,6 +421,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def dump_yaml(cfg: Any) -> str:
+    import yaml
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
