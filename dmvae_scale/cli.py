@@ -436,8 +436,32 @@ def _add_estimate(sub):
     p.set_defaults(func=run)
 
 
+def _add_scaling(sub):
+    p = sub.add_parser("scaling", help="run (or finish) a scaling sweep: generator sizes x budgets x latent spaces")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/scaling/demo.yaml")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for the points' workers ('auto', 'ray://HOST:10001'); default: embedded")
+    p.add_argument("--report-only", action="store_true",
+                   help="only refit and redraw report.md and the plots from the sweep's results.csv")
+
+    def run(args):
+        from .scaling.sweep import load_sweep, read_table, run_sweep
+        if args.report_only:
+            from pathlib import Path
+
+            from .scaling.report import write_report
+            out = Path(load_sweep(args.sweep).out)
+            if not (out / "results.csv").is_file():
+                raise UserError(f"--report-only: {out / 'results.csv'} does not exist; run the sweep first")
+            print(write_report(read_table(out / "results.csv"), out)["report"])
+            return 0
+        result = run_sweep(args.sweep, address=args.address)
+        return 1 if any(r["status"] != "done" for r in result["rows"]) else 0
+    p.set_defaults(func=run)
+
+
 COMMANDS = [_add_demo, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export,
-            _add_estimate]
+            _add_estimate, _add_scaling]
 
 
 def build_parser() -> argparse.ArgumentParser:
