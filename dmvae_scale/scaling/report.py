@@ -32,7 +32,7 @@ def fit_metric(rows: Sequence[dict], metric: str, bootstrap: int = 500) -> dict:
            for r in rows if _finite(r.get(metric)) is not None and _finite(r.get("train_flops"))]
     frontier = compute_frontier(pts)
     on = frontier if len({f.compute for f in frontier}) >= 3 else None
-    source = "frontier" if on else "all points"
+    source = "the frontier" if on else "all points"
     xs = [f.compute for f in on] if on else [p[0] for p in pts]
     ys = [f.loss for f in on] if on else [p[1] for p in pts]
     try:
@@ -115,7 +115,7 @@ def write_report(rows: Sequence[dict], out_dir: str | Path, bootstrap: int = 500
         for latent, res in sorted(results.items()):
             md.append(f"### latents: {latent}")
             if res["law"] is not None:
-                md.append(f"- fit on the {res['fitted_on']} ({res['law'].points} points): {res['law'].describe()}")
+                md.append(f"- fit on {res['fitted_on']} ({res['law'].points} points): {res['law'].describe()}")
             else:
                 md.append(f"- no fit: {res['error']}")
             md.append("- frontier: " + ", ".join(f"{f.label} at {f.compute:.3g} FLOPs ({f.loss:.4g})"
