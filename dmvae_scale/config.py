@@ -19,6 +19,13 @@ from typing import Any, Literal, Optional
 from .errors import UserError
 
 
+def _yaml():
+    """PyYAML, imported where a file or an override is parsed: the model code that imports these dataclasses (the
+    DiT's config) must import on a bare GPU machine that has torch and nothing else (tools/gpu_check.py)."""
+    import yaml
+    return yaml
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; its message is one line naming the key."""
 
@@ -173,6 +180,9 @@ class DistributedConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_accum: int = 1
     address: Optional[str] = None
+    # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
+    # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
+    timeout_s: int = 1800
 
 
 @dataclass
@@ -336,7 +346,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
-    import yaml  # here, not at module top: models import this file on machines with torch alone
+    yaml = _yaml()
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
@@ -371,7 +381,7 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    import yaml
+    yaml = _yaml()
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -416,13 +426,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi)}")
     if cfg.data.stats_images <= 0:
         raise ConfigError(f"data.stats_images: must be positive, got {cfg.data.stats_images}")
+    if cfg.distributed.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s: must be a positive number of seconds, got "
+                          f"{cfg.distributed.timeout_s}")
     if cfg.sampler.steps <= 0:
         raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
 
 
 def dump_yaml(cfg: Any) -> str:
-    import yaml
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return _yaml().safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def config_hash(cfg: Any) -> str:

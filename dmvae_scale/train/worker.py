@@ -37,9 +37,10 @@ from ..config import RunConfig, config_hash, dump_yaml, to_dict
 from ..data import storage
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .deepspeed_engine import (ShardedEMA, autocast_context, build_engines, convert_to_universal, device_for,
+from .deepspeed_engine import (ShardedEMA, build_engines, convert_to_universal, device_for,
                                init_distributed, load_engines, save_engines)
 from .loop import GuardedEngine, LoopHook, TrainingDivergedError, TrainLoop
+from .precision import compute_paths, describe_paths
 
 RANK_STATE_FORMAT = 1
 STOP_CHECK_EVERY = 10  # steps between checks of the stop request (one tiny all-reduce)
@@ -198,6 +199,18 @@ class StreamingBatches:
         self.loader.load_state_dict(state)
 
 
+class LatentBatches(StreamingBatches):
+    """A latent cache (data.latents, written by `data cache-latents`): {"latent", "label"} batches through the same
+    streaming reader, with the same exact mid-epoch resume; the flip is the cache's stored latent of the mirror."""
+
+    def __init__(self, cfg: RunConfig, per_rank_batch: int):
+        from ..data.latents import LatentStreamDataset
+        from ..data.stream import make_loader
+        self.dataset = LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip,
+                                           seed=cfg.seed)
+        self.loader = make_loader(self.dataset, num_workers=cfg.data.num_workers)
+
+
 def _is_shard_dataset(source: str) -> bool:
     return storage.is_remote(source) or os.path.isfile(os.path.join(source, "index.json"))
 
@@ -207,7 +220,7 @@ def make_batches(job: WorkerJob, per_rank_batch: int, rank: int, world: int):
     if job.dataset_factory is not None:
         return PositionalBatches(job.dataset_factory(cfg), per_rank_batch, cfg.seed, rank, world)
     if cfg.data.latents is not None:
-        raise UserError("data.latents: the stages encode images themselves; remove data.latents")
+        return LatentBatches(cfg, per_rank_batch)
     if _is_shard_dataset(cfg.data.source):
         return StreamingBatches(cfg, per_rank_batch)
     from .local import build_dataset
@@ -453,7 +466,7 @@ class Worker:
         self.under_ray = job.control is not None
         dcfg = cfg.distributed
         self.device = device_for(dcfg.use_gpu)
-        init_distributed(dcfg.use_gpu)
+        init_distributed(dcfg.use_gpu, dcfg.timeout_s)
         if dist.get_world_size() != self.world:
             raise RuntimeError(f"WORLD_SIZE={self.world} but the process group has {dist.get_world_size()} ranks")
         if cfg.batch_size % (self.world * dcfg.grad_accum):
@@ -495,6 +508,11 @@ class Worker:
         self.engine_set = build_engines(models, cfg.distributed, micro_batch=self.per_rank_batch, rank=self.rank,
                                         world_size=self.world, device=self.device, load_universal=self.universal,
                                         **kwargs)
+        set_precision = getattr(self.stage, "set_precision", None)
+        if set_precision is not None:  # one autocast region per forward, opened by the stage (train/precision.py)
+            set_precision(self.engine_set.precision, self.device.type)
+        if self.rank == 0 or self.local_rank == 0:
+            print(f"worker {self.rank}: {describe_paths(self._compute_paths(models))}", flush=True)
         self.emas = {name: ShardedEMA(eng.module, spec.optim.ema_decay, self.rank, self.world,
                                       should_update=eng.stepped_optimizer)
                      for name, spec in models.items() if spec.trainable and spec.ema
@@ -509,6 +527,15 @@ class Worker:
                               world_size=self.world, is_main=self.rank == 0, reduce_metrics=self._mean_over_workers)
         self.loop.engines = {name: AgreedGuard(eng) for name, eng in self.engine_set.engines.items()}
         return None
+
+    def _compute_paths(self, models: dict) -> dict[str, str]:
+        paths = compute_paths(self.device, self.engine_set.precision)
+        dtype = torch.bfloat16 if self.engine_set.precision == "bf16" else torch.float32
+        for name, spec in models.items():
+            pick = getattr(spec.module, "attention_backend", None)
+            if callable(pick):
+                paths[f"attention[{name}]"] = pick(self.device, dtype)
+        return paths
 
     def _mean_over_workers(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keys = sorted(means)
@@ -612,8 +639,8 @@ class Worker:
         self.log_hook.last_time = time.perf_counter()
         status, message = "done", ""
         try:
-            with autocast_context(self.engine_set.precision, self.device):
-                loop.run(self.flops.wrap(self.attach(iter(self.batches))))
+            # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
+            loop.run(self.flops.wrap(self.attach(iter(self.batches))))
         except StopRequested:
             status = "stopped"
             message = (f"stopped on request at {loop.images_seen} images; checkpoint {self.last_saved.url}; "
