@@ -156,3 +156,18 @@ def test_killed_sweep_reruns_only_the_missing_points(sweep_inputs, tmp_path):
         assert r["status"] == "done" and r["images_seen"] == r["budget_images"]
         assert r["train_flops"] == r["flops_per_image"] * r["images_seen"] and r["gfid"] > 0 and r["final_loss"] > 0
     assert (out / "report.md").is_file() and (out / "final_loss_vs_compute.png").is_file()
+
+
+@pytest.mark.unit
+def test_report_only_refits_from_the_table(tmp_path, capsys):
+    from dmvae_scale.scaling.sweep import write_table
+    path = write_sweep(tmp_path / "s.yaml", tmp_path / "out")
+    rows = [{"point": f"p{i}", "latent": "default", "size": "a", "params": 1000, "images_seen": 2 ** i,
+             "train_flops": 1e9 * 2 ** i, "final_loss": 3.0 * (1e9 * 2 ** i) ** -0.25 + 0.1, "status": "done"}
+            for i in range(5)]
+    write_table(rows, tmp_path / "out")
+    assert cli_main(["scaling", str(path), "--report-only"]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "b = 0.250" in report and (tmp_path / "out" / "final_loss_vs_compute.png").is_file()
+    assert cli_main(["scaling", str(write_sweep(tmp_path / "t.yaml", tmp_path / "none")), "--report-only"]) == 2
+    assert "does not exist; run the sweep first" in capsys.readouterr().err
