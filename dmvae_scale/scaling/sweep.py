@@ -197,6 +197,8 @@ def point_row(point: Point, state: dict) -> dict:
         [r["images_per_second"] for r in history if "images_per_second" in r]
     flops = dit_flops(cfg.score).train
     images_seen = int(last.get("images", 0)) if last else 0
+    if (Path(cfg.run_dir) / "artifact" / "artifact.json").is_file():
+        images_seen = cfg.total_images  # a finished run saw all of them; the last log row may come before the end
     rate = statistics.median(rates) if rates else None
     train_s, eval_s = state.get("train_s", 0.0), state.get("eval_s", 0.0)
     return {"point": point.id, "latent": point.latent, "size": point.size, "params": param_count(cfg.score),
