@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..artifacts import read_artifact_info
 from ..config import RunConfig, config_hash, dump_yaml, to_dict
 from ..data import storage
+from ..data.artifact_store import artifact_info, upload_artifact
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .deepspeed_engine import (ShardedEMA, build_engines, convert_to_universal, device_for,
@@ -145,7 +145,7 @@ def upstream_latents(cfg: RunConfig) -> dict[str, dict[str, float]]:
         path = getattr(cfg.inputs, role)
         if path is None:
             continue
-        info = read_artifact_info(path)
+        info = artifact_info(path)  # local or s3://
         if info.latent is not None:
             out[role] = {"mean": info.latent.mean, "scale": info.latent.scale, "channels": info.latent.channels,
                          "height": info.latent.height, "width": info.latent.width}
@@ -676,7 +676,7 @@ class Worker:
             if self.rank == 0:
                 save_stage_artifact(self.stage, views, self.cfg, local)
                 if self.store.remote:
-                    storage.upload_dir(local, target)
+                    upload_artifact(local, target)  # artifact.json last
         dist.barrier()
         return target
 
