@@ -32,9 +32,12 @@ def write_sweep(path: Path, out: Path, **extra) -> Path:
 
 @pytest.mark.unit
 def test_grid_of_run_configs(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tmp_path / "out", latents={"x": "tok1", "y": "tok2"}))
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tmp_path / "out",
+                                   latents={"x": "tok1", "y": {"tokenizer": "tok2", "latents": "s3://b/lat"}}))
     points = plan_points(sweep)
     assert [p.id for p in points][:4] == ["x_a_64", "x_a_128", "x_b_64", "x_b_128"] and len(points) == 8
+    assert points[4].cfg.data.latents == "s3://b/lat" and points[4].cfg.inputs.tokenizer == str(Path("tok2").resolve())
+    assert points[0].cfg.data.latents is None
     p = points[3]
     assert (p.cfg.score.depth, p.cfg.score.hidden_size, p.cfg.total_images) == (2, 64, 128)
     assert p.cfg.run_dir == str((tmp_path / "out/points/x_b_128/run").resolve())
@@ -49,6 +52,7 @@ def test_grid_of_run_configs(tmp_path):
     ({"budgets": []}, "'budgets' must list positive image counts"),
     ({"sizes": ["S"]}, "'sizes' must map size names"),
     ({"max_concurent": 2}, "did you mean max_concurrent"),
+    ({"latents": {"x": {"tokeniser": "t"}}}, "{tokenizer: ARTIFACT, latents: LATENT_CACHE}"),
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, capsys, extra, message):
     path = write_sweep(tmp_path / "s.yaml", tmp_path / "out", **extra)

@@ -73,7 +73,7 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)  # dotted overrides for every point
     sizes: Any = None  # {name: {DiTConfig field: value}} e.g. {tiny: {depth: 1, hidden_size: 32, num_heads: 2}}
     budgets: list[int] = field(default_factory=list)  # images seen per point (total_images)
-    latents: Any = None  # optional {name: tokenizer artifact}: one latent space per tokenizer
+    latents: Any = None  # optional {name: tokenizer artifact, or {tokenizer: artifact, latents: its latent cache}}
     max_concurrent: int = 1
     retries: int = 1
     eval: SweepEval = field(default_factory=SweepEval)
@@ -104,9 +104,13 @@ def load_sweep(path: str | Path) -> SweepConfig:
                          "{tiny: {depth: 1, hidden_size: 32, num_heads: 2}, S: {size: S}}")
     if not sweep.budgets or any(b <= 0 for b in sweep.budgets):
         raise SweepError(f"{path}: 'budgets' must list positive image counts, got {sweep.budgets}")
-    if sweep.latents is not None and (not isinstance(sweep.latents, dict) or
-                                      not all(isinstance(v, str) for v in sweep.latents.values())):
-        raise SweepError(f"{path}: 'latents' must map latent-space names to tokenizer artifact paths")
+    if sweep.latents is not None:
+        def valid(v):
+            return isinstance(v, str) or (isinstance(v, dict) and set(v) <= {"tokenizer", "latents"} and
+                                          isinstance(v.get("tokenizer"), str))
+        if not isinstance(sweep.latents, dict) or not all(valid(v) for v in sweep.latents.values()):
+            raise SweepError(f"{path}: 'latents' must map latent-space names to a tokenizer artifact path, or to "
+                             "{tokenizer: ARTIFACT, latents: LATENT_CACHE} (a `data cache-latents` output)")
     if sweep.max_concurrent < 1 or sweep.retries < 0:
         raise SweepError(f"{path}: max_concurrent >= 1 and retries >= 0 are required")
     return sweep
@@ -114,6 +118,10 @@ def load_sweep(path: str | Path) -> SweepConfig:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-")
+
+
+def _resolve(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _round_to(value: int, multiple: int) -> int:
@@ -133,7 +141,10 @@ def plan_points(sweep: SweepConfig) -> list[Point]:
                 ov = list(sweep.overrides) + [f"score.{k}={json.dumps(v)}" for k, v in score.items()]
                 ov += [f"run_dir={run_dir}", f"total_images={budget}", f"name={_slug(sweep.name)}-{pid}"]
                 if tokenizer is not None:
-                    ov.append(f"inputs.tokenizer={Path(tokenizer).resolve()}")
+                    spec = tokenizer if isinstance(tokenizer, dict) else {"tokenizer": tokenizer}
+                    ov.append(f"inputs.tokenizer={_resolve(spec['tokenizer'])}")
+                    if spec.get("latents"):
+                        ov.append(f"data.latents={_resolve(spec['latents'])}")
                 try:
                     cfg = load_config(sweep.base, ov)
                     resolve_shape(cfg.score)
