@@ -55,14 +55,19 @@ def test_dit_flops_known_value():
     TokenizerConfig(),  # the paper's ViT-L/16 on 256 px, decoder [1, 2, 4, 4]
     TokenizerConfig(image_size=32, in_channels=1, latent_channels=8, encoder=EncoderConfig(arch="vit_tiny", patch_size=4),
                     decoder=DecoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1)),
+    TokenizerConfig(kind="kl_vae", latent_channels=4, encoder=EncoderConfig(patch_size=8)),  # SD-VAE-like baseline
+    TokenizerConfig(kind="kl_vae", image_size=32, in_channels=1, latent_channels=4,
+                    encoder=EncoderConfig(patch_size=4), decoder=DecoderConfig(base_channels=32, channel_mult=(1, 2, 2),
+                                                                               num_res_blocks=1)),
 ])
 def test_tokenizer_flops_match_flop_counter(tcfg):
+    from dmvae_scale.models.kl_vae import KLTokenizer
     with torch.device("meta"):
-        tokenizer = Tokenizer(tcfg, load_pretrained=False)
+        tokenizer = KLTokenizer(tcfg) if tcfg.kind == "kl_vae" else Tokenizer(tcfg, load_pretrained=False)
         images = torch.randn(1, tcfg.in_channels, tcfg.image_size, tcfg.image_size)
     counted = {}
     for part, run in [("encoder", lambda: tokenizer.encoder(images.expand(-1, 3, -1, -1))),
-                      ("whole", lambda: tokenizer(images))]:
+                      ("whole", lambda: tokenizer.decode(tokenizer.encode(images)))]:
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             run()

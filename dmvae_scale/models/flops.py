@@ -17,6 +17,7 @@ This module needs torch only (no yaml / ray / deepspeed), so tools/gpu_throughpu
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -145,8 +146,35 @@ class TokenizerFlops:
         return self.encoder + self.bottleneck + self.decoder
 
 
+def kl_encoder_forward_flops(cfg: TokenizerConfig) -> int:
+    """Forward FLOPs per image of the KL-VAE baseline's conv encoder (kl_vae.ConvEncoder, same layer plan)."""
+    dec, factor = cfg.decoder, cfg.encoder.patch_size
+    steps = int(round(math.log2(factor)))
+    widths = [dec.base_channels * m for m in dec.channel_mult]
+    side, ch = cfg.image_size, widths[0]
+    total = _conv(side, 3, ch, 3)
+    for i, width in enumerate(widths):
+        for _ in range(dec.num_res_blocks):
+            total += _resnet(side, ch, width)
+            ch = width
+        if i < steps:
+            side //= 2
+            total += _conv(side, ch, ch, 3)  # stride-2 conv: its output grid
+    total += 2 * _resnet(side, ch, ch)
+    if dec.mid_attention:
+        total += _conv(side, ch, 3 * ch, 1) + _conv(side, ch, ch, 1) + attention_flops(side ** 2, side ** 2, 1, ch)
+    return total
+
+
 def tokenizer_flops(cfg: TokenizerConfig) -> TokenizerFlops:
+    """Per-image forward FLOPs of each part of the tokenizer `cfg` describes (DMVAE, or the KL-VAE baseline)."""
     enc = cfg.encoder
+    if getattr(cfg, "kind", "dmvae") == "kl_vae":
+        grid = cfg.image_size // enc.patch_size
+        width = cfg.decoder.base_channels * cfg.decoder.channel_mult[-1]
+        return TokenizerFlops(
+            encoder=kl_encoder_forward_flops(cfg), bottleneck=_conv(grid, width, 2 * cfg.latent_channels, 1),
+            decoder=decoder_forward_flops(cfg.decoder, cfg.latent_channels, cfg.in_channels, enc.patch_size, grid))
     grid = cfg.image_size // enc.patch_size
     dim = VIT_ARCHS[enc.arch].dim
     return TokenizerFlops(
