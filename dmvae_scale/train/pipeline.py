@@ -208,7 +208,7 @@ def artifact_id(manifest: dict) -> str:
 def _upstream_ids(pipe: Pipeline, step: Step) -> dict[str, str]:
     """role -> id of the current upstream artifacts a train step reads."""
     out = {}
-    for role in ("tokenizer", "real_score"):
+    for role in ("tokenizer", "real_score", "teacher"):
         if role in step.spec:
             manifest = _json(storage.join(pipe.artifact_url(step.spec[role]), "artifact.json"))
             if manifest is None:
