@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_sweep(path: Path, out: Path, **extra) -> Path:
     data = {"name": "t", "out": str(out), "base": str(REPO / "configs/demo/generator.yaml"),
-            "overrides": ["distributed.num_workers=1"],
+            "overrides": ["distributed.num_workers=1", "batch_size=32"],  # pinned: the demo config may change
             "sizes": {"a": {"depth": 1, "hidden_size": 32, "num_heads": 2},
                       "b": {"depth": 2, "hidden_size": 64, "num_heads": 4}},
             "budgets": [64, 128]}
@@ -119,8 +119,8 @@ def _sweep_cmd(path: Path) -> list[str]:
 def test_killed_sweep_reruns_only_the_missing_points(sweep_inputs, tmp_path):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", out, latents={"rnd": str(sweep_inputs / "tokenizer")},
-                       overrides=["distributed.num_workers=1", f"data.source={sweep_inputs / 'shards'}",
-                                  "data.limit=null"],
+                       overrides=["distributed.num_workers=1", "batch_size=32",
+                                  f"data.source={sweep_inputs / 'shards'}", "data.limit=null"],
                        eval={"num_samples": 20, "batch_size": 20, "sampler": {"method": "ode_euler", "steps": 2},
                              "reference": {"limit": 100}})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
