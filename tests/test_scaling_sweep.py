@@ -46,6 +46,13 @@ def test_grid_of_run_configs(tmp_path):
 
 
 @pytest.mark.unit
+def test_shipped_example_sweeps_plan_their_grid():
+    for path in sorted((REPO / "configs" / "scaling").glob("*.yaml")):
+        points = plan_points(load_sweep(path))
+        assert len(points) == 9 and all(p.cfg.stage == "generator" for p in points), path
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("extra,message", [
     ({"sizes": {"a": {"depth": 1, "hidden_size": 30, "num_heads": 4}}}, "sweep point default_a_64"),
     ({"sizes": {"a": {"dept": 1}}}, "unknown config key 'score.dept'"),
