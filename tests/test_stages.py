@@ -344,7 +344,7 @@ def test_five_stages_run_end_to_end_on_fashion_mnist_each_from_the_previous_arti
         ("dmd", [f"inputs.tokenizer={r}/tokenizer/artifact", f"inputs.reference={r}/reference/artifact",
                  "dm.tokenizer_every=2"]),
         ("decoder", [f"inputs.tokenizer={r}/dmd/artifact"]),
-        ("generator", [f"inputs.tokenizer={r}/decoder/artifact"]),
+        ("generator", [f"inputs.tokenizer={r}/decoder/artifact", "batch_size=32"]),  # the demo trains it at 64
     ]
     infos = {}
     for stage, extra in runs:
