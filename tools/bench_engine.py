@@ -1,11 +1,11 @@
 """Distributed-engine benchmark (one worker).
 
 1. step time: the DeepSpeed engine (train/deepspeed_engine.py: ZeRO stage --zero, AdamW, clipping, the agreed
-   non-finite guard) against plain PyTorch (train/api.py PlainEngine: the same AdamW, clipping, schedule) for the
-   same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
+   non-finite guard) against plain PyTorch (tests/plain_reference.py PlainEngine: the same AdamW, clipping, schedule)
+   for the same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
 2. checkpoint throughput: saving and restoring the engine through the real checkpoint path (ZeRO shards + worker
-   state + manifest, train/worker.write_checkpoint; restore through load_engines) against writing and reading the
-   same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
+   state + manifest, train/checkpointer.write_checkpoint; restore through load_engines) against writing and reading
+   the same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
    Measured for the step-time model (~80 MB with AdamW state) and, by default, a 32M-parameter DiT (~0.5 GB):
    per-call fixed costs (file creation, fsyncs, the manifest) weigh on the small one far more than on real
    checkpoints. Each round times both sides back to back, in alternating order, from the same starting state
@@ -74,7 +74,11 @@ def train_steps(engine, batch, steps: int, device) -> float:
 def bench_step_time(args, device) -> dict:
     import copy
 
-    from dmvae_scale.train.api import ModelSpec, PlainEngine
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dmvae_scale.train.api import ModelSpec
+    from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
     from dmvae_scale.train.deepspeed_engine import autocast_context, build_engines
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
@@ -151,7 +155,7 @@ def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
     from dmvae_scale.data import storage
     from dmvae_scale.train import checkpoint as ckpt
     from dmvae_scale.train.deepspeed_engine import load_engines
-    from dmvae_scale.train.worker import write_checkpoint
+    from dmvae_scale.train.checkpointer import write_checkpoint
     # one fresh root per measured model: two stores under one prefix would prune each other's checkpoints
     root = (f"{args.s3.rstrip('/')}/{label}-{os.getpid()}" if args.s3 else
             tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir))

@@ -14,7 +14,7 @@ what the stage needs from the stage before and what it hands on.
 Frozen-encoder features: where the tokenizer's encoder is frozen (tokenizer with tokenizer.encoder.frozen, reference
 on tokenizer latents, decoder, generator) the stage names the teacher equal to that encoder (`teacher_spec`, and the
 module itself as `frozen_encoder`); a batch may then carry its features under "teacher_features" (computed in-process
-or by the TeacherService, train/local.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
+or by the TeacherService, features.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
 builds its encoder from the teacher (random_vit: the seeded network's weights), the later stages name the encoder of
 their tokenizer artifact, so both sources give the same bits. DMD trains the encoder: no teacher there.
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..artifacts import (ArtifactError, ArtifactInfo, LatentSpec, load_artifact, load_into, read_artifact_info,
                          save_artifact)
-from ..config import ConfigError, RunConfig, config_hash, dump_yaml, load_config, to_dict
+from ..config import RunConfig, config_hash, dump_yaml, load_config, to_dict
 from ..distributed.teacher_service import FEATURES_KEY
 from ..distributed.teachers import TeacherSpec, build_teacher, spec_from_config, tokenizer_encoder_spec
 from ..errors import UserError
@@ -47,7 +47,7 @@ from ..method.references import (FileSamples, GaussianMixture, NoisyTokenizerLat
 from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
 from ..models.dit import LightningDiT
 from ..models.tokenizer import Tokenizer
-from .api import EMA, Engine, ModelSpec, StepOutput
+from .api import Engine, ModelSpec, StepOutput
 
 
 class StageInputError(UserError):
@@ -223,9 +223,6 @@ class AutoencoderLosses:
     def __init__(self, cfg: RunConfig):
         self.loss = cfg.loss
         self.disc_cfg = cfg.discriminator
-        if cfg.discriminator.consistency_weight > 0 and not cfg.discriminator.diffaug:
-            raise StageInputError("discriminator.consistency_weight > 0 needs discriminator.diffaug=true "
-                                  "(the term compares augmented and plain logits); set one of the two")
         self.augment = DiffAugment() if cfg.discriminator.diffaug else None
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
@@ -296,13 +293,6 @@ def _device_of(module: nn.Module) -> torch.device:
 # Stages
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _check_teacher_name(cfg: RunConfig) -> None:
-    if cfg.teacher.name == "inception":
-        raise ConfigError("teacher.name: 'inception' serves features only (the teacher service and feature path); "
-                          "a tokenizer's encoder is a ViT and cannot be the Inception network, so the training stages "
-                          "refuse it; use teacher.name=dinov2 (or random_vit for plumbing)")
-
-
 def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     """The teacher whose features equal the stage's frozen encoder's, or None where the stage has none (and then
     teacher.remote is refused). Reads at most an artifact manifest: a driver calls it to start the service.
@@ -310,7 +300,6 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     tokenizer (frozen encoder): the teacher cfg.teacher names; reference on tokenizer latents, decoder, generator: the
     encoder of inputs.tokenizer (local paths made absolute: the service may run in another directory).
     """
-    _check_teacher_name(cfg)
     why = None
     if cfg.stage == "dmd":
         why = "stage 3 trains the encoder; its features cannot come from a frozen teacher"
@@ -415,9 +404,6 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         else:
             _reject_unused(cfg, {"inputs.tokenizer"})
             self.teacher_spec = stage_teacher_spec(cfg)
-            if not cfg.tokenizer.encoder.frozen:
-                raise StageInputError("tokenizer.encoder.frozen: the decoder stage keeps encoder and bottleneck "
-                                      "frozen (the latents must not change); set it true")
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up)
             if "discriminator" in up.info.models:  # "decoder + GAN trained further": continue the upstream critic
@@ -492,9 +478,6 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
     if kind == "gaussian":
         return StandardGaussian(shape)
     if kind == "gmm":
-        if cfg.reference.gmm_components < 1 or cfg.reference.gmm_std <= 0:
-            raise StageInputError(f"reference.gmm_components/gmm_std: need >= 1 and > 0, got "
-                                  f"{cfg.reference.gmm_components}, {cfg.reference.gmm_std}")
         return GaussianMixture(random_means(cfg.reference.gmm_components, shape, cfg.seed), cfg.reference.gmm_std)
     samples, labels = load_reference_samples(cfg.reference.path)
     if tuple(samples.shape[1:]) != shape:
@@ -589,12 +572,6 @@ class DMDStage(_StageBase):
         super().__init__(cfg, rank)
         stage_teacher_spec(cfg)  # none: refuses teacher.remote
         _reject_unused(cfg, {"inputs.tokenizer", "inputs.reference"})
-        dm = cfg.dm
-        if dm.tokenizer_every < 1:
-            raise StageInputError(f"dm.tokenizer_every: must be >= 1, got {dm.tokenizer_every}")
-        if dm.t_anneal_steps > 0 and not dm.t_min <= dm.t_anneal_min_final < dm.t_max:
-            raise StageInputError(f"dm.t_anneal_min_final={dm.t_anneal_min_final} must lie in [dm.t_min={dm.t_min}, "
-                                  f"dm.t_max={dm.t_max})")
         up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
         self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")
@@ -686,7 +663,7 @@ def build_stage(cfg: RunConfig, rank: int = 0):
     raise UserError(f"stage: unknown stage {cfg.stage!r}")
 
 
-def save_stage_artifact(stage, emas: dict[str, EMA], cfg: RunConfig, directory: str | Path) -> ArtifactInfo:
+def save_stage_artifact(stage, emas: dict, cfg: RunConfig, directory: str | Path) -> ArtifactInfo:
     """Write what the stage hands on: raw weights of its exported models, EMA weights where kept, latent
     statistics, upstream ids, the resolved config and its hash."""
     plan = stage.artifact()

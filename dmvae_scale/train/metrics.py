@@ -1,0 +1,155 @@
+"""What a run reports: metrics sinks (metrics.jsonl, TensorBoard, W&B), achieved FLOP/s and MFU, and the loop hook
+that feeds them at each log interval (rank 0 writes; every rank keeps the history)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..config import RunConfig, config_hash, to_dict
+from ..data import storage
+from ..errors import UserError
+from .loop import LoopHook
+
+
+# Peak dense bf16 tensor-core FLOP/s per device, for MFU. Matched as substrings of the CUDA device name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "B200": 2250e12,
+                   "GH200": 989e12, "MI300X": 1307e12}
+
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("WANDB_PROJECT is set but wandb is not installed; pip install wandb or unset "
+                        "WANDB_PROJECT") from None
+    return wandb
+
+
+class MetricSinks:
+    """metrics.jsonl and TensorBoard events under the run directory; W&B when WANDB_PROJECT is set.
+
+    An object-store run directory is written through a local copy that starts from the run's own files, so a resume
+    on another machine (or after the cache was cleared) appends to metrics.jsonl instead of replacing it."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: str, wandb_project: Optional[str] = None):
+        self.cfg = cfg
+        self.remote = storage.is_remote(cfg.run_dir)
+        self.local_dir = os.path.join(cache_dir, "logs") if self.remote else cfg.run_dir
+        os.makedirs(self.local_dir, exist_ok=True)
+        self.jsonl = os.path.join(self.local_dir, "metrics.jsonl")
+        if self.remote:
+            remote_jsonl = storage.join(cfg.run_dir, "metrics.jsonl")
+            if storage.exists(remote_jsonl):
+                with open(self.jsonl, "wb") as f:
+                    f.write(storage.read_bytes(remote_jsonl))
+            elif os.path.exists(self.jsonl):
+                os.remove(self.jsonl)  # a stale copy of another run of this directory
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            wandb = import_wandb()
+            self.wandb = wandb.init(project=wandb_project, name=cfg.name, resume="allow",
+                                    id=f"{cfg.name}-{config_hash(cfg)}", config=to_dict(cfg))
+
+    def write(self, images: int, metrics: dict[str, float]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"images": images, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, images)
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=images)
+        if self.remote:  # small files: copy the whole logs directory up at each interval
+            fs, root = storage.filesystem(self.cfg.run_dir)
+            for dirpath, _, files in os.walk(self.local_dir):
+                for name in files:
+                    src = os.path.join(dirpath, name)
+                    rel = os.path.relpath(src, self.local_dir).replace(os.sep, "/")
+                    fs.put_file(src, f"{root.rstrip('/')}/{rel}")
+
+    def close(self) -> None:
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return value
+    return None
+
+
+class FlopCounter:
+    """Counts the FLOPs of the first training step of this process (feeds achieved FLOP/s and, on GPU, MFU). Wraps
+    the batch iterator so the count covers exactly one stage.step: it starts when batch 1 is handed out and stops
+    when batch 2 is asked for (or at close())."""
+
+    def __init__(self):
+        self.flops_per_step: Optional[float] = None
+        self._gen = None
+
+    def wrap(self, batches: Iterator) -> Iterator:
+        self._gen = self._counted(iter(batches))
+        return self._gen
+
+    def _counted(self, it: Iterator) -> Iterator:
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            yield next(it)
+        self.flops_per_step = float(counter.get_total_flops())
+        yield from it
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()  # leaves the counting mode if the loop ended after one step
+
+
+
+class LogHook(LoopHook):
+    """At each log interval: images/s, skipped steps, achieved FLOP/s per worker (MFU on GPU) beside the losses, into
+    the history (every rank), the sinks (rank 0) and `report(images, metrics)` (Ray Train's report, when set).
+    `summary_lines`: one printed line per interval instead of a redrawn progress bar (logs of Ray jobs)."""
+
+    def __init__(self, *, start_images: int, per_rank_batch: int, world: int, device: torch.device, precision: str,
+                 flops: FlopCounter, sinks: Optional[MetricSinks], report: Optional[Callable] = None,
+                 summary_lines: bool = False, total_images: int = 0):
+        self.per_rank_batch, self.world, self.device, self.precision = per_rank_batch, world, device, precision
+        self.flops, self.sinks, self.report = flops, sinks, report
+        self.summary_lines, self.total_images = summary_lines, total_images
+        self.history: list[dict[str, float]] = []
+        self.last_time = time.perf_counter()
+        self.last_images = start_images
+
+    def on_log(self, loop, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = (loop.images_seen - self.last_images) / max(now - self.last_time, 1e-9)
+        out = dict(metrics)
+        out["images_per_second"] = rate
+        out["skipped_steps"] = float(loop.skipped_steps)
+        flops = self.flops.flops_per_step
+        if flops:  # per worker: FLOPs of one step / its images x its share of the image rate
+            achieved = flops / self.per_rank_batch * rate / self.world
+            out["tflops_per_worker"] = achieved / 1e12
+            peak = peak_flops(self.device, self.precision)
+            if peak:
+                out["mfu"] = achieved / peak
+        self.last_time, self.last_images = now, loop.images_seen
+        self.history.append({"images": float(loop.images_seen), **out})
+        if self.sinks is not None:
+            self.sinks.write(loop.images_seen, out)
+            if self.summary_lines:
+                shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(out.items()) if k != "skipped_steps")
+                print(f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}", flush=True)
+        if self.report is not None:
+            self.report(loop.images_seen, out)
