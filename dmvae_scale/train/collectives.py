@@ -56,8 +56,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def single_process_env() -> Iterator[None]:
-    """RANK/WORLD_SIZE/... of a world of one on loopback (a free port), for the duration of an in-process run; the
-    process group the worker creates in it is destroyed at the end, so a later run in this process starts afresh."""
+    """RANK/WORLD_SIZE/... of a world of one on loopback (a free port) for the duration of an in-process run.
+
+    The process group the worker creates stays for the life of the process and later in-process runs reuse it:
+    DeepSpeed caches its groups (deepspeed.utils.groups) when it first initialises, so a destroyed and re-created
+    group would leave it holding stale ones."""
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError(f"this process already belongs to a process group of {dist.get_world_size()} ranks; "
+                           f"an in-process run needs a world of one")
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in names}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -65,8 +71,6 @@ def single_process_env() -> Iterator[None]:
     try:
         yield
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
