@@ -39,6 +39,10 @@ class LatentSpec:
     scale: float = 1.0
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - mean) * scale, in float32 when z is a bf16/fp16 latent from an autocast encoder (the flow-matching
+        and DM arithmetic that follows must not run in bf16)."""
+        if z.dtype in (torch.bfloat16, torch.float16):
+            z = z.float()
         return (z - self.mean) * self.scale
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 from .errors import UserError
+
+
+def _yaml():
+    """PyYAML, imported where a file or an override is parsed: the model code that imports these dataclasses (the
+    DiT's config) must import on a bare GPU machine that has torch and nothing else (tools/gpu_check.py)."""
+    import yaml
+    return yaml
 
 
 class ConfigError(UserError, ValueError):
@@ -176,6 +181,9 @@ class DistributedConfig:
     grad_accum: int = 1
     address: Optional[str] = None
     max_failures: int = 2  # Ray Train restarts of the worker group after a crash (user errors are never retried)
+    # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
+    # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
+    timeout_s: int = 1800
 
 
 @dataclass
@@ -339,6 +347,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
+    yaml = _yaml()
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
@@ -373,6 +382,7 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    yaml = _yaml()
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -434,6 +444,7 @@ def validate(cfg: RunConfig) -> None:
     _need(gi is None or 0.0 <= gi[0] < gi[1] <= 1.0,
           f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi) if gi else gi}")
     _need(d.stats_images > 0, f"data.stats_images: must be positive, got {d.stats_images}")
+    _need(dist.timeout_s > 0, f"distributed.timeout_s: must be a positive number of seconds, got {dist.timeout_s}")
     _need(cfg.sampler.steps > 0, f"sampler.steps: must be positive, got {cfg.sampler.steps}")
     _need(cfg.teacher.replicas >= 1, f"teacher.replicas: must be at least 1, got {cfg.teacher.replicas}")
     _need(cfg.teacher.name != "inception",
@@ -454,7 +465,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return _yaml().safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def config_hash(cfg: Any) -> str:

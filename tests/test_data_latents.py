@@ -95,3 +95,78 @@ def test_cache_latents_from_and_to_s3(tokenizer_artifact, s3_bucket, tmp_path, c
     del ds
     assert main(["data", "cache-latents", src, dest, "--tokenizer", str(art_dir), "--weights", "raw"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The generator stage trains on the cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _generator_cfg(art_dir, cache, run_dir, total):
+    return load_config("configs/demo/generator.yaml", [
+        f"inputs.tokenizer={art_dir}", "inputs.tokenizer_weights=raw", f"data.latents={cache}", f"run_dir={run_dir}",
+        "batch_size=8", f"total_images={total}", "log_every_images=8", "ckpt_every_images=16", "data.num_workers=0"])
+
+
+def _train_process(cfg, port, queue):
+    import os
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from dmvae_scale.train.worker import WorkerJob, run_worker
+    try:
+        result = run_worker(WorkerJob(cfg))
+        queue.put(("ok", result.status, {h["images"]: h["fm_loss"] for h in result.history}))
+    except Exception as exc:  # report instead of leaving the parent waiting
+        queue.put(("error", repr(exc), {}))
+
+
+def _train(cfg):
+    import multiprocessing
+
+    from s3_server import free_port
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_train_process, args=(cfg, free_port(), queue))
+    proc.start()
+    try:
+        status, message, losses = queue.get(timeout=300)
+    finally:
+        proc.join(timeout=60)
+    assert status == "ok" and message == "done", message
+    return losses
+
+
+def test_generator_trains_on_cached_latents_resumes_exactly_and_refuses_another_tokenizers_cache(
+        tokenizer_artifact, tmp_path):
+    from dmvae_scale.train.stages import StageInputError, build_stage
+    art_dir, info, _ = tokenizer_artifact
+    src, cache = tmp_path / "fm", tmp_path / "latents"
+    write_shards("fashion-mnist", str(src), limit=N, part_size=N, progress=False)
+    assert main(["data", "cache-latents", str(src), str(cache), "--tokenizer", str(art_dir), "--weights", "raw",
+                 "--batch-size", "16", "--workers", "0", "--device", "cpu"]) == 0
+
+    stage = build_stage(_generator_cfg(art_dir, cache, tmp_path / "x", 8))
+    assert set(stage.models()) == {"generator"} and stage.teacher_spec is None  # no encoder runs on a cache
+    assert stage.latent == LatentSpec(4, 8, 8, 0.25, 1.5)
+
+    # A cache made by another tokenizer is refused, naming both.
+    other_cfg = load_config("configs/demo/tokenizer.yaml", ["tokenizer.latent_channels=4"])
+    torch.manual_seed(1)
+    other = Tokenizer(other_cfg.tokenizer, load_pretrained=False)
+    other_dir = tmp_path / "other" / "artifact"
+    other_info = save_artifact(other_dir, ArtifactInfo("tokenizer", [], config_hash(other_cfg),
+                                                       latent=LatentSpec(4, 8, 8, 0.25, 1.5)),
+                               {"tokenizer": other.state_dict()}, config_yaml=dump_yaml(other_cfg))
+    with pytest.raises(StageInputError, match=rf"data.latents: .* holds latents of tokenizer {info.id}, but "
+                                              rf"inputs.tokenizer=.* is tokenizer {other_info.id}"):
+        build_stage(_generator_cfg(other_dir, cache, tmp_path / "y", 8))
+
+    # Train 32 images straight, and 16 then 32 in the same run directory: the resumed half is the same trajectory.
+    straight = _train(_generator_cfg(art_dir, cache, tmp_path / "straight", 32))
+    first = _train(_generator_cfg(art_dir, cache, tmp_path / "split", 16))
+    second = _train(_generator_cfg(art_dir, cache, tmp_path / "split", 32))
+    assert sorted(straight) == [8.0, 16.0, 24.0, 32.0] and sorted(first) == [8.0, 16.0]
+    assert sorted(second) == [24.0, 32.0]  # only the missing images were trained
+    for images in (8.0, 16.0):
+        assert first[images] == pytest.approx(straight[images], rel=1e-6)
+    for images in (24.0, 32.0):
+        assert second[images] == pytest.approx(straight[images], rel=1e-6)

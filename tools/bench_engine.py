@@ -55,14 +55,17 @@ def build(args, device, hidden: int | None = None, depth: int | None = None):
     return cfg, model, batch
 
 
-def train_steps(engine, batch, steps: int, device) -> float:
+def train_steps(engine, batch, steps: int, device, autocast=None) -> float:
     from dmvae_scale.method.flow import flow_matching_loss
+    from dmvae_scale.train.precision import ForwardPrecision
+    autocast = autocast or ForwardPrecision()
     times = []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = flow_matching_loss(engine, batch["x1"], batch["y"], t=batch["t"], x0=batch["x0"])
+        with autocast():  # one region per forward, as the stages do
+            loss = flow_matching_loss(engine, batch["x1"], batch["y"], t=batch["t"], x0=batch["x0"])
         engine.backward(loss)
         engine.step()
         if device.type == "cuda":
@@ -78,20 +81,21 @@ def bench_step_time(args, device) -> dict:
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from dmvae_scale.train.api import ModelSpec
+    from dmvae_scale.train.deepspeed_engine import build_engines
+    from dmvae_scale.train.precision import ForwardPrecision
     from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
-    from dmvae_scale.train.deepspeed_engine import autocast_context, build_engines
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
     engines = build_engines({"dit": ModelSpec(copy.deepcopy(model), True, cfg.optim)}, cfg.distributed,
                             micro_batch=args.batch, rank=0, world_size=1, device=device)
     ds = engines.engines["dit"]
-    with autocast_context(engines.precision, device):
-        for engine in (plain, ds):  # warm-up: allocator, kernels, optimizer state
-            train_steps(engine, batch, args.warmup, device)
-        plain_t, ds_t = [], []
-        for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
-            plain_t.append(train_steps(plain, batch, args.steps, device))
-            ds_t.append(train_steps(ds, batch, args.steps, device))
+    autocast = ForwardPrecision(engines.precision, device.type)
+    for engine in (plain, ds):  # warm-up: allocator, kernels, optimizer state
+        train_steps(engine, batch, args.warmup, device, autocast)
+    plain_t, ds_t = [], []
+    for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
+        plain_t.append(train_steps(plain, batch, args.steps, device, autocast))
+        ds_t.append(train_steps(ds, batch, args.steps, device, autocast))
     params = sum(p.numel() for p in model.parameters())
     return {"params": params, "plain_step_s": statistics.median(plain_t), "deepspeed_step_s": statistics.median(ds_t),
             "ratio": statistics.median(ds_t) / statistics.median(plain_t), "precision": engines.precision,
@@ -231,7 +235,8 @@ def checkpoint_engine_set(args, device, size: str, step_engines):
     if size == "step":
         return step_engines
     from dmvae_scale.train.api import ModelSpec
-    from dmvae_scale.train.deepspeed_engine import autocast_context, build_engines
+    from dmvae_scale.train.deepspeed_engine import build_engines
+    from dmvae_scale.train.precision import ForwardPrecision
     try:
         hidden, depth = (int(x) for x in size.lower().split("x"))
     except ValueError:
@@ -239,8 +244,7 @@ def checkpoint_engine_set(args, device, size: str, step_engines):
     cfg, model, batch = build(args, device, hidden=hidden, depth=depth)
     engines = build_engines({"dit": ModelSpec(model, True, cfg.optim)}, cfg.distributed, micro_batch=args.batch,
                             rank=0, world_size=1, device=device)
-    with autocast_context(engines.precision, device):
-        train_steps(engines.engines["dit"], batch, 1, device)
+    train_steps(engines.engines["dit"], batch, 1, device, ForwardPrecision(engines.precision, device.type))
     return engines
 
 

@@ -77,7 +77,11 @@ class _SamplerActor:
     """One Ray worker: loads the models once, then turns batch numbers into images."""
 
     def __init__(self, generator: str, tokenizer: str, weights: str, plan: dict, use_gpu: bool):
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if use_gpu and not torch.cuda.is_available():  # never a silent CPU run on a GPU request
+            raise UserError("a sampling worker was granted a GPU by Ray but torch sees no CUDA device here "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the node's "
+                            "driver and torch build, or sample with --gpus-per-worker 0")
+        device = "cuda" if use_gpu else "cpu"
         self.sampler = build_sampler(generator, tokenizer, weights, SamplingPlan(**plan), device)
 
     def batch(self, batch: int):
@@ -98,14 +102,30 @@ def _connect(address: Optional[str], num_cpus: int) -> bool:
     return False
 
 
-def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: float, address: Optional[str],
-             on_result) -> None:
+def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
+    """GPUs per sampling worker, decided from the CLUSTER's resources (a CPU laptop submitting to a GPU cluster must
+    still get GPU actors): one each when the cluster has GPUs and none was asked for; a request the cluster cannot
+    meet is an error, never a silent CPU run."""
+    if requested is None:
+        return 1.0 if cluster_gpus >= 1 else 0.0
+    if requested < 0:
+        raise UserError(f"--gpus-per-worker: must be >= 0, got {requested}")
+    if requested > 0 and cluster_gpus < requested:
+        raise UserError(f"--gpus-per-worker {requested}: the Ray cluster has {cluster_gpus:g} GPUs; use "
+                        f"--gpus-per-worker 0 to sample on CPUs, or a cluster with GPUs")
+    return float(requested)
+
+
+def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Optional[float],
+             address: Optional[str], on_result) -> None:
     import ray
     from ray.exceptions import RayTaskError
 
     started = _connect(address, max(1, workers))
     actors = []
     try:
+        gpus_per_worker = gpus_for_workers(gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0)))
+        print(f"sample: {min(workers, len(pending))} Ray workers, {gpus_per_worker:g} GPU each", flush=True)
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_SamplerActor)
         actors = [actor_cls.remote(*args, gpus_per_worker > 0) for _ in range(min(workers, len(pending)))]
         queue, inflight = list(pending), {}
@@ -152,10 +172,12 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     if pending:
         args = (str(generator), str(tok), weights, asdict(plan))
         if use_ray:
-            gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if torch.cuda.is_available() else 0.0)
-            _run_ray(args, pending, workers, gpus, address, on_result)
+            _run_ray(args, pending, workers, gpus_per_worker, address, on_result)
         else:
-            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dev = torch.device(device if device not in (None, "auto") else
+                               ("cuda" if torch.cuda.is_available() else "cpu"))
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
             sampler = build_sampler(args[0], args[1], weights, plan, dev)
             for b in pending:
                 on_result(*sampler.batch(b))

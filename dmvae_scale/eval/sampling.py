@@ -28,6 +28,7 @@ from PIL import Image
 from dmvae_scale.artifacts import LatentSpec
 from dmvae_scale.errors import UserError
 from dmvae_scale.method.flow import SamplerSettings, sample
+from dmvae_scale.models.hardware import inference_precision
 
 from .images import to_uint8_nhwc
 from .sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
@@ -89,6 +90,7 @@ class LatentImageSampler:
         self.velocity, self.decode, self.latent = velocity, decode, latent
         self.plan, self.null_label, self.device = plan, null_label, torch.device(device)
         self.shape = (latent.channels, latent.height, latent.width)
+        self.precision, self._autocast = inference_precision(self.device)
 
     @torch.no_grad()
     def batch(self, batch: int) -> tuple[list[int], np.ndarray]:
@@ -97,8 +99,9 @@ class LatentImageSampler:
         noise = torch.stack([initial_noise(self.plan.seed, i, self.shape) for i in indices]).to(self.device)
         y = torch.from_numpy(self.plan.labels(indices)).to(self.device)
         g = torch.Generator(device=self.device).manual_seed(_seed(self.plan.seed, 1, batch))
-        z = sample(self.velocity, noise, y, self.plan.sampler, self.null_label, generator=g)
-        x = self.decode(self.latent.denormalize(z)).float().clamp(-1.0, 1.0)
+        with self._autocast:  # bf16 matmuls where native; the sampler's state and arithmetic stay float32
+            z = sample(self.velocity, noise, y, self.plan.sampler, self.null_label, generator=g)
+            x = self.decode(self.latent.denormalize(z)).float().clamp(-1.0, 1.0)
         return indices, to_uint8_nhwc(x, value_range=(-1, 1))
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .flow import VelocityFn, clean_from_velocity, guided_velocity, interpolate, sample_t
+from .flow import VelocityFn, clean_from_velocity, guided_velocity, interpolate, sample_t, upcast
 
 
 def dm_loss(z: torch.Tensor, y: Optional[torch.Tensor], real_score: VelocityFn, fake_score: VelocityFn,
@@ -26,24 +26,28 @@ def dm_loss(z: torch.Tensor, y: Optional[torch.Tensor], real_score: VelocityFn, 
     for unconditional); x_* = x_t + (1-t)*v_*; W = per-sample mean |z - x_real|; g = (x_fake - x_real) / W (NaN -> 0);
     L = 0.5 * mean((z - stopgrad(z - g))^2), whose gradient with respect to z is g / z.numel().
     `t` (B,) and `noise` (like z) may be given instead of drawn. Returns (loss, stats), stats detached (no host sync).
+    Everything but the score models' own matmuls is float32, whatever dtype z comes in (bf16 under autocast): the
+    difference x_fake - x_real of two nearly equal predictions would lose most of its bits in bf16. The loss is
+    float32; its gradient reaches z in z's dtype.
     """
     t0, t1 = t_range
     if not 0.0 <= t0 < t1 <= 1.0:
         raise ValueError(f"t_range must satisfy 0 <= t0 < t1 <= 1, got {t_range}")
     with torch.no_grad():
-        target = z.detach()
+        target = upcast(z.detach())
         if noise is None:
             noise = torch.randn(target.shape, generator=generator, device=z.device, dtype=target.dtype)
+        noise = upcast(noise)
         if t is None:
             t = sample_t(target.shape[0], generator, z.device, t0, t1)
-        t = t.to(target.dtype)
+        t = upcast(t)
         x_t = interpolate(target, noise, t)
         x_real = clean_from_velocity(x_t, t, guided_velocity(real_score, x_t, t, y, cfg_scale, null_label))
         x_fake = clean_from_velocity(x_t, t, guided_velocity(fake_score, x_t, t, y, cfg_scale, null_label))
         dims = tuple(range(1, target.dim()))
         weight = (target - x_real).abs().mean(dim=dims, keepdim=True)
         g = torch.nan_to_num((x_fake - x_real) / weight, nan=0.0, posinf=0.0, neginf=0.0)
-    loss = 0.5 * ((z - (z.detach() - g)) ** 2).mean()
+    loss = 0.5 * ((upcast(z) - (target - g)) ** 2).mean()
     stats = {"dm_weight": weight.mean(), "dm_grad_norm": g.flatten(1).norm(dim=1).mean(),
              "dm_real_fake_gap": (x_fake - x_real).abs().mean()}
     return loss, stats

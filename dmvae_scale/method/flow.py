@@ -5,6 +5,11 @@ From a velocity model:  x1_hat = x_t + (1-t)*v,  x0_hat = x_t - t*v,  score(x_t)
 
 A velocity model is any callable `model(x, t, y) -> v` with x of shape (B, ...), t of shape (B,), y of shape (B,)
 integer labels (the null label for unconditional). Pure tensor math: no I/O, no distribution.
+
+Precision: under bf16 autocast a model's output (and a tokenizer's latents) come out bf16. The path arithmetic here
+(noise, t, x_t, the velocity target, guidance and x1_hat) is always done in float32: in bf16, t near 1 has only a few
+dozen distinct values and x_t would be built from a rounded t while the model is given the exact one. Only the
+matmuls inside the model run in bf16.
 """
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 latents or model outputs become float32, float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def interpolate(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = t*x1 + (1-t)*x0."""
     tb = _bcast(t, x1)
@@ -29,8 +39,9 @@ def interpolate(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Te
 
 
 def clean_from_velocity(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """x1_hat = x_t + (1-t)*v."""
-    return x_t + (1 - _bcast(t, x_t)) * v
+    """x1_hat = x_t + (1-t)*v, in float32 whatever dtype the model's v came out in."""
+    x_t = upcast(x_t)
+    return x_t + (1 - _bcast(t, x_t)) * upcast(v)
 
 
 def sample_t(batch: int, generator: torch.Generator | None = None, device=None,
@@ -49,14 +60,20 @@ def drop_labels(y: torch.Tensor, null_label: int, p: float, generator: torch.Gen
 def flow_matching_loss(model: VelocityFn, x1: torch.Tensor, y: Optional[torch.Tensor],
                        generator: torch.Generator | None = None, t: torch.Tensor | None = None,
                        x0: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error between the model's velocity and x1 - x0 at a uniform random time."""
+    """Mean squared error between the model's velocity and x1 - x0 at a uniform random time.
+
+    x1, x0, t, x_t and the target are float32 (bf16 latents are upcast first), and the model gets the very t that
+    built x_t; under autocast only the model's own matmuls run in bf16."""
+    x1 = upcast(x1)
     if x0 is None:
-        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=torch.float32)
+    x0 = upcast(x0)
     if t is None:
         t = sample_t(x1.shape[0], generator, x1.device)
+    t = upcast(t)
     x_t = interpolate(x1, x0, t)
     v = model(x_t, t, y)
-    return ((v.float() - (x1 - x0).float()) ** 2).mean()
+    return ((upcast(v) - (x1 - x0)) ** 2).mean()
 
 
 def guided_velocity(model: VelocityFn, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor],
@@ -67,17 +84,17 @@ def guided_velocity(model: VelocityFn, x: torch.Tensor, t: torch.Tensor, y: Opti
     With w == 1 (or no labels) this is exactly the conditional velocity: one forward, no guidance arithmetic.
     """
     if cfg_scale == 1.0 or y is None:
-        return model(x, t, y)
+        return upcast(model(x, t, y))
     if null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's num_classes)")
     x2 = torch.cat([x, x], 0)
     t2 = torch.cat([t, t], 0)
     y2 = torch.cat([y, torch.full_like(y, null_label)], 0)
-    v_c, v_u = model(x2, t2, y2).chunk(2, 0)
+    v_c, v_u = upcast(model(x2, t2, y2)).chunk(2, 0)
     guided = v_u + cfg_scale * (v_c - v_u)
     if interval is not None:
         lo, hi = interval
-        inside = _bcast(((t >= lo) & (t <= hi)).to(x.dtype), x)
+        inside = _bcast(((t >= lo) & (t <= hi)).float(), guided)
         guided = inside * guided + (1 - inside) * v_c
     return guided
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, DiTConfig
 from ..errors import UserError
-from .attention import BACKENDS, attention, select_backend
+from .attention import BACKENDS, attention, select_backend_for
 from .layers import (LabelEmbedding, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, rope_2d_tables,
                      sincos_pos_embed_2d)
 
@@ -159,7 +159,7 @@ class LightningDiT(nn.Module):
 
     def attention_backend(self, device="cpu", dtype: torch.dtype = torch.float32) -> str:
         """The attention backend this model's blocks use for activations on `device` in `dtype` (for logs)."""
-        return select_backend(torch.empty(0, device=device, dtype=dtype), self.cfg.attention)
+        return select_backend_for(torch.device(device), dtype, self.blocks[0].attn.head_dim, self.cfg.attention)
 
     def init_weights(self) -> None:
         """DiT initialisation with adaLN-Zero: modulation and output layers zero, so the model starts at v = 0."""

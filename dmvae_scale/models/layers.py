@@ -17,15 +17,18 @@ import torch.nn.functional as F
 def _find_apex_rms_norm():
     """apex's functional RMSNorm pair (plain, affine), or None when NVIDIA apex with its CUDA kernels is absent."""
     try:
-        import importlib.util
+        import importlib
 
         import apex.normalization as apex_norm  # NVIDIA apex, built in the cluster image
         from apex.normalization import fused_layer_norm
-        # The Python half of apex installs without its CUDA extension; the kernel module must exist too.
-        if not hasattr(apex_norm, "FusedRMSNorm") or importlib.util.find_spec("fused_layer_norm_cuda") is None:
+        if not hasattr(apex_norm, "FusedRMSNorm"):
             return None
+        # The Python half of apex installs without its CUDA extension, and apex loads that extension lazily at the
+        # first call. find_spec only says a file exists; importing it is what proves it loads against this torch and
+        # CUDA (a build against another torch fails here with an undefined symbol).
+        importlib.import_module("fused_layer_norm_cuda")
         return fused_layer_norm.fused_rms_norm, fused_layer_norm.fused_rms_norm_affine
-    except Exception:  # absent, the unrelated PyPI `apex`, or apex built without its CUDA extension
+    except Exception:  # absent, the unrelated PyPI `apex`, apex without its CUDA extension, or one that fails to load
         return None
 
 

@@ -168,6 +168,18 @@ class StreamingBatches:
         self.loader.load_state_dict(state)
 
 
+class LatentBatches(StreamingBatches):
+    """A latent cache (data.latents, written by `data cache-latents`): {"latent", "label"} batches through the same
+    streaming reader, with the same exact mid-epoch resume; the flip is the cache's stored latent of the mirror."""
+
+    def __init__(self, cfg: RunConfig, per_rank_batch: int):
+        from ..data.latents import LatentStreamDataset
+        from ..data.stream import make_loader
+        self.dataset = LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip,
+                                           seed=cfg.seed)
+        self.loader = make_loader(self.dataset, num_workers=cfg.data.num_workers)
+
+
 def is_shard_dataset(source: str) -> bool:
     return storage.is_remote(source) or os.path.isfile(os.path.join(source, "index.json"))
 
@@ -178,7 +190,7 @@ def make_batches(cfg: RunConfig, per_rank_batch: int, rank: int, world: int,
     if dataset_factory is not None:
         return PositionalBatches(dataset_factory(cfg), per_rank_batch, cfg.seed, rank, world)
     if cfg.data.latents is not None:
-        raise UserError("data.latents: the stages encode images themselves; remove data.latents")
+        return LatentBatches(cfg, per_rank_batch)
     if is_shard_dataset(cfg.data.source):
         return StreamingBatches(cfg, per_rank_batch)
     return PositionalBatches(build_dataset(cfg), per_rank_batch, cfg.seed, rank, world)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import DistributedConfig, OptimConfig
 from ..errors import UserError
+from ..models.hardware import native_bf16
 from .api import ModelSpec, warmup_lambda
 
 # A frozen model above this size is partitioned under ZeRO-3 instead of replicated on every worker.
@@ -46,17 +47,23 @@ class EngineConfigError(UserError):
 # Process group and precision
 # ----------------------------------------------------------------------------------------------------------------------
 
-def init_distributed(use_gpu: bool) -> None:
+def init_distributed(use_gpu: bool, timeout_s: int = 1800) -> None:
     """Join (or create) the process group through DeepSpeed: NCCL on GPU, gloo on CPU.
 
     On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce op (80-140 s on first use). That op only serves
     inference all-reduce; training collectives go through torch.distributed gloo either way, so we mark it
     unavailable and skip the build.
+
+    `timeout_s` (distributed.timeout_s) bounds every collective, including the wait of the other ranks while rank 0
+    downloads or converts a large checkpoint: raise it for multi-hundred-GB checkpoints on slow object storage.
     """
+    import datetime
+
     import deepspeed
     if not use_gpu:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def device_for(use_gpu: bool) -> torch.device:
@@ -73,20 +80,15 @@ def device_for(use_gpu: bool) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the device computes in bf16 (CUDA with bf16 support), else fp32."""
+    """'auto' -> bf16 where the device computes bf16 natively (CUDA, compute capability >= 8.0), else fp32. An
+    explicit bf16 on CPU runs CPU autocast (slow, but the same weight-cast cache as CUDA: what the tests exercise)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise EngineConfigError(f"distributed.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
-                                f"use fp32 or auto")
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise EngineConfigError(f"distributed.precision=bf16 but {torch.cuda.get_device_name(device)} has no native "
+                                f"bf16 (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+                                f" < 8.0); use fp32 or auto")
     return precision
-
-
-def autocast_context(precision: str, device: torch.device):
-    """The autocast region a stage step runs in: bf16 matmuls/convs with fp32 weights, or nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_
 from ..models.dit import LightningDiT
 from ..models.tokenizer import Tokenizer
 from .api import Engine, ModelSpec, StepOutput
+from .precision import ForwardPrecision
 
 
 class StageInputError(UserError):
@@ -224,6 +225,7 @@ class AutoencoderLosses:
         self.loss = cfg.loss
         self.disc_cfg = cfg.discriminator
         self.augment = DiffAugment() if cfg.discriminator.diffaug else None
+        self.autocast = ForwardPrecision()  # the stage's, set by Stage.set_precision
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
             from ..models.perceptual import build_perceptual
@@ -236,11 +238,13 @@ class AutoencoderLosses:
         return self.augment(x, g) if self.augment is not None else x
 
     def reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        recon = recon.float()
         l1 = (recon - x).abs().mean()
         rec = self.loss.l1_weight * l1
         metrics = {"l1": l1.detach()}
         if self.perceptual is not None:
-            perc = self.perceptual(recon, x).mean()
+            with self.autocast():
+                perc = self.perceptual(recon, x).float().mean()
             rec = rec + self.loss.perceptual_weight * perc
             metrics["perceptual"] = perc.detach()
         return rec, metrics
@@ -250,20 +254,21 @@ class AutoencoderLosses:
         rec, metrics = self.reconstruction(x, recon)
         if not self.gan_active(step):
             return rec, metrics
-        with no_param_grads(discriminator.module):
-            gan = hinge_g_loss(discriminator(self._aug(recon, g)))
-        weight = adaptive_weight(rec, gan, last_layer, self.loss.adaptive_weight_max)
+        with no_param_grads(discriminator.module), self.autocast():
+            gan = hinge_g_loss(discriminator(self._aug(recon, g)).float())
+        weight = adaptive_weight(rec, gan, last_layer, self.loss.adaptive_weight_max)  # outside autocast: a backward
         metrics.update(gan_g=gan.detach(), gan_weight=weight)
         return rec + self.loss.gan_weight * weight * gan, metrics
 
     def discriminator_step(self, x, recon, discriminator: Engine, g: torch.Generator) -> dict[str, torch.Tensor]:
-        fake = recon.detach()
-        loss = hinge_d_loss(discriminator(self._aug(x, g)), discriminator(self._aug(fake, g)))
-        metrics = {"gan_d": loss.detach()}
-        if self.disc_cfg.consistency_weight > 0:
-            cons = consistency_term(discriminator, torch.cat([x, fake]), self.augment, g)
-            loss = loss + self.disc_cfg.consistency_weight * cons
-            metrics["gan_consistency"] = cons.detach()
+        fake = recon.detach().float()
+        with self.autocast():
+            loss = hinge_d_loss(discriminator(self._aug(x, g)).float(), discriminator(self._aug(fake, g)).float())
+            metrics = {"gan_d": loss.detach()}
+            if self.disc_cfg.consistency_weight > 0:
+                cons = consistency_term(discriminator, torch.cat([x, fake]), self.augment, g).float()
+                loss = loss + self.disc_cfg.consistency_weight * cons
+                metrics["gan_consistency"] = cons.detach()
         discriminator.backward(loss)
         discriminator.step()
         return metrics
@@ -310,6 +315,8 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
         why = "tokenizer.encoder.frozen=false: the encoder trains"
     elif cfg.stage == "reference" and cfg.reference.kind not in ("tokenizer", "noisy_tokenizer"):
         why = f"reference.kind={cfg.reference.kind} uses no tokenizer"
+    elif cfg.data.latents is not None:
+        why = "data.latents: its batches carry cached latents, no encoder runs"
     elif cfg.inputs.tokenizer is None:
         return None  # the stage refuses the missing input itself, naming it
     else:
@@ -343,6 +350,15 @@ class _StageBase:
         self.rank = rank
         self.upstream: dict[str, str] = {}
         self._models: dict[str, ModelSpec] = {}
+        self.autocast = ForwardPrecision()
+
+    def set_precision(self, precision: str, device_type: str) -> None:
+        """The driver's resolved precision ('fp32' or 'bf16') and device type: each forward + loss of a step then runs
+        in its own autocast region."""
+        self.autocast = ForwardPrecision(precision, device_type)
+        losses = getattr(self, "losses", None)
+        if losses is not None:
+            losses.autocast = self.autocast
 
     def models(self) -> dict[str, ModelSpec]:
         return self._models
@@ -441,7 +457,8 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
         _, g = self._rng(step, x)
         tok, disc = engines["tokenizer"], engines["discriminator"]
-        recon, _ = tok(x, features=batch.get(FEATURES_KEY))
+        with self.autocast():
+            recon, _ = tok(x, features=batch.get(FEATURES_KEY))
         loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
         tok.backward(loss)
         tok.step()
@@ -489,6 +506,35 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
     return FileSamples(samples, labels)
 
 
+CACHED_LATENTS_KEY = "latent"  # a batch of the latent cache (data/latents.py LatentStreamDataset)
+
+
+def check_latent_cache(cfg: RunConfig, up: Upstream, latent: Optional[LatentSpec]) -> LatentSpec:
+    """The cache named by data.latents must hold latents of the tokenizer inputs.tokenizer names, with the same
+    statistics; returns the normalisation to train with (the artifact's, else the one measured over the cache)."""
+    from ..data.latents import read_latent_info
+    info = read_latent_info(cfg.data.latents)
+    if info["tokenizer"] != up.info.id:
+        raise StageInputError(f"data.latents: {cfg.data.latents} holds latents of tokenizer {info['tokenizer']}, but "
+                              f"inputs.tokenizer={up.path} is tokenizer {up.info.id}; re-run `dmvae-scale data "
+                              f"cache-latents` with this tokenizer, or name the tokenizer the cache was made with")
+    if info.get("weights", cfg.inputs.tokenizer_weights) != cfg.inputs.tokenizer_weights:
+        raise StageInputError(f"data.latents: {cfg.data.latents} was encoded with the {info['weights']} weights, but "
+                              f"inputs.tokenizer_weights={cfg.inputs.tokenizer_weights}; use the same weights")
+    cached = LatentSpec(**info["latent"])
+    want = latent if latent is not None else cached
+    same = (cached.channels, cached.height, cached.width) == (want.channels, want.height, want.width) and \
+        abs(cached.mean - want.mean) <= 1e-6 * max(1.0, abs(want.mean)) and \
+        abs(cached.scale - want.scale) <= 1e-6 * max(1.0, abs(want.scale))
+    if not same:
+        raise StageInputError(f"data.latents: {cfg.data.latents} carries latent statistics {cached} but "
+                              f"inputs.tokenizer={up.path} has {want}; re-run `dmvae-scale data cache-latents`")
+    if latent is None:  # the reference stage on a cache: the statistics measured over the whole cache
+        measured = info.get("measured", info["latent"])
+        return LatentSpec(**measured)
+    return latent
+
+
 class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
     """Stage 2 (reference: the real score on p_r's samples, latent statistics measured first) and stage 5
     (generator: a DiT on the final tokenizer's normalised latents, statistics from its artifact)."""
@@ -505,24 +551,30 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
         if cfg.stage == "reference" and cfg.reference.kind == "file":
             used.add("reference.path")
         _reject_unused(cfg, used)
-        self.teacher_spec = stage_teacher_spec(cfg)
+        self.cached = cfg.data.latents is not None  # batches carry cached latents: no encoder runs here
+        if self.cached and not (cfg.stage == "generator" or cfg.reference.kind == "tokenizer"):
+            raise StageInputError(f"data.latents: reference.kind={cfg.reference.kind} does not train on a tokenizer's "
+                                  f"latents; remove data.latents")
+        self.teacher_spec = None if self.cached else stage_teacher_spec(cfg)
         if uses_tokenizer:
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up).eval().requires_grad_(False)
             _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up.path}")
             self.upstream = {"tokenizer": up.info.id}
-            self.frozen_encoder = self.tokenizer.encoder
+            self.frozen_encoder = None if self.cached else self.tokenizer.encoder
             if cfg.stage == "generator":
                 if up.info.latent is None:
                     raise StageInputError(
                         f"inputs.tokenizer: {up.path / 'artifact.json'} has no measured latent statistics (key "
                         f"'latent'); the generator needs them: hand it a decoder-stage artifact")
                 self.latent = up.info.latent
+            if self.cached:
+                self.latent = check_latent_cache(cfg, up, self.latent)
         self.source = _reference_source(cfg, self.tokenizer) if cfg.stage == "reference" else \
             TokenizerLatents(_latents_of(self.tokenizer, cfg.tokenizer.in_channels), self.tokenizer.latent_shape)
         self.score = LightningDiT(cfg.score)
         self._models = {self.model_name: ModelSpec(self.score, True, cfg.optim, ema=True)}
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and not self.cached:
             self._models["tokenizer"] = ModelSpec(self.tokenizer, False)
 
     def needs_prepare(self) -> bool:
@@ -541,13 +593,21 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
     def step(self, batch, step, engines):
         if self.latent is None:
             raise RuntimeError("prepare() must measure the latent statistics before the first step")
-        x, y = batch["image"], batch["label"]
-        g, _ = self._rng(step, x)
-        z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
-        z = self.latent.normalize(z)
+        y = batch["label"]
+        if CACHED_LATENTS_KEY in batch:  # data.latents: encoded once by this very tokenizer (checked at build)
+            z = x = batch[CACHED_LATENTS_KEY]
+            labels = y
+            g, _ = self._rng(step, z)
+        else:
+            x = batch["image"]
+            g, _ = self._rng(step, x)
+            with torch.no_grad(), self.autocast():  # the frozen tokenizer's forward (for tokenizer references)
+                z, labels = self.source.sample(len(x), g, images=batch.get(FEATURES_KEY, x), labels=y)
+        z = self.latent.normalize(z)  # float32 from here on
         if labels is not None:
             labels = drop_labels(labels, self.cfg.score.num_classes, self.cfg.score.class_dropout, g)
-        loss = flow_matching_loss(engines[self.model_name], z, labels, g)
+        with self.autocast():
+            loss = flow_matching_loss(engines[self.model_name], z, labels, g)
         engines[self.model_name].backward(loss)
         engines[self.model_name].step()
         return StepOutput({"fm_loss": loss.detach()}, images=len(x))
@@ -622,9 +682,12 @@ class DMDStage(_StageBase):
         metrics: dict[str, torch.Tensor] = {}
         k = cfg.dm.tokenizer_every
         if step % k == k - 1:  # the fake score has had k-1 updates on the current latents first
-            recon, z = tok(x)
-            z = self.latent.normalize(z)
-            ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null, self.t_range(step), g)
+            with self.autocast():
+                recon, z = tok(x)
+            z = self.latent.normalize(z)  # float32: the DM difference must not be taken in bf16
+            with self.autocast():  # both score forwards run under no_grad inside dm_loss
+                ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null,
+                                        self.t_range(step), g)
             loss, metrics = self.losses.tokenizer_loss(x, recon, step, engines["discriminator"],
                                                        tok.module.last_layer, g_cpu)
             loss = loss + cfg.dm.lambda_dm * ldm
@@ -635,10 +698,12 @@ class DMDStage(_StageBase):
                 metrics.update(self.losses.discriminator_step(x, recon, engines["discriminator"], g_cpu))
             z = z.detach()
         else:
-            with torch.no_grad():
-                z = self.latent.normalize(tok.module.encode(x))
+            with torch.no_grad(), self.autocast():
+                z = tok.module.encode(x)
+            z = self.latent.normalize(z)
         fake_labels = drop_labels(labels, null, cfg.score.class_dropout, g) if labels is not None else None
-        fake_loss = flow_matching_loss(fake, z, fake_labels, g)
+        with self.autocast():  # x_t and the model input share one float32 t (flow_matching_loss)
+            fake_loss = flow_matching_loss(fake, z, fake_labels, g)
         fake.backward(fake_loss)
         fake.step()
         metrics["fake_fm_loss"] = fake_loss.detach()

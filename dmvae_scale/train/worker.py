@@ -29,11 +29,12 @@ from .batches import make_batches, statistics_batches
 from .checkpoint import MANIFEST, ResumeRefusedError
 from .checkpointer import Checkpointer
 from .collectives import PREEMPTED, STOP, STOP_CHECK_EVERY, StopSignal, dist_env, mean_over_workers
-from .deepspeed_engine import autocast_context, build_engines, device_for, init_distributed
+from .deepspeed_engine import build_engines, device_for, init_distributed
 from .durable import file_written
 from .ema import FullEMAView, ShardedEMA
 from .loop import GuardedEngine, LoopHook, TrainingDivergedError, TrainLoop
 from .metrics import FlopCounter, LogHook, MetricSinks
+from .precision import compute_paths, describe_paths
 from .rng import Reseed, seed_everything
 
 
@@ -78,7 +79,7 @@ class Worker:
         self.rank, self.world, self.local_rank = dist_env()
         dcfg = self.cfg.distributed
         self.device = device_for(dcfg.use_gpu)
-        init_distributed(dcfg.use_gpu)
+        init_distributed(dcfg.use_gpu, dcfg.timeout_s)
         if self.cfg.batch_size % (self.world * dcfg.grad_accum):
             raise UserError(f"batch_size: {self.cfg.batch_size} is not divisible by {self.world} workers x "
                             f"distributed.grad_accum={dcfg.grad_accum}")
@@ -104,6 +105,11 @@ class Worker:
                                         world_size=self.world, device=self.device,
                                         load_universal=self.checkpointer.universal, on_file_saved=file_written,
                                         **kwargs)
+        set_precision = getattr(self.stage, "set_precision", None)
+        if set_precision is not None:  # one autocast region per forward, opened by the stage (train/precision.py)
+            set_precision(self.engine_set.precision, self.device.type)
+        if self.local_rank == 0:
+            print(f"worker {self.rank}: {describe_paths(self._compute_paths(models))}", flush=True)
         engines = self.engine_set.engines
         self.emas = {name: ShardedEMA(engines[name].module, spec.optim.ema_decay, self.rank, self.world,
                                       should_update=engines[name].stepped_optimizer)
@@ -114,6 +120,15 @@ class Worker:
                               reduce_metrics=lambda m: mean_over_workers(m, self.world, self.device))
         self.loop.engines = {name: AgreedGuard(eng) for name, eng in engines.items()}
         self.checkpointer.bind(self.stage, engines, self.loop, self.batches)
+
+    def _compute_paths(self, models: dict) -> dict[str, str]:
+        paths = compute_paths(self.device, self.engine_set.precision)
+        dtype = torch.bfloat16 if self.engine_set.precision == "bf16" else torch.float32
+        for name, spec in models.items():
+            pick = getattr(spec.module, "attention_backend", None)
+            if callable(pick):
+                paths[f"attention[{name}]"] = pick(self.device, dtype)
+        return paths
 
     def run(self) -> WorkerResult:
         with contextlib.ExitStack() as stack:
@@ -154,8 +169,8 @@ class Worker:
         loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log]
         status, message = "done", ""
         try:
-            with autocast_context(self.engine_set.precision, self.device):
-                loop.run(flops.wrap(self.attach(iter(self.batches))))
+            # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
+            loop.run(flops.wrap(self.attach(iter(self.batches))))
         except StopRequested:
             status = "stopped"
             message = (f"stopped on request at {loop.images_seen} of total_images={cfg.total_images} images; "
