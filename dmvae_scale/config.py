@@ -205,6 +205,7 @@ class RunConfig:
     batch_size: int = 256  # global batch
     total_images: int = 1_000_000
     log_every_images: int = 10_000
+    log_images_every_images: int = 0  # a TensorBoard grid of reconstructions this often (0: never)
     ckpt_every_images: int = 100_000
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 10
@@ -417,6 +418,8 @@ def validate(cfg: RunConfig) -> None:
         _need(getattr(cfg, key) > 0, f"{key}: must be positive, got {getattr(cfg, key)}")
     _need(cfg.ckpt_every_images >= 0, f"ckpt_every_images: must be >= 0 (0: only at the end and on a stop), got "
                                       f"{cfg.ckpt_every_images}")
+    _need(cfg.log_images_every_images >= 0, f"log_images_every_images: must be >= 0 (0: never), got "
+                                            f"{cfg.log_images_every_images}")
     _need(cfg.max_nonfinite_steps >= 0, f"max_nonfinite_steps: must be >= 0, got {cfg.max_nonfinite_steps}")
     _need(dist.num_workers > 0, f"distributed.num_workers: must be positive, got {dist.num_workers}")
     _need(dist.grad_accum > 0, f"distributed.grad_accum: must be positive, got {dist.grad_accum}")

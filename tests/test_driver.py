@@ -122,9 +122,16 @@ def test_one_worker_trains_from_a_shard_directory_and_from_s3_shards(s3_bucket, 
         write_shards("fashion-mnist", dest, limit=64, part_size=64, workers=1, progress=False)
 
     result = run_local(load_config(DEMO / "tokenizer.yaml", [f"run_dir={tmp_path}/local", f"data.source={local}",
-                                                               *SMALL, "total_images=32"]), progress=False)
+                                                               *SMALL, "total_images=32", "log_images_every_images=16"]),
+                       progress=False)
     assert result.status == "done" and result.images_seen == 32 and result.steps == 2
     assert (tmp_path / "local" / "artifact" / "weights.safetensors").is_file()
+    # TensorBoard got a grid of 8 images over their 8 reconstructions (32x32, 2-pixel padding) every 16 images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "local" / "tensorboard"))
+    events.Reload()
+    grids = events.Images("reconstructions")
+    assert [g.step for g in grids] == [16, 32] and (grids[0].height, grids[0].width) == (70, 274)
 
     # s3:// shards into an s3:// run directory; a second, longer run resumes and appends to metrics.jsonl there.
     run_dir = f"{s3_bucket}/run"

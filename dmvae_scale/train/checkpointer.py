@@ -10,7 +10,7 @@ pruning) is checkpoint.py; durable writes are durable.py.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,8 @@ class Checkpointer(LoopHook):
         self.loop: Optional[TrainLoop] = None
         self.batches: Any = None
         self.stage: Any = None
+        self.extra: Callable[[], dict] = dict  # more of this worker's state to save (its FLOP count)
+        self.restored_extra: dict = {}
 
     # -- 1. what to resume from ----------------------------------------------------------------------------------------
     def find_resume(self, models: dict) -> Optional[ckpt.CheckpointInfo]:
@@ -108,6 +110,7 @@ class Checkpointer(LoopHook):
                 loop_state["ema"] = {n: [r["loop"]["ema"][n] for r in ranks] for n in loop.emas}
         loop.load_state_dict(loop_state)
         loop.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.restored_extra = dict(state.get("extra") or {})
         if same_world:
             set_rng_state(state["rng"])
         self.batches.resume_at(loop.images_seen, state.get("reader"))
@@ -124,7 +127,7 @@ class Checkpointer(LoopHook):
         loop = self.loop
         return {"format": RANK_STATE_FORMAT, "rank": self.rank, "world": self.world, "loop": loop.state_dict(),
                 "consecutive_skips": loop.consecutive_skips, "rng": rng_state(),
-                "reader": self.batches.state_dict()}
+                "reader": self.batches.state_dict(), "extra": self.extra()}
 
     def save(self) -> ckpt.CheckpointInfo:
         """Collective: a checkpoint at the loop's images seen (the existing one when already taken there)."""

@@ -3,9 +3,9 @@
 Progress is counted in images seen. The loop owns the side concerns so the stage's step stays pure training:
 a guard that skips optimiser steps whose loss is not finite (and stops after too many in a row), EMA updates after
 each real optimiser step, metrics kept as tensors and reduced only at the log interval, a tqdm bar, and a closing
-summary line. Drivers extend it through hooks: `after_step` (cadence work such as checkpoints, keyed on
-images_seen), `on_log` (metrics sinks) and `on_end`; `TrainLoop.state_dict()` is what a checkpoint must hold beyond
-the engines' own state (counters, EMA shadows, the stage's own state).
+summary line. Drivers extend it through hooks: `on_log` (metrics sinks, at the log interval), then `after_step`
+(cadence work such as checkpoints, keyed on images_seen), and `on_end`; `TrainLoop.state_dict()` is what a checkpoint
+must hold beyond the engines' own state (counters, EMA shadows, the stage's own state).
 """
 from __future__ import annotations
 
@@ -204,8 +204,8 @@ class TrainLoop:
                 self.images_seen += seen
                 self._accumulate(out.metrics)
                 bar.update(seen)
-                for hook in self.hooks:
-                    hook.after_step(self)
+                # Log first, then the cadence work: a checkpoint at N images then never precedes the metrics of N
+                # (a run killed between the two would resume after a line it never wrote).
                 if self.images_seen >= next_log or self.images_seen >= total:
                     last = self._reduce() if self._sums else last
                     history.append({"images": float(self.images_seen), **last})
@@ -213,6 +213,8 @@ class TrainLoop:
                     for hook in self.hooks:
                         hook.on_log(self, last)
                     next_log = (self.images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+                for hook in self.hooks:
+                    hook.after_step(self)
         finally:
             bar.close()
         summary = LoopSummary(self.stage.name, self.images_seen - start_images, self.steps - start_steps,

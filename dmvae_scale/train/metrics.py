@@ -153,3 +153,47 @@ class LogHook(LoopHook):
                 print(f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}", flush=True)
         if self.report is not None:
             self.report(loop.images_seen, out)
+
+
+class ImageGrid(LoopHook):
+    """Every `every` images: the stage's tokenizer reconstructions of the first images of the current batch, under
+    those images, as one TensorBoard image ("reconstructions"). Every rank computes them (under ZeRO-3 a forward
+    gathers parameters collectively); rank 0 writes. Stages without a tokenizer, and batches without images (cached
+    latents), show nothing."""
+
+    IMAGES = 8
+
+    def __init__(self, every: int, stage, device: torch.device, sinks: Optional[MetricSinks], start_images: int):
+        self.every, self.stage, self.device, self.sinks = every, stage, device, sinks
+        self.next = (start_images // every + 1) * every if every > 0 else None
+        self.batch: Optional[dict] = None
+
+    def wrap(self, batches: Iterator) -> Iterator:
+        """The batch iterator, remembering the batch last handed out."""
+        for batch in batches:
+            self.batch = batch
+            yield batch
+
+    @torch.no_grad()
+    def reconstructions(self, batch: dict) -> Optional[torch.Tensor]:
+        tokenizer = getattr(self.stage, "tokenizer", None)
+        if tokenizer is None or "image" not in batch:
+            return None
+        x = batch["image"][:self.IMAGES].to(self.device)
+        features = batch.get("teacher_features")
+        if features is not None:
+            features = features[:self.IMAGES].to(self.device)
+        recon, _ = tokenizer(x, features)
+        return torch.cat([x, recon.to(x.dtype)]).clamp(-1, 1).cpu()
+
+    def after_step(self, loop) -> None:
+        if self.next is None or loop.images_seen < self.next or self.batch is None:
+            return
+        self.next = (loop.images_seen // self.every + 1) * self.every
+        images = self.reconstructions(self.batch)
+        if images is None or self.sinks is None:
+            return
+        from torchvision.utils import make_grid
+        grid = make_grid((images + 1) / 2, nrow=len(images) // 2, padding=2, pad_value=1.0)
+        self.sinks.tb.add_image("reconstructions", grid, loop.images_seen)
+        self.sinks.tb.flush()

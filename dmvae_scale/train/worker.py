@@ -33,7 +33,7 @@ from .deepspeed_engine import build_engines, device_for, init_distributed
 from .durable import file_written
 from .ema import FullEMAView, ShardedEMA
 from .loop import GuardedEngine, LoopHook, TrainingDivergedError, TrainLoop
-from .metrics import FlopCounter, LogHook, MetricSinks
+from .metrics import FlopCounter, ImageGrid, LogHook, MetricSinks
 from .precision import compute_paths, describe_paths
 from .rng import Reseed, seed_everything
 
@@ -155,22 +155,30 @@ class Worker:
         cfg, loop, ckpt = self.cfg, self.loop, self.checkpointer
         reseed = Reseed(cfg.seed, self.rank)
         loop.hooks = [reseed]
-        if ckpt.restore():
-            reseed.seed_for(loop.images_seen)
-        else:
+        fresh = not ckpt.restore()
+        if fresh:
             self._prepare_fresh(reseed)
+        else:
+            reseed.seed_for(loop.images_seen)
         sinks = MetricSinks(cfg, ckpt.store.cache_dir, self.job.wandb_project) if self.rank == 0 else None
         if sinks is not None:
             stack.callback(sinks.close)
-        flops = FlopCounter()
+        # FLOPs are counted on a run's very first step only (counting runs that step under a dispatch mode, whose
+        # numerics differ in the last bits: a resumed run must not take a different step than an uninterrupted one).
+        flops, per_image = FlopCounter(), ckpt.restored_extra.get("flops_per_image")
+        flops.flops_per_step = per_image * self.per_rank_batch if per_image else None
+        ckpt.extra = lambda: {"flops_per_image": flops.flops_per_step / self.per_rank_batch
+                              if flops.flops_per_step else None}
         log = LogHook(start_images=loop.images_seen, per_rank_batch=self.per_rank_batch, world=self.world,
                       device=self.device, precision=self.engine_set.precision, flops=flops, sinks=sinks,
                       report=self.report, summary_lines=self.job.control is not None, total_images=cfg.total_images)
-        loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log]
+        grid = ImageGrid(cfg.log_images_every_images, self.stage, self.device, sinks, loop.images_seen)
+        loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log, grid]
         status, message = "done", ""
         try:
             # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
-            loop.run(flops.wrap(self.attach(iter(self.batches))))
+            batches = grid.wrap(self.attach(iter(self.batches)))
+            loop.run(flops.wrap(batches) if fresh else batches)
         except StopRequested:
             status = "stopped"
             message = (f"stopped on request at {loop.images_seen} of total_images={cfg.total_images} images; "
@@ -186,6 +194,8 @@ class Worker:
         if status == "done":
             result.checkpoint = ckpt.save().url
             result.artifact = self.write_artifact()
+            if self.report is not None and log.history:  # Ray's view ends on the final checkpoint too
+                self.report(loop.images_seen, {k: v for k, v in log.history[-1].items() if k != "images"})
         elif ckpt.last_saved is not None:
             result.checkpoint = ckpt.last_saved.url
         return result
