@@ -93,7 +93,7 @@ def test_run_directory_in_s3_checkpoints_resumes_and_exports(s3_bucket, tmp_path
 
     from dmvae_scale.cli import main
     out = tmp_path / "student.safetensors"
-    assert main(["export", run_dir, str(out), "--weights", "ema", "--models", "student"]) == 0
+    assert main(["export", run_dir, "--out", str(out), "--weights", "ema", "--models", "student"]) == 0
     exported = load_file(str(out))
     from dmvae_scale.data import storage
     artifact = tmp_path / "artifact"
