@@ -7,6 +7,9 @@ An artifact is a directory (local path; s3:// through fsspec) holding
                             content hash; written LAST, so a directory without it is not an artifact
     config.yaml             the resolved config of the run that produced it
 Loading checks the content hash and refuses anything missing or mismatched with an error naming the file and key.
+
+`Artifact` is one opened artifact in a local directory; data/artifact_store.py's `open_artifact` gives one for a
+local path or an s3:// URL (downloaded once per node into a cache keyed by the content hash).
 """
 from __future__ import annotations
 
@@ -134,10 +137,7 @@ def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
     if not files["raw"].is_file():
         raise ArtifactError(f"{files['raw']}: missing from artifact {d}")
     if verify:
-        h = hashlib.sha256(_hash_file(files["raw"]).encode())
-        if files["ema"].is_file():
-            h.update(_hash_file(files["ema"]).encode())
-        if h.hexdigest() != info.content_hash:
+        if content_hash_of(d) != info.content_hash:
             raise ArtifactError(f"{d}: content hash mismatch (files changed after artifact.json was written)")
     path = files[which]
     if not path.is_file():
@@ -151,6 +151,64 @@ def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
             raise ArtifactError(f"{path}: key '{k}' belongs to no model listed in artifact.json ({info.models})")
         out[model][name] = v
     return info, out
+
+
+ARTIFACT_FILES = ("weights.safetensors", "ema.safetensors", "config.yaml")  # besides artifact.json, which goes last
+
+
+@dataclass
+class Artifact:
+    """An artifact readable in `directory` (a local artifact itself, or the local copy of a remote one); `location`
+    is what the user named (a path or a URL), used in every message."""
+
+    location: str
+    directory: Path
+    info: ArtifactInfo
+    verified: bool = False  # content hash checked already (a fresh download); loading then skips the re-hash
+    _loaded: dict = field(default_factory=dict, repr=False)  # which -> weights, read once per opened artifact
+
+    @classmethod
+    def read(cls, directory: str | Path, location: str | None = None) -> "Artifact":
+        return cls(location or str(directory), Path(directory), read_artifact_info(directory))
+
+    def config(self):
+        """The RunConfig of the run that produced this artifact (its config.yaml)."""
+        from .config import load_config
+        config_file = self.directory / "config.yaml"
+        if not config_file.is_file():
+            raise ArtifactError(f"{self.location}/config.yaml is missing; an artifact must carry the config that "
+                                f"made it")
+        try:
+            return load_config(config_file)
+        except UserError as exc:
+            raise ArtifactError(f"{self.location}/config.yaml: {exc}") from None
+
+    def weights(self, which: str = "ema") -> dict[str, dict[str, torch.Tensor]]:
+        """{model: state_dict} of every model, `which` = "ema" or "raw" (checked against the content hash)."""
+        if which not in self._loaded:
+            try:
+                _, self._loaded[which] = load_artifact(self.directory, which=which, verify=not self.verified)
+            except ArtifactError as exc:  # name what the user named, not the cache directory
+                raise ArtifactError(str(exc).replace(str(self.directory), self.location)) from None
+            self.verified = True
+        return self._loaded[which]
+
+    def state(self, model: str, which: str = "ema") -> dict[str, torch.Tensor]:
+        """One model's state dict; an artifact without it is an error naming its stage and models."""
+        weights = self.weights(which)
+        if model not in weights or not weights[model]:
+            raise ArtifactError(f"{self.location}: holds no {which} weights for '{model}' (stage "
+                                f"'{self.info.stage}', models {self.info.models})")
+        return weights[model]
+
+
+def content_hash_of(directory: str | Path) -> str:
+    """The content hash of the weight files in `directory`, as save_artifact computes it."""
+    d = Path(directory)
+    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    if (d / "ema.safetensors").is_file():
+        h.update(_hash_file(d / "ema.safetensors").encode())
+    return h.hexdigest()
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -252,9 +252,11 @@ def _job_address(p):
 
 
 def _add_submit(sub):
-    p = sub.add_parser("submit", help="check a run's config here, then run it on a Ray cluster as a job")
-    p.add_argument("config", help="YAML config of the stage")
+    p = sub.add_parser("submit", help="check a run's config (or a whole pipeline) here, then run it on a Ray cluster "
+                                      "as a job")
+    p.add_argument("config", help="YAML config of the stage, or the word `pipeline` followed by a pipeline directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. total_images=640")
+    p.add_argument("--store", default=None, help="with `submit pipeline DIR`: the store URL every output goes to")
     _job_address(p)
     p.add_argument("--code", choices=("checkout", "installed"), default="checkout",
                    help="checkout: ship this checkout's dmvae_scale (default); installed: the cluster image's package")
@@ -273,6 +275,8 @@ def _add_submit(sub):
         import shutil
         import sys
         from .distributed.jobs import build_submission, submit
+        if args.config == "pipeline":
+            return _submit_pipeline(args)
         sub_ = build_submission(args.config, args.overrides, code=args.code,
                                 pass_credentials=not args.no_credentials,
                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
@@ -287,6 +291,35 @@ def _add_submit(sub):
         print(f"submitted {sub_.config.stage} run '{sub_.config.name}'; follow it with: dmvae-scale jobs logs "
               f"{job_id} --follow --address {args.address}", file=sys.stderr)
     p.set_defaults(func=run)
+
+
+def _submit_pipeline(args) -> int:
+    """`submit pipeline DIR --store URL [overrides]`: checked here, then one Ray job runs `dmvae-scale pipeline`."""
+    import json
+    import shutil
+    import sys
+    from .distributed.jobs import build_pipeline_submission, submit
+    from .errors import UserError
+    from .train.pipeline import load_pipeline
+    if not args.overrides:
+        raise UserError("submit pipeline: name the pipeline directory, e.g. `dmvae-scale submit pipeline configs/demo "
+                        "--store s3://bucket/prefix`")
+    if not args.store:
+        raise UserError("submit pipeline: --store is required (a URL every node can reach, e.g. s3://bucket/prefix)")
+    config_dir, overrides = args.overrides[0], args.overrides[1:]
+    pipe = load_pipeline(config_dir, args.store, overrides)  # every stage config is checked on this machine
+    sub_ = build_pipeline_submission(pipe, overrides, code=args.code, pass_credentials=not args.no_credentials,
+                                     entrypoint_num_cpus=args.entrypoint_num_cpus,
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus)
+    if args.dry_run:
+        shutil.rmtree(sub_.staging_dir, ignore_errors=True)
+        print(json.dumps(sub_.describe(), indent=2))
+        return 0
+    job_id = submit(sub_, args.address, job_id=args.job_id)
+    print(job_id)
+    print(f"submitted pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}; follow it with: dmvae-scale "
+          f"jobs logs {job_id} --follow --address {args.address}", file=sys.stderr)
+    return 0
 
 
 def _add_jobs(sub):
@@ -365,23 +398,59 @@ def _add_export(sub):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="every stage end to end on real Fashion-MNIST: local Ray, DeepSpeed workers, FID")
+    p = sub.add_parser("demo", help="the cluster path on an embedded default: SeaweedFS + a loopback Ray head, the "
+                                    "demo pipeline submitted through the Job API, on real Fashion-MNIST")
+    p.add_argument("overrides", nargs="*", help="pipeline overrides: STEP:key=value for one step, key=value for all")
     p.add_argument("--out", default="runs/demo", help="output directory (re-running resumes; default runs/demo)")
-    p.add_argument("--images", type=int, default=2048, help="Fashion-MNIST training images (default 2048)")
-    p.add_argument("--workers", type=int, default=2, help="DeepSpeed workers per stage (default 2)")
-    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=2)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's images (0.1: a smoke run)")
-    p.add_argument("--per-class", type=int, default=10, help="samples per class for the final FID (default 10)")
-    p.add_argument("--eval-images", type=int, default=500, help="real test images for the FID reference")
+    p.add_argument("--store", default=None, help="an existing store instead of the embedded S3 server: a directory, "
+                                                 "or s3://bucket/prefix (S3_ENDPOINT_URL and AWS_* name the server)")
+    p.add_argument("--quick", action="store_true", help="the same path, small: a few minutes (what CI runs)")
+    p.add_argument("--workers", type=int, default=1, help="DeepSpeed workers per stage (default 1)")
 
     def run(args):
         from .demo import DemoOptions, run_demo
-        run_demo(DemoOptions(out=args.out, images=args.images, workers=args.workers, zero_stage=args.zero_stage,
-                             scale=args.scale, per_class=args.per_class, eval_images=args.eval_images))
+        run_demo(DemoOptions(out=args.out, store=args.store, quick=args.quick, workers=args.workers,
+                             overrides=list(args.overrides)))
     p.set_defaults(func=run)
 
 
-COMMANDS = [_add_demo, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
+def _add_pipeline(sub):
+    p = sub.add_parser("pipeline", help="a whole recipe (shards, stages, latent cache, samples, FID) under one store; "
+                                        "rerunning skips what is complete and resumes the rest")
+    p.add_argument("config_dir", help="directory with pipeline.yaml and the stage configs (configs/demo, "
+                                      "configs/imagenet256)")
+    p.add_argument("overrides", nargs="*", help="STEP:key=value for one step (tokenizer:total_images=640), key=value "
+                                                  "for every train step")
+    p.add_argument("--store", required=True, help="where every output goes: a directory or s3://bucket/prefix")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded loopback Ray; "
+                                                   "inside a Ray job: the job's cluster)")
+    p.add_argument("--work-dir", default=None, help="local scratch for sampling and evaluation (default under "
+                                                    "~/.cache/dmvae-scale/pipeline)")
+    p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
+    p.add_argument("--check", action="store_true", help="load and check every config, print the plan, run nothing")
+
+    def run(args):
+        import os
+        from .train.pipeline import load_pipeline, run_pipeline, step_complete
+        pipe = load_pipeline(args.config_dir, args.store, args.overrides)
+        if args.check:
+            for i, step in enumerate(pipe.steps, 1):
+                cfg = pipe.train_config(step) if step.kind == "train" else None
+                done = "complete" if step_complete(pipe, step, cfg, clean=False) else "to run"
+                print(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}")
+            return 0
+        from .train.launch import connect
+        import ray
+        started = connect(args.address, num_cpus=max(2, os.cpu_count() or 1))
+        try:
+            run_pipeline(pipe, address=args.address, work_dir=args.work_dir, only=args.only)
+        finally:
+            if started:
+                ray.shutdown()
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_add_demo, _add_pipeline, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # A dotted config override (score.depth=12, sampler.guidance_interval=[0.1,1.0]): accepted anywhere on the line.
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -407,7 +476,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if overrides:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(overrides)} (this command takes no config overrides)")
-        args.overrides = list(overrides)
+        args.overrides = list(args.overrides or []) + overrides  # positional words (a pipeline dir) first
     return args
 
 

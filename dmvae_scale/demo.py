@@ -1,122 +1,138 @@
-"""`dmvae-scale demo`: the main job on its embedded default, every stage end to end on real data.
+"""`dmvae-scale demo`: the cluster path on an embedded default, end to end on real data.
 
-On one machine, with nothing but what the installer put there:
-  1. real images: Debian's Fashion-MNIST written as MDS shards into a local object-store directory;
-  2. an embedded Ray on loopback; each of the five stages (configs/demo/) trained by DeepSpeed workers launched by Ray
-     Train, each loading the previous stage's artifact;
-  3. class-balanced samples of the generator over Ray workers, FID against real test images, a report.
-Re-running the demo with the same --out resumes: finished shards, artifacts and samples are kept.
+What a cluster user does, on one machine with nothing but what the installer put there:
+  1. an object store: an embedded SeaweedFS server on loopback (`--store DIR` uses a plain directory instead);
+  2. a Ray head on loopback with its Job API (the dashboard port), as `ray start --head` gives on a cluster;
+  3. the demo pipeline (configs/demo/pipeline.yaml: shards, the stages, the latent cache, samples, FID) submitted
+     through the Job API as one job, its logs followed here;
+  4. the report copied next to --out.
+Ctrl-C stops the job (its training steps checkpoint first); the same command again resumes: the store's data
+directory lives under --out, and the pipeline skips what is complete.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import load_config
 from .errors import UserError
 
-STAGES = ("tokenizer", "reference", "dmd", "decoder", "generator")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
+BUCKET = "dmvae-demo"
+# `--quick`: the same path, small (CI runs it): every stage a few steps, few samples, a small FID reference.
+QUICK = ["total_images=64", "log_every_images=32", "ckpt_every_images=32", "shards:limit=256",
+         "samples:per_class=2", "fid:limit=100"]
 
 
 @dataclass
 class DemoOptions:
     out: str = "runs/demo"
-    images: int = 2048  # training images (Fashion-MNIST train split, first N)
-    workers: int = 2  # DeepSpeed workers per stage (Ray Train)
-    zero_stage: int = 2
-    scale: float = 1.0  # multiplies each stage's total_images (0.1 for a smoke run)
-    per_class: int = 10  # samples per class for the FID at the end
-    eval_images: int = 500  # real test images for the reference statistics
+    store: str | None = None  # a directory instead of the embedded S3 server
+    quick: bool = False
+    workers: int = 1  # DeepSpeed workers per stage
+    overrides: list[str] = field(default_factory=list)  # pipeline overrides (STEP:key=value, key=value)
     config_dir: str = str(CONFIG_DIR)
+    stop_wait_s: float = 180.0  # how long Ctrl-C waits for the job to checkpoint and stop
 
 
-def _stage_overrides(stage: str, o: DemoOptions, out: Path, shards: Path, total: int) -> list[str]:
-    ov = [f"run_dir={out / stage}", f"data.source={shards}", f"distributed.num_workers={o.workers}",
-          f"distributed.zero_stage={o.zero_stage}", "data.limit=null", f"total_images={total}"]
-    upstream = {"reference": "tokenizer", "dmd": "tokenizer", "decoder": "dmd", "generator": "decoder"}
-    if stage in upstream:
-        ov.append(f"inputs.tokenizer={out / upstream[stage] / 'artifact'}")
-    if stage == "dmd":
-        ov.append(f"inputs.reference={out / 'reference' / 'artifact'}")
-    return ov
+def _copy_report(store_url: str, dest: Path) -> dict:
+    """The evaluation's files from the store to `dest`; returns its metrics."""
+    from .data import storage
+    dest.mkdir(parents=True, exist_ok=True)
+    fs, root = storage.filesystem(storage.join(store_url, "eval"))
+    metrics = {}
+    for path in fs.find(root):
+        rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/")) else os.path.basename(path)
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(fs.cat_file(path))
+        if target.name == "metrics.json":
+            metrics[target.parent.name] = json.loads(target.read_text())
+    grid = storage.join(store_url, "samples", "samples", "grid.png")
+    if storage.exists(grid):
+        (dest / "samples-grid.png").write_bytes(storage.read_bytes(grid))
+    return metrics
 
 
-def _scaled_total(cfg_total: int, batch: int, scale: float) -> int:
-    return max(batch * 2, int(cfg_total * scale) // batch * batch)
+def _artifact_ids(pipe) -> dict[str, str]:
+    """step -> artifact id of every train step (what the next steps were made from)."""
+    from .data import storage
+    from .train.pipeline import artifact_id
+    out = {}
+    for step in pipe.steps:
+        if step.kind == "train":
+            out[step.name] = artifact_id(json.loads(storage.read_bytes(storage.join(pipe.artifact_url(step.name),
+                                                                                   "artifact.json"))))
+    return out
 
 
 def run_demo(o: DemoOptions) -> dict:
-    """Run every stage and the evaluation; returns the summary (also written to OUT/summary.json)."""
-    import ray
-
-    from .data.shards import write_shards
-    from .eval.commands import eval_ref, eval_samples
-    from .eval.evaluate import EvalOptions
-    from .eval.sample_run import run_sample
-    from .train.launch import train
+    from .distributed import jobs
+    from .distributed.ray_local import start_local_cluster
+    from .train.pipeline import load_pipeline
 
     config_dir = Path(o.config_dir)
-    if not all((config_dir / f"{s}.yaml").is_file() for s in STAGES):
+    if not (config_dir / "pipeline.yaml").is_file():
         raise UserError(f"demo configs not found in {config_dir}: run the demo from a checkout of dmvae-scale "
-                        f"(configs/demo/*.yaml) or pass --config-dir")
-    if o.workers < 1 or o.images < 64 or o.scale <= 0:
-        raise UserError("demo: --workers >= 1, --images >= 64 and --scale > 0 are required")
+                        f"(configs/demo/pipeline.yaml)")
+    if o.workers < 1:
+        raise UserError(f"--workers: at least 1, got {o.workers}")
     out = Path(o.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    rows: list[dict] = []
-
-    print(f"[demo 1/4] Fashion-MNIST ({o.images} train images) -> MDS shards in {out / 'store'}", flush=True)
-    shards = out / "store" / "fashion-mnist" / "train"
-    summary = write_shards("fashion-mnist", str(shards), split="train", limit=o.images, workers=1)
-    print(summary.line(), flush=True)
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=max(2, o.workers),
-                 configure_logging=False, log_to_driver=True)
-        started_ray = True
+    overrides = (QUICK if o.quick else []) + [f"distributed.num_workers={o.workers}"] + list(o.overrides)
+    store_proc = cluster = None
+    saved_env = dict(os.environ)
     try:
-        for i, stage in enumerate(STAGES, 1):
-            base = load_config(config_dir / f"{stage}.yaml")
-            total = _scaled_total(base.total_images, base.batch_size, o.scale)
-            cfg = load_config(config_dir / f"{stage}.yaml", _stage_overrides(stage, o, out, shards, total))
-            print(f"[demo 2/4] stage {i}/5 {stage}: {total} images on {o.workers} DeepSpeed worker(s), "
-                  f"ZeRO-{o.zero_stage}", flush=True)
-            res = train(cfg)  # prints its own summary line
-            last = res.history[-1] if res.history else {}
-            rows.append({"stage": stage, "images": res.images_seen, "steps": res.steps, "seconds": round(res.seconds, 1),
-                         "artifact": res.artifact, **{k: v for k, v in last.items() if k.startswith("loss")}})
-
-        print(f"[demo 3/4] sampling {o.per_class} per class from the generator over {o.workers} Ray worker(s)",
+        if o.store is None:
+            from .data.object_store import ObjectStore
+            print(f"[demo] object store: SeaweedFS on loopback, data in {out / 'object-store'}", flush=True)
+            store_proc = ObjectStore(out / "object-store").start()
+            os.environ.update(store_proc.env())
+            store_url = f"{store_proc.create_bucket(BUCKET)}/pipeline"
+        else:  # an existing store: a directory, or s3://bucket/prefix reached through S3_ENDPOINT_URL / AWS_*
+            from .data import storage
+            store_url = o.store.rstrip("/") if storage.is_remote(o.store) else str(Path(o.store).resolve())
+        pipe = load_pipeline(config_dir, store_url, overrides)  # every config checked before a job is sent
+        print(f"[demo] Ray head on loopback with its Job API; {len(pipe.steps)} pipeline steps -> {store_url}",
               flush=True)
-        samples = run_sample(str(out / "generator" / "artifact"), str(out / "samples"), num_per_class=o.per_class,
-                             batch_size=50, workers=o.workers)
+        cluster = start_local_cluster(num_cpus=max(2, o.workers), env={"RAY_JOB_STOP_WAIT_TIME_S":
+                                                                           str(int(o.stop_wait_s))})
+        os.environ.update(cluster.client_env())
+        submission = jobs.build_pipeline_submission(pipe, overrides)
+        job_id = jobs.submit(submission, cluster.dashboard_url)
+        print(f"[demo] submitted job {job_id} (what `dmvae-scale submit pipeline {config_dir} --store {store_url}` "
+              f"does on a cluster); following its logs", flush=True)
+        try:
+            jobs.follow_logs(cluster.dashboard_url, job_id, sys.stdout)
+            status = jobs.wait_for_job(cluster.dashboard_url, job_id, timeout_s=60)
+        except KeyboardInterrupt:
+            print(f"\n[demo] interrupted: stopping job {job_id} (its running stage checkpoints first)", flush=True)
+            status = jobs.stop_job(cluster.dashboard_url, job_id, wait_s=o.stop_wait_s)
+            raise UserError(f"demo stopped ({status}) after {time.perf_counter() - began:.0f} s; run the same "
+                            f"command again to resume from {out}") from None
+        if status != "SUCCEEDED":
+            _, message = jobs.job_status(cluster.dashboard_url, job_id)
+            raise UserError(f"the demo pipeline job {job_id} ended {status}: {message}; the logs above say where; "
+                            f"run the same command again to resume")
+        metrics = _copy_report(store_url, out / "report")
+        artifacts = _artifact_ids(pipe)
     finally:
-        if started_ray:
-            ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+        if store_proc is not None:
+            store_proc.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+    seconds = time.perf_counter() - began
+    summary = {"seconds": round(seconds, 1), "store": store_url, "metrics": metrics, "report": str(out / "report"),
+               "artifacts": artifacts}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    fid = metrics.get("fid", {}).get("fid")
+    print(f"demo done in {seconds:.0f} s: FID {fid if fid is None else round(fid, 2)}; report in {out / 'report'}; "
+          f"summary {out / 'summary.json'}", flush=True)
+    return summary
 
-    print(f"[demo 4/4] FID of the samples against {o.eval_images} real Fashion-MNIST test images", flush=True)
-    opts = EvalOptions(allow_few_samples=True)
-    ref = out / "eval" / "fashion-mnist-test.npz"
-    if not ref.is_file():
-        eval_ref("fashion-mnist", str(ref), split="test", image_size=32, limit=o.eval_images, opts=opts)
-    metrics = eval_samples(str(samples), str(ref), str(out / "eval"), opts=opts)
-
-    result = {"stages": rows, "metrics": metrics, "seconds": round(time.perf_counter() - began, 1),
-              "report": str(out / "eval" / "report.md"), "samples": str(samples)}
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
-    print()
-    print(f"{'stage':<10} {'images':>7} {'steps':>6} {'seconds':>8}  artifact")
-    for r in rows:
-        print(f"{r['stage']:<10} {r['images']:>7} {r['steps']:>6} {r['seconds']:>8}  {r['artifact']}")
-    fid = metrics.get("fid") if isinstance(metrics, dict) else None
-    print(f"demo done in {result['seconds']:.0f} s: FID {fid if fid is None else round(fid, 2)} "
-          f"({o.per_class * 10} samples vs {o.eval_images} real test images; tiny CPU models, a plumbing number); "
-          f"report {result['report']}; summary {out / 'summary.json'}")
-    return result

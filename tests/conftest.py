@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # What the full suite needs beyond torch and pytest (import names).
-STACK = ("yaml", "numpy", "ray", "deepspeed", "streaming", "s3fs", "boto3", "moto", "safetensors", "PIL", "tqdm",
+STACK = ("yaml", "numpy", "ray", "deepspeed", "streaming", "s3fs", "boto3", "safetensors", "PIL", "tqdm",
          "scipy", "sklearn", "torchvision", "torch_fidelity", "matplotlib")
 
 
@@ -127,8 +127,8 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-# An S3 server on 127.0.0.1 (session) and a fresh bucket per test; see tests/s3_server.py.
-if not MISSING & {"boto3", "moto", "s3fs"}:
+# A SeaweedFS S3 server on 127.0.0.1 (session) and a fresh bucket per test; see tests/s3_server.py.
+if not MISSING & {"boto3", "s3fs"}:
     from s3_server import s3_bucket, s3_server  # noqa: E402,F401
 
 

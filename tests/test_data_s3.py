@@ -1,4 +1,4 @@
-"""Shards in a real S3-compatible store (moto's server on 127.0.0.1): written by `data shards`, streamed back
+"""Shards in a real S3-compatible store (SeaweedFS on 127.0.0.1): written by `data shards`, streamed back
 byte-identical, verified; a missing shard and an unreachable endpoint fail fast with their names."""
 import time
 

@@ -1,5 +1,5 @@
 """DeepSpeed workers as plain processes (no Ray): a checkpoint killed half-way is never resumed from, and a run
-directory in S3 (moto) checkpoints, resumes and exports like a local one."""
+directory in S3 (SeaweedFS) checkpoints, resumes and exports like a local one."""
 from __future__ import annotations
 
 import multiprocessing

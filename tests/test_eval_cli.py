@@ -105,8 +105,9 @@ def test_eval_tokenizer_reports_rfid_and_exact_psnr(artifacts, tmp_path):  # noq
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     # Recompute the PSNR here from the same artifact and images.
-    from dmvae_scale.eval.artifact_models import load_tokenizer
-    tok, _, cfg = load_tokenizer(artifacts / "tokenizer")
+    from dmvae_scale.data.artifact_store import open_tokenizer
+    tok, artifact = open_tokenizer(artifacts / "tokenizer")
+    cfg = artifact.config()
     images = next(open_image_set("fashion-mnist", "test", cfg.tokenizer.image_size, 6).batches(6))
     x = as_uint8_nchw(images)
     with torch.no_grad():

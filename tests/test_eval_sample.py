@@ -67,7 +67,7 @@ def test_default_plan_is_50_per_class_from_the_artifact_config(artifacts):
     counts = np.bincount(plan.labels(range(plan.num_samples)))
     assert plan.num_samples == 500 and list(counts) == [50] * 10
     assert (plan.method, plan.steps, plan.cfg_scale) == ("ode_heun", 20, 1.0)  # configs/demo/generator.yaml
-    assert tok == artifacts / "tokenizer"
+    assert tok == str(artifacts / "tokenizer")
 
 
 def test_local_sampling_writes_pngs_npz_grid_and_settings(local_run):

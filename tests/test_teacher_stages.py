@@ -16,7 +16,8 @@ from ray_cluster import ray_cluster, ray_driver  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 
 from dmvae_scale.config import ConfigError, load_config
-from dmvae_scale.data.latents import LatentStreamDataset, load_tokenizer
+from dmvae_scale.data.artifact_store import open_tokenizer
+from dmvae_scale.data.latents import LatentStreamDataset
 from dmvae_scale.data.shards import write_shards
 from dmvae_scale.distributed.teacher_service import options_from_config, start_teacher_service, stop_teacher_service
 from dmvae_scale.distributed.teachers import build_teacher, spec_from_config
@@ -207,7 +208,7 @@ def test_cache_latents_with_the_service_equals_in_process(tokenizer_runs, tmp_pa
 
     # And they are this tokenizer's latents of those images (its encoder run directly, not through the teacher).
     from dmvae_scale.data.stream import ImageStreamDataset
-    tok, _ = load_tokenizer(tokenizer_dir)
+    tok, _ = open_tokenizer(tokenizer_dir)
     images = ImageStreamDataset(str(src), batch_size=8, image_size=32, crop="adm", hflip=False, shuffle=False)
     x = torch.stack([images[i]["image"] for i in range(8)])
     with torch.no_grad():

@@ -208,7 +208,8 @@ PRESETS = {
 def bench_generator(args, work: Path) -> dict:
     from dmvae_scale.artifacts import ArtifactInfo, save_artifact
     from dmvae_scale.config import config_hash, dump_yaml, load_config
-    from dmvae_scale.data.latents import LatentStreamDataset, cache_latents, load_tokenizer, resolve_device
+    from dmvae_scale.data.artifact_store import open_tokenizer
+    from dmvae_scale.data.latents import LatentStreamDataset, cache_latents, resolve_device
     from dmvae_scale.data.shards import write_shards
     from dmvae_scale.data.stream import ImageStreamDataset, close_iteration, make_loader
     from dmvae_scale.method.flow import flow_matching_loss
@@ -231,7 +232,8 @@ def bench_generator(args, work: Path) -> dict:
     cache_latents(images_url, latents_url, str(art), weights="raw", batch_size=args.gen_batch, workers=args.workers,
                   device=str(device), progress=False)
     cache_s = time.perf_counter() - t0
-    tokenizer, info = load_tokenizer(str(art), "raw")
+    tokenizer, artifact = open_tokenizer(str(art), "raw")
+    info = artifact.info
     tokenizer.to(device)
     score = gen_cfg.score
     dit = LightningDiT(score).to(device)

@@ -7,7 +7,7 @@ the tokenizer artifact id, its LatentSpec (the normalisation every score/generat
 measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
-With `attach` (train/local.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
+With `attach` (train/features.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
 teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request and
 only the bottleneck runs here.
 
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmvae_scale.artifacts import LatentSpec, load_artifact, load_into
+from dmvae_scale.artifacts import LatentSpec
 from dmvae_scale.errors import UserError
 
 from . import storage
+from .artifact_store import open_tokenizer
 from .stream import ImageStreamDataset, _EpochAware, streaming_locations
 from .transforms import sample_rng
 
@@ -66,23 +67,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_tokenizer(artifact_dir: str, weights: str = "ema"):
-    """(Tokenizer with the artifact's weights, in eval mode; ArtifactInfo) from a tokenizer-producing stage."""
-    from dmvae_scale.config import load_config
-    from dmvae_scale.models.tokenizer import Tokenizer
-    info, models = load_artifact(artifact_dir, which=weights)
-    if "tokenizer" not in models:
-        raise UserError(f"{artifact_dir}: artifact of stage '{info.stage}' holds no tokenizer "
-                        f"(models: {', '.join(info.models)}); pass a tokenizer or decoder stage artifact")
-    config_file = Path(artifact_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{config_file}: missing; the tokenizer's shape cannot be known without it")
-    cfg = load_config(config_file).tokenizer
-    tokenizer = Tokenizer(cfg, load_pretrained=False)
-    load_into(tokenizer, models["tokenizer"], f"tokenizer from {artifact_dir}")
-    return tokenizer.eval().requires_grad_(False), info
-
-
 def _encode(tokenizer, x: torch.Tensor) -> torch.Tensor:
     if tokenizer.cfg.in_channels == 1:
         x = x.mean(dim=1, keepdim=True)  # grayscale sets arrive replicated to RGB
@@ -108,7 +92,8 @@ def cache_latents(src: str, dest: str, tokenizer_dir: str, *, weights: str = "em
     from torch.utils.data import DataLoader
     started = time.perf_counter()
     dev = resolve_device(device)
-    tokenizer, info = load_tokenizer(tokenizer_dir, weights)
+    tokenizer, artifact = open_tokenizer(tokenizer_dir, weights)
+    info = artifact.info
     tokenizer.to(dev)
     size = image_size or tokenizer.cfg.image_size
     storage.check_reachable(dest)
@@ -195,11 +180,12 @@ class LatentStreamDataset(_EpochAware):
         self.hflip = hflip
         self.seed = int(seed)
         self.with_keys = with_keys
+        self.url = url
         super().__init__(**locations, batch_size=batch_size, shuffle=shuffle, shuffle_seed=self.seed,
                          num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        raw = self.get_item(sample_id)
+        raw = self.read_sample(sample_id, lambda raw: raw)  # a damaged shard: ShardDataError naming it
         flip = self.hflip and bool(sample_rng(self.seed, self.current_epoch, sample_id).integers(0, 2))
         latent = raw["latent_flip"] if flip else raw["latent"]
         out = {"latent": torch.from_numpy(np.asarray(latent, dtype=np.float32).copy()),

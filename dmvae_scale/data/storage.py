@@ -1,6 +1,6 @@
 """Dataset locations: a local directory or an object-store URL (s3://bucket/prefix) through fsspec / s3fs.
 
-Credentials come from the usual AWS variables; the endpoint of an S3-compatible store (MinIO, moto, ...) from
+Credentials come from the usual AWS variables; the endpoint of an S3-compatible store (SeaweedFS, MinIO, ...) from
 S3_ENDPOINT_URL, the variable Streaming's own downloader reads too. Before any bulk transfer we check once that the
 endpoint accepts connections, so an unreachable store fails in seconds with its address in the message instead of
 after minutes of retries.

@@ -13,20 +13,27 @@ both carried in the state, not on the world size).
 
 Augmentation: crop offsets and flips are drawn from a generator seeded by (seed, epoch, global sample id), so a
 resumed or re-partitioned run augments every sample exactly as the uninterrupted run would.
+
+Damaged data: shards downloaded from an object store are checked against the hash their writer recorded in the
+index (Streaming's validate_hash); a sample that cannot be read from a local shard has its shard hashed then. Either
+way a shard whose bytes do not match its index is a ShardDataError (a user error) naming the shard and the sample,
+and a damaged downloaded copy is removed from the cache so the next run fetches it again.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState  # Streaming 0.13 internals; pinned in pyproject
 
+from dmvae_scale.errors import UserError
+
 from . import storage
-from .shards import load_index
+from .shards import SHARD_HASH, load_index
 from .transforms import ImageTransform, decode_image, sample_rng
 
 _LOCAL = _ShardState.LOCAL
@@ -40,10 +47,24 @@ def default_cache_dir(url: str) -> str:
 
 def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None]:
     """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check."""
-    load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
+    index = load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
     if storage.is_remote(url):
-        return {"remote": url, "local": cache_dir or default_cache_dir(url)}
+        hashed = all(SHARD_HASH in (s["raw_data"].get("hashes") or {}) for s in index["shards"])
+        return {"remote": url, "local": cache_dir or default_cache_dir(url),
+                "validate_hash": SHARD_HASH if hashed else None}  # each download checked against its index entry
     return {"remote": None, "local": os.path.abspath(url)}
+
+
+class ShardDataError(UserError):
+    """A shard whose bytes do not match the hash in its index: names the dataset, the shard and the sample."""
+
+    def __init__(self, message: str):
+        # Raised in a DataLoader worker, torch re-raises it here as ShardDataError("Caught ... Original Traceback
+        # ... ShardDataError: <message>"): keep the message a user reads, not the worker's traceback.
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 class _EpochAware(StreamingDataset):
@@ -80,6 +101,67 @@ class _EpochAware(StreamingDataset):
         if self._shard_states[shard_id] == _LOCAL:
             local.add(shard_id)
 
+    def __iter__(self):
+        # Streaming ends the epoch early and silently when its download thread fails (a hash mismatch included);
+        # the next epoch would then fail with "Background thread failed". Fail now, naming what went wrong.
+        if self._thread_failed():
+            self._raise_thread_failure()
+        yield from super().__iter__()
+        if self._thread_failed():
+            self._raise_thread_failure()
+
+    def read_sample(self, sample_id: int, decode: Callable[[dict], Any]) -> Any:
+        """decode(get_item(sample_id)); a failure is turned into a ShardDataError when the sample's shard does not
+        match its index (or a download thread failed)."""
+        try:
+            return decode(self.get_item(sample_id))
+        except Exception:
+            shard_id, in_shard = self.spanner[sample_id]
+            damage = self._damage(shard_id)
+            if damage is not None:
+                raise ShardDataError(f"{self._name()}: shard {damage}, found reading sample {sample_id} (its sample "
+                                     f"{in_shard}); {_REMEDY}") from None
+            if self._thread_failed():
+                self._raise_thread_failure()
+            raise
+
+    def _name(self) -> str:
+        return getattr(self, "url", None) or self.streams[0].remote or self.streams[0].local
+
+    def _thread_failed(self) -> bool:
+        return hasattr(self, "_event") and self._event.is_set()
+
+    def _raise_thread_failure(self):
+        for shard_id in range(self.num_shards):
+            damage = self._damage(shard_id)
+            if damage is not None:
+                first = int(self.sample_offset_per_shard[shard_id])
+                last = first + int(self.samples_per_shard[shard_id]) - 1
+                raise ShardDataError(f"{self._name()}: shard {damage}, found downloading it for samples "
+                                     f"{first}-{last}; {_REMEDY}")
+        raise RuntimeError(f"{self._name()}: Streaming's download thread failed (its traceback is above); the epoch "
+                           f"cannot be completed")
+
+    def _damage(self, shard_id: int) -> str | None:
+        """'NAME does not match its index (...)' for a shard whose local copy does not hash as its index says, else
+        None. A damaged downloaded copy is deleted (the next run downloads it again); a local dataset's file stays."""
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw = self.shards[shard_id].file_pairs[0][0]
+        want = (raw.hashes or {}).get(SHARD_HASH)
+        path = os.path.join(stream.local, stream.split or "", raw.basename)
+        if want is None or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            got = hashlib.new(SHARD_HASH, f.read()).hexdigest()
+        if got == want:
+            return None
+        if stream.remote:
+            os.remove(path)
+        return f"{raw.basename} does not match its index ({SHARD_HASH} {got[:12]}..., index.json says {want[:12]}...)"
+
+
+_REMEDY = "rewrite the dataset or restore the shard (`dmvae-scale data verify URL` checks every shard)"
+
 
 class ImageStreamDataset(_EpochAware):
     """Image shards written by `dmvae-scale data shards`, as model-ready tensors.
@@ -98,10 +180,9 @@ class ImageStreamDataset(_EpochAware):
                          shuffle_seed=self.seed, num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        raw = self.get_item(sample_id)
+        raw, image = self.read_sample(sample_id, lambda raw: (raw, decode_image(raw["image"])))
         rng = sample_rng(self.seed, self.current_epoch, sample_id)
-        out = {"image": self.transform(decode_image(raw["image"]), rng),
-               "label": torch.tensor(int(raw["label"]), dtype=torch.long)}
+        out = {"image": self.transform(image, rng), "label": torch.tensor(int(raw["label"]), dtype=torch.long)}
         if self.with_keys:
             out["key"] = raw["key"]
         return out

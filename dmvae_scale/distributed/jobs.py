@@ -172,6 +172,16 @@ def build_submission(config: str, overrides: list[str] = (), code: str = "checko
         raise UserError(f"--code: expected checkout or installed, got {code!r}")
     staging = Path(tempfile.mkdtemp(prefix="dmvae-job-"))
     (staging / "config.yaml").write_text(dump_yaml(cfg))
+    runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
+    command = ["python", "-m", "dmvae_scale.cli", "train", "config.yaml"] if code == "checkout" else \
+        ["dmvae-scale", "train", "config.yaml"]
+    entrypoint = shlex.join(command + list(train_args))
+    return Submission(entrypoint, runtime_env, cfg, entrypoint_num_cpus, entrypoint_num_gpus,
+                      metadata={"run": cfg.name, "stage": cfg.stage}, staging_dir=staging)
+
+
+def _runtime_env(staging: Path, code: str, pass_credentials: bool,
+                 extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     env = {k: os.environ[k] for k in PLAIN_ENV if pass_credentials and os.environ.get(k)}
     keys = {k: os.environ[k] for k in CREDENTIAL_ENV if pass_credentials and os.environ.get(k)}
     if keys:
@@ -181,12 +191,33 @@ def build_submission(config: str, overrides: list[str] = (), code: str = "checko
     if code == "checkout":
         runtime_env["py_modules"] = [str(package_dir())]
         runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-        command = ["python", "-m", "dmvae_scale.cli", "train", "config.yaml"]
-    else:
-        command = ["dmvae-scale", "train", "config.yaml"]
-    entrypoint = shlex.join(command + list(train_args))
-    return Submission(entrypoint, runtime_env, cfg, entrypoint_num_cpus, entrypoint_num_gpus,
-                      metadata={"run": cfg.name, "stage": cfg.stage}, staging_dir=staging)
+    return runtime_env
+
+
+def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout", pass_credentials: bool = True,
+                              entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
+                              extra_env: Optional[dict[str, str]] = None) -> Submission:
+    """A checked pipeline (train.pipeline.load_pipeline) as one job: its directory travels as the working directory
+    and the job's driver runs `dmvae-scale pipeline pipeline --store URL [overrides]` on the job's cluster."""
+    from ..train.pipeline import copy_config_dir
+    if code not in ("checkout", "installed"):
+        raise UserError(f"--code: expected checkout or installed, got {code!r}")
+    if not _storage_is_shared(pipe.store):
+        raise UserError(f"--store {pipe.store}: a job's steps run on the cluster's nodes; give a store they all "
+                        f"reach (s3://bucket/prefix) or an absolute path on a shared filesystem")
+    staging = Path(tempfile.mkdtemp(prefix="dmvae-job-"))
+    copy_config_dir(pipe.config_dir, staging / "pipeline")
+    runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
+    head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
+    entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store])
+    first = RunConfig()
+    return Submission(entrypoint, runtime_env, first, entrypoint_num_cpus, entrypoint_num_gpus,
+                      metadata={"run": f"pipeline {pipe.config_dir.name}", "store": pipe.store},
+                      staging_dir=staging)
+
+
+def _storage_is_shared(store: str) -> bool:
+    return "://" in store or os.path.isabs(store)
 
 
 def submit(submission: Submission, address: str, job_id: Optional[str] = None) -> str:

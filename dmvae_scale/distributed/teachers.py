@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import ArtifactError, load_artifact, load_into
+from ..artifacts import ArtifactError, load_into
 from ..config import ConfigError, RunConfig
+from ..data.artifact_store import open_artifact
+from ..data.storage import StorageError
 from ..models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
 from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
 
@@ -119,18 +121,20 @@ def _build_dinov2(spec: TeacherSpec) -> Teacher:
 
 def _build_tokenizer_encoder(spec: TeacherSpec) -> Teacher:
     try:
-        info, models = load_artifact(spec.weights, which=spec.artifact_weights)
+        artifact = open_artifact(spec.weights)  # local, or downloaded once per node from the object store
+        info = artifact.info
         if info.content_hash != spec.sha256:
             raise WeightsFileError(f"tokenizer artifact {spec.weights}: content hash {info.content_hash[:16]}... is "
                                    f"not the {str(spec.sha256)[:16]}... this run was started with (the artifact "
                                    f"changed); restart the run")
-        if "tokenizer" not in models:
+        if "tokenizer" not in info.models:
             raise WeightsFileError(f"artifact {spec.weights} (stage '{info.stage}') holds no tokenizer")
-        state = {k[len("encoder."):]: v for k, v in models["tokenizer"].items() if k.startswith("encoder.")}
+        tokenizer = artifact.state("tokenizer", spec.artifact_weights)
+        state = {k[len("encoder."):]: v for k, v in tokenizer.items() if k.startswith("encoder.")}
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
             net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
         load_into(net, state, f"the encoder of tokenizer artifact {spec.weights}")
-    except ArtifactError as exc:
+    except (ArtifactError, StorageError) as exc:
         raise WeightsFileError(str(exc)) from None
     return Teacher(spec, net, net.embed_dim)
 

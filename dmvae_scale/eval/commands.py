@@ -65,10 +65,11 @@ def eval_tokenizer(tokenizer: str, source: str, out: str, split: str = "test", l
                    weights: str = "ema", inception: Optional[str] = None, device: Optional[str] = None,
                    opts: EvalOptions = EvalOptions()) -> dict:
     """rFID / PSNR / SSIM of a tokenizer artifact's reconstructions of a validation split."""
-    from .artifact_models import load_tokenizer
+    from dmvae_scale.data.artifact_store import open_tokenizer
 
     dev = _device(device)
-    tok, info, cfg = load_tokenizer(tokenizer, weights)
+    tok, artifact = open_tokenizer(tokenizer, weights)
+    info, cfg = artifact.info, artifact.config()
     tok = tok.to(dev)
     size, channels = cfg.tokenizer.image_size, cfg.tokenizer.in_channels
     images = open_image_set(source, split, size, limit)

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dmvae_scale.artifacts import read_artifact_info
 from dmvae_scale.config import load_config
+from dmvae_scale.data.artifact_store import artifact_info, open_artifact
 from dmvae_scale.errors import UserError
 
 from .report import save_grid
@@ -35,19 +35,20 @@ def _sampler_overrides(overrides: Sequence[str]) -> list[str]:
 
 def plan_for(generator: str | Path, num_per_class: Optional[int], num_samples: Optional[int], batch_size: int,
              overrides: Sequence[str] = (), weights: str = "ema", tokenizer: Optional[str] = None
-             ) -> tuple[SamplingPlan, Path]:
-    """The sampling plan from the generator artifact's config (+ sampler overrides), and its tokenizer's path.
-    Reads manifests and configs only; weights are loaded by the workers."""
-    path = Path(generator)
-    info = read_artifact_info(path)
+             ) -> tuple[SamplingPlan, str]:
+    """The sampling plan from the generator artifact's config (+ sampler overrides), and its tokenizer's location.
+    Checks the manifests (and fetches a remote generator into the node's cache, where its workers find it)."""
+    path = str(generator)
+    artifact = open_artifact(path)  # local, or its manifest and files fetched once into the node's cache
+    info = artifact.info
     if "generator" not in info.models or info.latent is None:
         raise UserError(f"{path}: a '{info.stage}' artifact (models {info.models}); `sample` needs a generator-stage "
                         f"artifact")
-    cfg = load_config(path / "config.yaml", _sampler_overrides(overrides))
-    tok = Path(tokenizer) if tokenizer else (Path(cfg.inputs.tokenizer) if cfg.inputs.tokenizer else None)
+    cfg = load_config(artifact.directory / "config.yaml", _sampler_overrides(overrides))
+    tok = str(tokenizer) if tokenizer else cfg.inputs.tokenizer
     if tok is None:
         raise UserError(f"{path}: its config names no inputs.tokenizer; pass the tokenizer artifact (--tokenizer)")
-    found, expected = read_artifact_info(tok).id, info.upstream.get("tokenizer")
+    found, expected = artifact_info(tok).id, info.upstream.get("tokenizer")
     if expected and found != expected:
         raise UserError(f"tokenizer artifact {tok} is {found}, but generator {path} was trained on the latents of "
                         f"{expected}; pass that tokenizer (--tokenizer)")

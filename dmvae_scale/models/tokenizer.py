@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import Artifact, load_into
 from ..config import DecoderConfig, TokenizerConfig
 from ..errors import UserError
 from .vit import VisionTransformer, load_dinov2_weights
@@ -166,6 +167,17 @@ class Tokenizer(nn.Module):
         self.decoder = ConvDecoder(cfg.decoder, cfg.latent_channels, cfg.in_channels, factor=enc.patch_size)
         self._encoder_trainable = True
         self.set_encoder_trainable(not enc.frozen)
+
+    @classmethod
+    def from_artifact(cls, artifact: "Artifact", which: str = "ema", cfg: TokenizerConfig | None = None
+                      ) -> "Tokenizer":
+        """The tokenizer an artifact holds (`which` weights), shaped by the artifact's own config unless `cfg` is
+        given (a stage that checked its own tokenizer section against the artifact's). Every weight comes from the
+        artifact, the encoder's included; a missing or misshapen key is an error naming the artifact."""
+        tokenizer = cls(cfg or artifact.config().tokenizer, load_pretrained=False)
+        load_into(tokenizer, artifact.state("tokenizer", which), f"'tokenizer' from {artifact.location} "
+                                                                  f"({which} weights)")
+        return tokenizer
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

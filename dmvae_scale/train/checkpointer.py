@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..artifacts import read_artifact_info
+from ..data.artifact_store import artifact_info
 from ..config import RunConfig, config_hash, dump_yaml
 from . import checkpoint as ckpt
 from .collectives import all_ok, broadcast
@@ -34,7 +34,7 @@ def upstream_latents(cfg: RunConfig) -> dict[str, dict[str, float]]:
         path = getattr(cfg.inputs, role)
         if path is None:
             continue
-        info = read_artifact_info(path)
+        info = artifact_info(path)  # local or s3://
         if info.latent is not None:
             out[role] = {"mean": info.latent.mean, "scale": info.latent.scale, "channels": info.latent.channels,
                          "height": info.latent.height, "width": info.latent.width}

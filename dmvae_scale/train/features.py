@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..artifacts import read_artifact_info
-from ..config import RunConfig, load_config
+from ..config import RunConfig
+from ..data.artifact_store import open_artifact
 from ..data.latents import LatentSummary, cache_latents, resolve_device
 from ..distributed.teacher_service import (LocalFeatures, ServiceOptions, TeacherClient, connect_teacher_service,
                                            options_from_config, service_name, teacher_service)
@@ -64,8 +63,8 @@ def cache_latents_with_teacher(src: str, dest: str, tokenizer_dir: str, *, remot
     """data.latents.cache_latents with the encoder's features from a teacher that is the artifact's frozen encoder:
     the TeacherService (`remote`; `options` default to one CPU-side replica named after the teacher) or the same
     network in this process. Both give the same latents, bit for bit. kwargs go to cache_latents."""
-    info = read_artifact_info(tokenizer_dir)
-    artifact_cfg = load_config(Path(tokenizer_dir) / "config.yaml")
+    artifact = open_artifact(tokenizer_dir)  # local or s3://
+    info, artifact_cfg = artifact.info, artifact.config()
     # The features are computed where the teacher runs: the service's device, or this process's.
     on_gpu = (options is not None and options.num_gpus > 0) if remote else resolve_device(device).type == "cuda"
     # One chunk holds a batch and its mirrors: a fixed shape whatever the batch, so both sources agree.

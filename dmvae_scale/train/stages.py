@@ -33,9 +33,10 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ..artifacts import (ArtifactError, ArtifactInfo, LatentSpec, load_artifact, load_into, read_artifact_info,
-                         save_artifact)
-from ..config import RunConfig, config_hash, dump_yaml, load_config, to_dict
+from ..artifacts import Artifact, ArtifactError, ArtifactInfo, LatentSpec, load_into, save_artifact
+from ..config import RunConfig, config_hash, dump_yaml, to_dict
+from ..data.artifact_store import artifact_info, open_artifact
+from ..data.storage import StorageError
 from ..distributed.teacher_service import FEATURES_KEY
 from ..distributed.teachers import TeacherSpec, build_teacher, spec_from_config, tokenizer_encoder_spec
 from ..errors import UserError
@@ -105,43 +106,41 @@ _SCORE_SETTINGS = {"score.class_dropout", "score.grad_checkpointing", "score.att
 @dataclasses.dataclass
 class Upstream:
     key: str  # the config key that named it
-    path: Path
-    info: ArtifactInfo
+    path: str  # as the config names it: a local directory or an s3:// URL
+    artifact: Artifact
     cfg: RunConfig
-    weights: dict[str, dict[str, torch.Tensor]]
+    which: str
 
-    def load(self, module: nn.Module, model: str, which: str) -> None:
-        if model not in self.weights or not self.weights[model]:
-            raise StageInputError(f"{self.key}: {self.path} holds no {which} weights for '{model}' "
-                                  f"(stage '{self.info.stage}', models {self.info.models})")
+    @property
+    def info(self) -> ArtifactInfo:
+        return self.artifact.info
+
+    def load(self, module: nn.Module, model: str, which: str | None = None) -> None:
+        which = which or self.which
         try:
-            load_into(module, self.weights[model], f"'{model}' from {self.path} ({which} weights)")
+            load_into(module, self.artifact.state(model, which), f"'{model}' from {self.path} ({which} weights)")
         except ArtifactError as exc:
             raise StageInputError(f"{self.key}: {exc}") from None
 
 
 def open_upstream(key: str, path: str, which: str) -> Upstream:
-    """Read an upstream artifact (manifest, hash, config, weights) or fail naming the key and the file."""
-    p = Path(path)
+    """Open an upstream artifact (local or s3://: manifest, config, weights checked against the content hash) or
+    fail naming the key and the file."""
     try:
-        info, weights = load_artifact(p, which=which)
-    except ArtifactError as exc:
+        artifact = open_artifact(path)
+        upstream_cfg = artifact.config()
+        artifact.weights(which)  # read and checked now: a bad input fails before any model is built
+    except (ArtifactError, StorageError) as exc:
         raise StageInputError(f"{key}: {exc}") from None
-    config_file = p / "config.yaml"
-    if not config_file.is_file():
-        raise StageInputError(f"{key}: {config_file} is missing; an artifact must carry the config that made it")
-    try:
-        upstream_cfg = load_config(config_file)
-    except UserError as exc:
-        raise StageInputError(f"{key}: {config_file}: {exc}") from None
-    return Upstream(key, p, info, upstream_cfg, weights)
+    return Upstream(key, path, artifact, upstream_cfg, which)
 
 
 def _tokenizer_from(cfg: RunConfig, up: Upstream) -> Tokenizer:
     _check_same(cfg.tokenizer, up.cfg.tokenizer, "tokenizer", f"{up.key}={up.path}", _TOKENIZER_SETTINGS)
-    tokenizer = Tokenizer(cfg.tokenizer, load_pretrained=False)
-    up.load(tokenizer, "tokenizer", cfg.inputs.tokenizer_weights)
-    return tokenizer
+    try:
+        return Tokenizer.from_artifact(up.artifact, cfg.inputs.tokenizer_weights, cfg.tokenizer)
+    except ArtifactError as exc:
+        raise StageInputError(f"{up.key}: {exc}") from None
 
 
 def _check_score_shape(cfg: RunConfig, shape: tuple[int, ...], source: str) -> None:
@@ -321,8 +320,8 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
         return None  # the stage refuses the missing input itself, naming it
     else:
         try:
-            info = read_artifact_info(cfg.inputs.tokenizer)
-        except ArtifactError as exc:
+            info = artifact_info(cfg.inputs.tokenizer)
+        except (ArtifactError, StorageError) as exc:
             raise StageInputError(f"inputs.tokenizer: {exc}") from None
         path = cfg.inputs.tokenizer if "://" in cfg.inputs.tokenizer else str(Path(cfg.inputs.tokenizer).resolve())
         return tokenizer_encoder_spec(cfg, path, cfg.inputs.tokenizer_weights, info.content_hash)
@@ -423,9 +422,7 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up)
             if "discriminator" in up.info.models:  # "decoder + GAN trained further": continue the upstream critic
-                raw = up if cfg.inputs.tokenizer_weights == "raw" else open_upstream(
-                    "inputs.tokenizer", cfg.inputs.tokenizer, "raw")
-                raw.load(self.discriminator, "discriminator", "raw")
+                up.load(self.discriminator, "discriminator", "raw")
             self.tokenizer.set_encoder_trainable(False)
             self.tokenizer.bottleneck.requires_grad_(False)
             self.upstream = {"tokenizer": up.info.id}
@@ -565,7 +562,7 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
             if cfg.stage == "generator":
                 if up.info.latent is None:
                     raise StageInputError(
-                        f"inputs.tokenizer: {up.path / 'artifact.json'} has no measured latent statistics (key "
+                        f"inputs.tokenizer: {up.path}/artifact.json has no measured latent statistics (key "
                         f"'latent'); the generator needs them: hand it a decoder-stage artifact")
                 self.latent = up.info.latent
             if self.cached:
@@ -637,7 +634,7 @@ class DMDStage(_StageBase):
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")
         up_ref = open_upstream("inputs.reference", cfg.inputs.reference, "ema")
         if up_ref.info.latent is None:
-            raise StageInputError(f"inputs.reference: {up_ref.path / 'artifact.json'} has no latent statistics "
+            raise StageInputError(f"inputs.reference: {up_ref.path}/artifact.json has no latent statistics "
                                   f"(key 'latent'); re-run the reference stage, which measures them")
         ref_shape = (up_ref.info.latent.channels, up_ref.info.latent.height, up_ref.info.latent.width)
         if ref_shape != tuple(self.tokenizer.latent_shape):

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data import storage
+from ..data.artifact_store import upload_artifact
 from ..errors import UserError
 from .api import WorkerJob, WorkerResult
 from .batches import make_batches, statistics_batches
@@ -214,7 +215,7 @@ class Worker:
             if self.rank == 0:
                 save_stage_artifact(self.stage, views, self.cfg, local)
                 if store.remote:
-                    storage.upload_dir(local, target)
+                    upload_artifact(local, target)  # artifact.json last
         dist.barrier()
         return target
 

