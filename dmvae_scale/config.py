@@ -34,7 +34,7 @@ class ConfigError(UserError, ValueError):
 # Sections
 # ----------------------------------------------------------------------------------------------------------------------
 
-STAGES = ("tokenizer", "reference", "dmd", "decoder", "generator")
+STAGES = ("teacher", "tokenizer", "reference", "dmd", "decoder", "generator")
 
 
 @dataclass
@@ -78,6 +78,10 @@ class DecoderConfig:
 
 @dataclass
 class TokenizerConfig:
+    # dmvae: frozen/trainable SSL ViT + bottleneck, deterministic; kl_vae: the SD-VAE-style baseline (models/kl_vae.py):
+    # trainable conv encoder (decoder's mirror, downsampling by encoder.patch_size), diagonal Gaussian posterior.
+    # Read by the tokenizer stage; later stages build the kind their inputs.tokenizer artifact holds.
+    kind: Literal["dmvae", "kl_vae"] = "dmvae"
     image_size: int = 256
     in_channels: int = 3
     latent_channels: int = 32
@@ -91,17 +95,19 @@ class DiscriminatorConfig:
     num_layers: int = 3
     diffaug: bool = True
     consistency_weight: float = 1.0
+    weight_decay: Optional[float] = None  # the discriminator's own AdamW weight decay; None: optim.weight_decay
 
 
 @dataclass
 class LossConfig:
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
-    perceptual_weights: Optional[str] = None  # backbone weights file; None -> documented fallback
+    perceptual_weights: Optional[str] = None  # torchvision VGG16 state dict for LPIPS; needed when perceptual_weight > 0
     perceptual_sha256: Optional[str] = None
     gan_weight: float = 0.5
     gan_start_step: int = 5000
     adaptive_weight_max: float = 1e4
+    kl_weight: float = 0.0  # tokenizer.kind=kl_vae: weight of the per-element mean KL(q(z|x) || N(0, I))
 
 
 @dataclass
@@ -123,13 +129,13 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 0
     limit: Optional[int] = None  # use only the first N samples (demo / tests)
-    stats_images: int = 4096  # images (first in data-set order, unflipped) the latent mean/scale are measured on
+    stats_images: int = 4096  # images (a seeded random class-covering sample, unflipped) for the latent mean/scale
     latents: Optional[str] = None  # cached latent shards for the generator stage
 
 
 @dataclass
 class DMConfig:
-    """Stage 3: distribution-matching joint training (METHOD.md)."""
+    """Stage 3: distribution-matching joint training (docs/method.md)."""
 
     tokenizer_every: int = 5  # k: tokenizer + discriminator step every k-th iteration
     lambda_dm: float = 10.0
@@ -142,7 +148,7 @@ class DMConfig:
 
 @dataclass
 class ReferenceConfig:
-    """Where the reference distribution's samples come from (stage 2), METHOD.md Table 1."""
+    """Where the reference distribution's samples come from (stage 2), docs/method.md (stage 2)."""
 
     kind: Literal["tokenizer", "gaussian", "gmm", "noisy_tokenizer", "file"] = "tokenizer"
     gmm_components: int = 8
@@ -158,11 +164,13 @@ class SamplerConfig:
     cfg_scale: float = 1.0
     guidance_interval: Optional[tuple[float, float]] = None  # apply CFG only for t in [lo, hi]
     seed: int = 0
+    time_shift: float = 1.0  # ode_* samplers: noise level s -> shift*s/(1+(shift-1)*s); 1 = uniform steps
 
 
 @dataclass
 class TeacherConfig:
-    name: Literal["dinov2", "inception", "random_vit"] = "dinov2"
+    name: Literal["dinov2", "inception", "random_vit", "ssl"] = "dinov2"
+    artifact: Optional[str] = None  # ssl: the `teacher` stage's artifact whose network is the encoder
     block: str = "mixed_7"  # inception: the block whose features are pooled to the latent grid
     input_size: int = 299  # inception: input resolution
     chunk: int = 0  # images per teacher forward (fixed, padded: bit-exact features); 0 = the per-worker micro-batch
@@ -197,8 +205,19 @@ class InputsConfig:
 
 
 @dataclass
+class SSLConfig:
+    """The `teacher` stage: VICReg self-supervised training of the tokenizer's encoder network (docs/method.md)."""
+
+    expander_dim: int = 512
+    crop_min: float = 0.25  # smallest random-resized-crop area, as a fraction of the image
+    invariance_weight: float = 25.0
+    variance_weight: float = 25.0
+    covariance_weight: float = 1.0
+
+
+@dataclass
 class RunConfig:
-    stage: Literal["tokenizer", "reference", "dmd", "decoder", "generator"] = "tokenizer"
+    stage: Literal["teacher", "tokenizer", "reference", "dmd", "decoder", "generator"] = "tokenizer"
     name: str = "run"
     run_dir: str = "runs/run"
     seed: int = 0
@@ -219,6 +238,7 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     inputs: InputsConfig = field(default_factory=InputsConfig)
 
@@ -465,6 +485,22 @@ def validate(cfg: RunConfig) -> None:
         _need(cfg.reference.gmm_components >= 1 and cfg.reference.gmm_std > 0,
               f"reference.gmm_components/gmm_std: need >= 1 and > 0, got {cfg.reference.gmm_components}, "
               f"{cfg.reference.gmm_std}")
+    if cfg.ssl.expander_dim < 1 or not 0 < cfg.ssl.crop_min <= 1:
+        raise ConfigError(f"ssl: need expander_dim >= 1 and 0 < crop_min <= 1, got {cfg.ssl.expander_dim}, "
+                          f"{cfg.ssl.crop_min}")
+    if cfg.loss.kl_weight < 0:
+        raise ConfigError(f"loss.kl_weight: must be >= 0, got {cfg.loss.kl_weight}")
+    if cfg.stage == "dmd" and cfg.tokenizer.kind == "kl_vae":
+        raise ConfigError("tokenizer.kind=kl_vae: the KL-VAE baseline has no distribution-matching stage; its chain is "
+                          "tokenizer -> decoder -> generator")
+    if cfg.loss.kl_weight > 0 and cfg.tokenizer.kind != "kl_vae":
+        raise ConfigError(f"loss.kl_weight={cfg.loss.kl_weight} applies to tokenizer.kind=kl_vae only; this run's "
+                          f"tokenizer is '{cfg.tokenizer.kind}' (deterministic, no KL): set loss.kl_weight=0")
+    if not cfg.sampler.time_shift > 0:
+        raise ConfigError(f"sampler.time_shift: must be > 0, got {cfg.sampler.time_shift}")
+    if cfg.sampler.time_shift != 1.0 and not cfg.sampler.method.startswith("ode_"):
+        raise ConfigError(f"sampler.time_shift={cfg.sampler.time_shift} applies to the ode_* samplers only; "
+                          f"set sampler.time_shift=1.0 or sampler.method=ode_euler / ode_heun")
 
 
 def dump_yaml(cfg: Any) -> str:

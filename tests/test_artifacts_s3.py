@@ -3,6 +3,7 @@ the content hash, and read by a stage-2 training run whose input and run directo
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -103,8 +104,11 @@ def test_reference_stage_trains_from_an_s3_tokenizer_into_an_s3_run_directory(to
                                                                              capsys):
     tok_url, run_url = f"{s3_bucket}/tokenizer/artifact", f"{s3_bucket}/reference"
     upload_artifact(tokenizer_artifact, tok_url)
-    rc = main(["train", str(DEMO / "reference.yaml"), f"run_dir={run_url}", f"inputs.tokenizer={tok_url}", *SMALL,
-               "--launcher", "ray", "--no-progress"])
+    try:
+        rc = main(["train", str(DEMO / "reference.yaml"), f"run_dir={run_url}", f"inputs.tokenizer={tok_url}",
+                   *SMALL, "--launcher", "ray", "--no-progress"])
+    finally:  # the node's download cache (driver and workers share this machine's /tmp)
+        shutil.rmtree(cache_root() / artifact_info(tok_url).content_hash, ignore_errors=True)
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
     assert "reference: 64 images in" in captured.out

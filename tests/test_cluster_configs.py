@@ -1,7 +1,6 @@
 """The shipped cluster configs: they parse, carry what Ray / KubeRay require, and expose nothing publicly."""
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -53,13 +52,22 @@ def test_launcher_keeps_the_job_api_private_and_turns_on_token_auth():
     assert "RAY_JOB_STOP_WAIT_TIME_S=300 " in head  # `jobs stop` leaves the driver time for the stop checkpoint
     assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
     assert "~/.ray/auth_token" in cfg["file_mounts"]
-    for rule in cfg["provider"]["security_group"]["IpPermissions"]:
-        assert (rule["FromPort"], rule["ToPort"]) == (22, 22), "only SSH may be open"
-        for r in rule["IpRanges"]:
-            cidr = r["CidrIp"]
-            if not cidr.startswith("<"):  # a placeholder the user fills in
-                assert ipaddress.ip_network(cidr, strict=False).num_addresses < 2 ** 16, f"{cidr} is too open"
-            assert cidr != "0.0.0.0/0"
+
+
+
+@pytest.mark.unit
+def test_launcher_uses_a_pre_created_security_group_on_every_node():
+    """A group Ray creates gets an SSH rule open to 0.0.0.0/0: every node names one made beforehand instead."""
+    cfg = _load("aws-gpu.yaml")
+    assert "security_group" not in cfg["provider"]
+    for name, node_type in cfg["available_node_types"].items():
+        groups = node_type["node_config"].get("SecurityGroupIds")
+        assert groups and all(g.startswith(("sg-", "<")) for g in groups), name
+    from ray.autoscaler._private.util import fillout_defaults
+    filled = fillout_defaults(cfg)
+    assert "security_group" not in filled["provider"]
+    comments = "\n".join(line for line in (CLUSTER / "aws-gpu.yaml").read_text().splitlines() if "#" in line)
+    assert "only SSH" not in comments and "SSH only" not in comments  # nothing here can promise that
 
 
 @pytest.mark.unit
@@ -109,11 +117,31 @@ def test_rayjob_is_private_authenticated_and_runs_the_same_train_command():
 
 
 @pytest.mark.unit
+def test_rayjob_containers_keep_caches_on_the_cache_volume_and_mount_the_weights():
+    """The code caches shards, artifacts and checkpoints under $TMPDIR; the imagenet256 weight files under /weights."""
+    cluster = _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert env.get("TMPDIR") in mounts, f"{container['name']}: TMPDIR is not a mounted volume"
+            cache = volumes[mounts[env["TMPDIR"]]["name"]]
+            assert "emptyDir" in cache or "persistentVolumeClaim" in cache
+            assert "/weights" in mounts and mounts["/weights"].get("readOnly") is True
+            assert mounts["/weights"]["name"] in volumes
+    tok = load_config(REPO / "configs" / "imagenet256" / "tokenizer.yaml")
+    assert tok.tokenizer.encoder.weights.startswith("/weights/")
+
+
+@pytest.mark.unit
 def test_image_builds_flash_attn_and_nvidia_apex_for_the_same_ray():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"rayproject/ray:{ray.__version__}-" in text
     assert "flash-attn" in text and "--no-build-isolation" in text
     assert "https://github.com/NVIDIA/apex" in text and "APEX_CUDA_EXT=1" in text
+    assert re.search(r"^ARG APEX_COMMIT=[0-9a-f]{40}$", text, re.M), "apex must be pinned to a commit"
+    assert "--branch" not in text and "APEX_REF" not in text
     assert not re.search(r"pip install[^\n]*\bapex\b(?!\.)", text.replace("apex.normalization", "")), \
         "the PyPI package called apex is unrelated to NVIDIA's"
     assert "torch==2.14.1" in text  # the pin of pyproject.toml

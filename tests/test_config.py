@@ -10,7 +10,7 @@ from dmvae_scale.config import (ConfigError, RunConfig, config_hash, dump_yaml, 
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+CONFIGS = [p for p in sorted((ROOT / "configs").glob("*/*.yaml")) if p.name != "pipeline.yaml"]  # pipeline.yaml lists steps: tests/test_pipeline.py
 
 
 def cli(*args):
@@ -41,6 +41,17 @@ def test_imagenet_recipe_matches_method():
     assert gen.sampler.method == "sde_euler_maruyama" and gen.sampler.steps == 250
 
 
+def test_imagenet_dmd_recipe_is_the_official_one_and_the_discriminator_gets_its_own_weight_decay():
+    from dmvae_scale.train.stages import discriminator_optim
+    dmd = load_config(ROOT / "configs/imagenet256/dmd.yaml")
+    assert (dmd.loss.gan_start_step, dmd.optim.warmup_steps, dmd.optim.weight_decay) == (5000, 1000, 0.005)
+    disc = discriminator_optim(dmd)
+    assert (disc.weight_decay, disc.lr, disc.warmup_steps) == (0.0005, 2e-5, 1000)
+    # Without the key the discriminator shares the run's settings.
+    tok = load_config(ROOT / "configs/imagenet256/tokenizer.yaml")
+    assert discriminator_optim(tok) == tok.optim
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(ROOT / "configs/demo/reference.yaml",
                       ["score.depth=3", "optim.lr=3e-4", "optim.betas=[0.8, 0.99]", "sampler.guidance_interval=[0.1, 0.9]",
@@ -54,7 +65,7 @@ def test_dotted_overrides_are_typed():
     ("scor.depth=3", "unknown config key 'scor'; did you mean score?"),
     ("score.dpth=3", "unknown config key 'score.dpth'; did you mean score.depth?"),
     ("score.depth=abc", "score.depth: expected an integer or null, got 'abc'"),
-    ("stage=tokeniser", "stage: expected one of 'tokenizer', 'reference', 'dmd', 'decoder', 'generator'"),
+    ("stage=tokeniser", "stage: expected one of 'teacher', 'tokenizer', 'reference', 'dmd', 'decoder', 'generator'"),
     ("optim.betas=[0.9]", "optim.betas: expected a list of 2 values"),
     ("distributed.use_gpu=1", "distributed.use_gpu: expected true or false, got 1"),
     ("score.depth", "must look like key.path=value"),

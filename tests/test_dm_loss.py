@@ -1,4 +1,4 @@
-"""The distribution-matching loss (METHOD.md stage 3), its t schedule, and the GAN losses."""
+"""The distribution-matching loss (docs/method.md, stage 3), its t schedule, and the GAN losses."""
 import pytest
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class ConditionalVelocity(nn.Module):
 
 
 def _explicit_g(z, y, real, fake, w, t, eps):
-    """g of METHOD.md written out term by term, with CFG as two separate forwards."""
+    """g of docs/method.md written out term by term, with CFG as two separate forwards."""
     with torch.no_grad():
         tb = t.view(-1, 1, 1, 1)
         x_t = tb * z + (1 - tb) * eps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from dmvae_scale import cli
 from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
 from dmvae_scale.config import config_hash, dump_yaml, load_config
+from dmvae_scale.data.artifact_store import upload_artifact
 from dmvae_scale.errors import UserError
 from dmvae_scale.eval.sample_run import plan_for, run_sample
 from dmvae_scale.eval.sampling import png_path
@@ -111,6 +113,25 @@ def test_ray_workers_produce_the_same_samples(local_run, artifacts, tmp_path, ra
     npz = run_sample(str(artifacts / "generator"), str(tmp_path / "ray"), num_samples=10, batch_size=4,
                      overrides=SDE, workers=2, gpus_per_worker=0, progress=False)
     assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
+
+
+def test_generator_and_tokenizer_on_s3_sample_the_same_images(local_run, artifacts, s3_bucket, tmp_path,
+                                                              monkeypatch):
+    _, data = local_run
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's artifact download cache
+    gen_url, tok_url = f"{s3_bucket}/generator/artifact", f"{s3_bucket}/tokenizer/artifact"
+    upload_artifact(artifacts / "generator", gen_url)
+    upload_artifact(artifacts / "tokenizer", tok_url)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        npz = run_sample(gen_url, str(tmp_path / "s3"), num_samples=10, batch_size=4, overrides=SDE,
+                         tokenizer=tok_url, use_ray=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
+    copies = [d for d in (tmp_path / "dmvae-artifacts").iterdir() if d.is_dir()]
+    assert len(copies) == 2  # generator and tokenizer, each fetched once into a directory named by its content hash
 
 
 def test_cli_refuses_model_overrides_and_foreign_tokenizer(artifacts, tmp_path, capsys):

@@ -127,3 +127,50 @@ def test_bad_sampler_settings_are_refused():
         SamplerSettings(method="euler")
     with pytest.raises(ValueError, match="steps must be >= 1"):
         SamplerSettings(steps=0)
+    with pytest.raises(ValueError, match="time_shift=2.5 applies to the ode_\\* samplers only"):
+        SamplerSettings(method="sde_euler_maruyama", time_shift=2.5)
+
+
+def test_sde_takes_sits_steps_diffusion_2_1_minus_t_and_a_final_mean_step():
+    """Three grid points on [0, 0.96]: two Euler-Maruyama steps of dx = [v + (1-t) score] dt + sqrt(2(1-t)) dW, with
+    score = -(x - t v)/(1-t), then one noise-free step of the same drift over the last 0.04, recomputed by hand."""
+    v_of = lambda x, t, y=None: 0.3 * x + 1.0 + t[:, None]  # any smooth field: the test checks the integrator
+    noise = torch.randn(5, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = sample(v_of, noise, None, SamplerSettings(method="sde_euler_maruyama", steps=3),
+                 generator=torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    x = noise.clone()
+    for t0, dt in ((0.0, 0.48), (0.48, 0.48)):
+        v = v_of(x, torch.full((5,), t0, dtype=torch.float64))
+        score = -(x - t0 * v) / (1 - t0)
+        eps = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        x = x + (v + (1 - t0) * score) * dt + (2 * (1 - t0) * dt) ** 0.5 * eps
+    v = v_of(x, torch.full((5,), 0.96, dtype=torch.float64))
+    want = x + (v + 0.04 * (-(x - 0.96 * v) / 0.04)) * 0.04
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_ode_time_shift_warps_the_grid_toward_noise_and_still_samples_the_data():
+    from dmvae_scale.method.flow import shift_time
+    grid = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.allclose(shift_time(grid, 1.0), grid, rtol=0, atol=1e-15)
+    shifted = shift_time(grid, 2.5)
+    assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted[1:] >= shifted[:-1]).all())
+    assert float(shifted[5]) == pytest.approx(1 - 2.5 * 0.5 / (1 + 1.5 * 0.5))  # 0.2857: half the steps below t=0.29
+    # The shift changes the path's discretisation, not its target.
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(20000, D, generator=g, dtype=torch.float64)
+    plain = sample(exact_velocity(), noise, None, SamplerSettings(method="ode_heun", steps=6))
+    out = sample(exact_velocity(), noise, None, SamplerSettings(method="ode_heun", steps=6, time_shift=2.5))
+    assert not torch.allclose(plain, out)
+    m, c = moments(out)
+    assert (m - MU).abs().max().item() < 0.05 and (c - SIGMA).abs().max().item() < 0.05
+
+
+def test_sampler_time_shift_is_a_config_key_checked_against_the_method():
+    from dmvae_scale.config import ConfigError, load_config
+    cfg = load_config("configs/demo/generator.yaml", ["sampler.time_shift=2.5"])
+    assert cfg.sampler.time_shift == 2.5
+    with pytest.raises(ConfigError, match="sampler.time_shift=2.5 applies to the ode_\\* samplers only"):
+        load_config("configs/demo/generator.yaml", ["sampler.time_shift=2.5", "sampler.method=sde_euler_maruyama"])

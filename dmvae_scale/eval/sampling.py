@@ -1,8 +1,8 @@
 """Sampling at scale, resumable: what `dmvae-scale sample` writes and how a re-run finishes only what is missing.
 
 Output directory
-    sampling.json      the settings (sampler, steps, CFG scale and interval, seed, batch size, counts, generator id);
-                       written first; a re-run with other settings is refused, naming the key
+    sampling.json      the settings (sampler, steps, time shift, CFG scale and interval, seed, batch size, counts,
+                       generator id); written first; a re-run with other settings is refused, naming the key
     images/NNNNNN.png  one PNG per sample index, written atomically (tmp + rename), so a file that exists is whole
     samples.npz        ADM layout: arr_0 uint8 N x H x W x 3, arr_1 labels; written last, from the PNGs
     grid.png           the first 64 samples
@@ -50,6 +50,7 @@ class SamplingPlan:
     guidance_interval: Optional[list[float]]
     generator: str  # generator artifact id
     weights: str  # "ema" or "raw"
+    time_shift: float = 1.0  # ode_* samplers only
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1:
@@ -59,7 +60,7 @@ class SamplingPlan:
     @property
     def sampler(self) -> SamplerSettings:
         interval = tuple(self.guidance_interval) if self.guidance_interval else None
-        return SamplerSettings(self.method, self.steps, self.cfg_scale, interval)
+        return SamplerSettings(self.method, self.steps, self.cfg_scale, interval, time_shift=self.time_shift)
 
     @property
     def num_batches(self) -> int:

@@ -1,4 +1,4 @@
-"""The distribution-matching (DMD) loss of METHOD.md stage 3, and its noise-range schedule.
+"""The distribution-matching (DMD) loss of docs/method.md, stage 3, and its noise-range schedule.
 
 A frozen "real" score model knows the reference p_r, an online "fake" score model tracks the current latent
 distribution q. Both predict the clean latent from a noised one; their difference is the direction that moves q toward

@@ -1,7 +1,8 @@
-"""Flow matching in METHOD.md's convention, and its samplers.
+"""Flow matching in the t=0-noise convention of docs/method.md, and its samplers.
 
 Time t=0 is pure noise, t=1 is clean data:  x_t = t*x1 + (1-t)*x0,  x0 ~ N(0, I),  velocity target v = x1 - x0.
 From a velocity model:  x1_hat = x_t + (1-t)*v,  x0_hat = x_t - t*v,  score(x_t) = -x0_hat / (1-t).
+The derivations are in docs/method.md.
 
 A velocity model is any callable `model(x, t, y) -> v` with x of shape (B, ...), t of shape (B,), y of shape (B,)
 integer labels (the null label for unconditional). Pure tensor math: no I/O, no distribution.
@@ -105,19 +106,40 @@ class SamplerSettings:
     steps: int = 250
     cfg_scale: float = 1.0
     guidance_interval: Optional[tuple[float, float]] = None
-    t_end_sde: float = 0.04  # SDE integrates to 1 - t_end_sde, then takes the mean step x1_hat
+    t_end_sde: float = 0.04  # SDE integrates to 1 - t_end_sde, then takes one noise-free (mean) step to t=1
+    time_shift: float = 1.0  # ODE samplers: > 1 spends more of the steps near noise (docs/method.md, "Sampling")
 
     def __post_init__(self):
         if self.method not in SAMPLERS:
             raise ValueError(f"sampler method '{self.method}' is not one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+        if not self.time_shift > 0:
+            raise ValueError(f"sampler time_shift must be > 0, got {self.time_shift}")
+        if self.time_shift != 1.0 and not self.method.startswith("ode_"):
+            raise ValueError(f"sampler time_shift={self.time_shift} applies to the ode_* samplers only, not "
+                             f"'{self.method}'; set time_shift=1.0 or an ode_* method")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Warp a time grid toward noise: the noise level s = 1-t becomes shift*s / (1 + (shift-1)*s).
+
+    shift = 1 is the identity; the ends 0 and 1 stay fixed; shift > 1 puts more of the grid at low t (high noise)."""
+    s = 1.0 - t
+    return 1.0 - shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def sde_drift(x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+    """Drift of SiT's reverse-time SDE with diffusion D(t) = 1-t (g^2 = 2D): v + D*score.
+
+    score(x_t) = -x0_hat/(1-t) with x0_hat = x - t*v, so v + (1-t)*score = v - (x - t*v): no division near t=1."""
+    return v - (x - t * v)
 
 
 @torch.no_grad()
 def sample(model: VelocityFn, noise: torch.Tensor, y: Optional[torch.Tensor], settings: SamplerSettings,
            null_label: Optional[int] = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate from t=0 (noise) to t=1 (data) with the chosen sampler."""
+    """Integrate from t=0 (noise) to t=1 (data) with the chosen sampler (docs/method.md, "Sampling")."""
     s = settings
     B = noise.shape[0]
 
@@ -127,7 +149,8 @@ def sample(model: VelocityFn, noise: torch.Tensor, y: Optional[torch.Tensor], se
 
     x = noise
     if s.method in ("ode_euler", "ode_heun"):
-        ts = torch.linspace(0.0, 1.0, s.steps + 1, dtype=torch.float64).tolist()
+        grid = torch.linspace(0.0, 1.0, s.steps + 1, dtype=torch.float64)
+        ts = shift_time(grid, s.time_shift).tolist() if s.time_shift != 1.0 else grid.tolist()
         for t0, t1 in zip(ts[:-1], ts[1:]):
             dt = t1 - t0
             v0 = vel(x, t0)
@@ -139,17 +162,15 @@ def sample(model: VelocityFn, noise: torch.Tensor, y: Optional[torch.Tensor], se
                 x = x + dt * 0.5 * (v0 + v1)
         return x
 
-    # Euler-Maruyama for dx = [v + 0.5*g^2*score] dt + g dW with g^2 = (1-t): the reverse-time SDE whose marginals
-    # equal the flow's; the score comes from the velocity (score = -(x - t*v)/(1-t)), so the drift needs no division:
-    # v + 0.5*(1-t)*score = v - 0.5*(x - t*v). Integrate to 1 - t_end_sde, then take the mean step to t=1.
+    # SiT's Euler-Maruyama: dx = [v + D*score] dt + sqrt(2D) dW with D = 1-t, whose marginals equal the flow's.
+    # `steps` grid points on [0, 1 - t_end_sde]: steps-1 stochastic steps, then one mean (noise-free) step of the same
+    # drift over the last t_end_sde, so the returned sample carries no fresh noise.
     t_last = 1.0 - s.t_end_sde
     ts = torch.linspace(0.0, t_last, s.steps, dtype=torch.float64).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
         dt = t1 - t0
-        v = vel(x, t0)
-        drift = v - 0.5 * (x - t0 * v)
-        g = (1.0 - t0) ** 0.5
+        drift = sde_drift(x, t0, vel(x, t0))
+        g = (2.0 * (1.0 - t0)) ** 0.5
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + drift * dt + g * (dt ** 0.5) * eps
-    v = vel(x, ts[-1])
-    return x + (1.0 - ts[-1]) * v
+    return x + sde_drift(x, ts[-1], vel(x, ts[-1])) * s.t_end_sde

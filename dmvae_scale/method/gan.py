@@ -2,7 +2,7 @@
 models/discriminator.py beside the augmentation it needs).
 
 Pure tensor math. The adaptive weight balances the GAN term against reconstruction at the decoder's last layer
-(METHOD.md stage 1): w = ||grad L_rec|| / (||grad L_gan|| + 1e-6), clamped to [0, max_weight], detached.
+(docs/method.md, stage 1): w = ||grad L_rec|| / (||grad L_gan|| + 1e-6), clamped to [0, max_weight], detached.
 """
 from __future__ import annotations
 

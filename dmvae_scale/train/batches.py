@@ -98,33 +98,61 @@ def stream_batches(dataset: ImageArrayDataset, batch_size: int, seed: int, start
         yield _collate(items)
 
 
-def stats_batches(dataset: ImageArrayDataset, batch_size: int, images: int
+def stats_batches(dataset: ImageArrayDataset, batch_size: int, images: int, seed: int | None = None
                   ) -> Iterator[dict[str, torch.Tensor]]:
-    """The first `images` images in data-set order (no flip): identical on every rank and every run.
+    """`images` images (no flip) chosen by stats_indices: a seeded random sample that covers the classes, identical on
+    every rank and every run. seed defaults to the data set's own seed.
 
     Works for the in-memory data set and for shard readers (ImageStreamDataset: indices are global sample ids, the flip
     lives in its transform)."""
+    seed = int(getattr(dataset, "seed", 0)) if seed is None else int(seed)
     if hasattr(dataset, "transform"):  # shard reader: its transform is a frozen dataclass
         saved = dataset.transform
         dataset.transform = dataclasses.replace(saved, hflip=False)
         try:
-            yield from _first_images(dataset, batch_size, images)
+            yield from _indexed_images(dataset, batch_size, images, seed)
         finally:
             dataset.transform = saved
         return
     hflip, dataset.hflip = dataset.hflip, False
     try:
-        yield from _first_images(dataset, batch_size, images)
+        yield from _indexed_images(dataset, batch_size, images, seed)
     finally:
         dataset.hflip = hflip
 
 
-def _first_images(dataset, batch_size: int, images: int) -> Iterator[dict[str, torch.Tensor]]:
-    total = getattr(dataset, "num_samples", None) or len(dataset)
+def stats_indices(total: int, images: int, seed: int, labels: np.ndarray | None = None) -> list[int]:
+    """Which images the latent statistics are measured on: shards and folders are sorted by class, so the first N
+    would be a few classes only (docs/method.md, "Latent normalisation").
+
+    With labels: a random permutation within each class, dealt round-robin across the classes (classes in random
+    order), so any prefix is class-balanced. Without: a uniform random sample without replacement."""
     count = min(images, total)
-    for start in tqdm(range(0, count, batch_size), desc="latent statistics", unit="batch", leave=False):
+    g = torch.Generator().manual_seed(seed * 7_919 + 17)
+    if labels is None:
+        return torch.randperm(total, generator=g)[:count].tolist()
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    order = [int(classes[i]) for i in torch.randperm(len(classes), generator=g)]
+    members = {c: np.flatnonzero(labels == c) for c in order}
+    queues = {c: members[c][torch.randperm(len(members[c]), generator=g).numpy()].tolist() for c in order}
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < count:
+        for c in order:
+            if depth < len(queues[c]) and len(picked) < count:
+                picked.append(queues[c][depth])
+        depth += 1
+    return picked
+
+
+def _indexed_images(dataset, batch_size: int, images: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    total = getattr(dataset, "num_samples", None) or len(dataset)
+    labels = getattr(dataset, "labels", None)
+    indices = stats_indices(total, images, seed, labels if labels is not None and len(labels) == total else None)
+    for start in tqdm(range(0, len(indices), batch_size), desc="latent statistics", unit="batch", leave=False):
         yield _collate([{k: v for k, v in dataset[i].items() if k in ("image", "label")}
-                        for i in range(start, min(start + batch_size, count))])
+                        for i in indices[start:start + batch_size]])
 
 
 class PositionalBatches:

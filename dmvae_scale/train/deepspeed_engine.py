@@ -1,9 +1,9 @@
 """DeepSpeed engines for a stage's models: one engine per trainable model, frozen models prepared for inference.
 
-Every trainable `ModelSpec` becomes a `DeepSpeedEngine`: torch AdamW (the same optimiser `PlainEngine` uses, so a
-DeepSpeed run and a single-process run of the same seed follow the same trajectory), the linear warm-up schedule,
-global-norm clipping and ZeRO stage 0-3, all from the typed run config. Precision: bf16 autocast where the device
-has bf16 (parameters and optimiser state stay fp32), fp32 on CPU. Frozen models (the real score model, an SSL
+Every trainable `ModelSpec` becomes a `DeepSpeedEngine`: torch AdamW (the optimiser of the tests' plain reference,
+so a DeepSpeed run and a plain single-process run of the same seed follow the same trajectory), the linear warm-up
+schedule, global-norm clipping and ZeRO stage 0-3, all from the typed run config. Precision: bf16 autocast where the
+device has bf16 (parameters and optimiser state stay fp32), fp32 on CPU. Frozen models (the real score model, an SSL
 teacher) are not wrapped for training: eval mode, no gradients; under ZeRO-3 one too large to replicate is
 partitioned by a ZeRO-3 inference engine and gathered layer by layer in forward.
 
@@ -122,7 +122,7 @@ def deepspeed_config(optim: OptimConfig, dist_cfg: DistributedConfig, *, micro_b
 
 def _adamw(optim: OptimConfig, device: torch.device):
     def make(params):
-        # fused on CUDA: one kernel for the whole update; CPU keeps torch's default (foreach), like PlainEngine.
+        # fused on CUDA: one kernel for the whole update; CPU keeps torch's default (foreach), like the plain reference.
         extra = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                  **extra)

@@ -53,6 +53,19 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     reported: dict[str, Any] = field(default_factory=dict)  # Ray Train's Result.metrics (the last report)
 
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The losses of the last log interval."""
+        last = self.history[-1] if self.history else {}
+        return {k: v for k, v in last.items() if k not in ("images", "images_per_second", "skipped_steps", "mfu",
+                                                            "tflops_per_worker")}
+
+    @property
+    def info(self):
+        """The ArtifactInfo of the artifact this run wrote (None before one exists)."""
+        from ..data.artifact_store import artifact_info
+        return artifact_info(self.artifact) if self.artifact else None
+
     def line(self) -> str:
         last = self.history[-1] if self.history else {}
         loss = ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())

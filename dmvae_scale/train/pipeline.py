@@ -15,7 +15,8 @@ CONFIG_DIR holds the stage configs and `pipeline.yaml`, an ordered list of named
 A step names the earlier steps it reads (data, latents, tokenizer, real_score, generator, samples); the store layout
 is fixed: data/NAME (shards), runs/NAME (run directory; its artifact at runs/NAME/artifact), latents/NAME,
 samples/NAME, eval/NAME. Overrides: `STEP:key=value` for one step (a train step's config keys, e.g.
-`tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `key=value` for every train step.
+`tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `*:key=value` for every other
+step that has that field (`*:per_class=2`), `key=value` for every train step.
 
 Rerunning skips what is complete and resumes what is not: a train step whose artifact was made by this exact config
 (the artifact manifest's config hash) from the current upstream artifacts is skipped; otherwise it runs, resuming from
@@ -39,15 +40,19 @@ from ..data import storage
 from ..errors import UserError
 
 PIPELINE_FILE = "pipeline.yaml"
-LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample": "samples", "eval": "eval"}
+LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample": "samples", "eval": "eval",
+          "classifier": "eval", "eval_tokenizer": "eval", "report": "report"}
 # Which fields name an earlier step, and what kind that step must be.
 REFERENCES = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
-              "generator": "train", "samples": "sample"}
+              "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
 FIELDS = {"shards": {"source", "split", "limit", "workers"},
-          "train": {"config", "data", "latents", "tokenizer", "real_score"},
+          "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher"},
           "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"},
           "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides"},
-          "eval": {"samples", "source", "split", "limit", "image_size"}}
+          "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"},
+          "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
+          "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"},
+          "report": {"title", "group_by", "ours", "baseline"}}
 
 
 class PipelineError(UserError):
@@ -98,6 +103,8 @@ class Pipeline:
             wiring.append(f"data.latents={self.url(s['latents'])}")
         if "tokenizer" in s:
             wiring.append(f"inputs.tokenizer={self.artifact_url(s['tokenizer'])}")
+        if "teacher" in s:  # the `teacher` stage's network is this tokenizer's frozen encoder
+            wiring += ["teacher.name=ssl", f"teacher.artifact={self.artifact_url(s['teacher'])}"]
         if "real_score" in s:
             key = "real_score" if "real_score" in {f.name for f in dataclasses.fields(RunConfig().inputs)} \
                 else "reference"
@@ -149,6 +156,15 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
         head, sep, rest = text.partition(":")
         if not sep or "=" in head:
             pipe.global_overrides.append(text)
+            continue
+        if head == "*":  # `*:key=value`: every non-train step that has this field (e.g. *:per_class=2)
+            from ..config import parse_override
+            key, value = rest.split("=", 1) if "=" in rest else (rest, "")
+            targets = [st for st in steps if st.kind != "train" and key in FIELDS[st.kind] and key not in REFERENCES]
+            if not targets:
+                raise PipelineError(f"override {text!r}: no step has a setting {key!r}")
+            for st in targets:
+                st.spec[key] = parse_override(f"x={value}")[1]
             continue
         if not any(s.name == head for s in steps):
             raise PipelineError(f"override {text!r}: no step named {head!r}; steps: {', '.join(s.name for s in steps)}")
@@ -233,10 +249,28 @@ def _derived_state(pipe: Pipeline, step: Step) -> tuple[Optional[str], Optional[
         meta = _json(storage.join(url, "sampling.json"))
         made = meta.get("generator") if meta and storage.exists(storage.join(url, SAMPLES_FILE)) else None
         return made, _current_artifact(pipe, s["generator"])
+    if step.kind == "classifier":  # made from real images only: nothing upstream can make it stale
+        return ("real" if storage.exists(storage.join(url, "classifier.json")) else None), "real"
+    if step.kind == "report":  # cheap and made from everything before it: always written again
+        return None, "everything"
     meta = _json(storage.join(url, "inputs.json"))
-    made = meta.get("samples_of") if meta and storage.exists(storage.join(url, "metrics.json")) else None
+    made = meta.get("made_from") if meta and storage.exists(storage.join(url, "metrics.json")) else None
+    return made, _inputs_now(pipe, step)
+
+
+def _inputs_now(pipe: Pipeline, step: Step) -> Optional[str]:
+    """What an evaluation is made from now: the sampled generator's id (and the classifier's run), or the
+    tokenizer's artifact id."""
+    s = step.spec
+    if step.kind == "eval_tokenizer":
+        return _current_artifact(pipe, s["tokenizer"])
     samples = _json(storage.join(pipe.url(s["samples"]), "sampling.json"))
-    return made, samples.get("generator") if samples else None
+    if samples is None:
+        return None
+    if "classifier" in s:
+        classifier = _json(storage.join(pipe.url(s["classifier"]), "classifier.json"))
+        return f"{samples.get('generator')}+classifier-{(classifier or {}).get('seed')}"
+    return samples.get("generator")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,15 +343,143 @@ def _run_eval(pipe: Pipeline, step: Step, work: Path) -> str:
                  image_size=s.get("image_size"), limit=s.get("limit"), opts=opts)
     samples = local / SAMPLES_FILE
     samples.write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]), SAMPLES_FILE)))
-    made_from = _json(storage.join(pipe.url(s["samples"]), "sampling.json"))["generator"]
+    made_from = _inputs_now(pipe, step)
     metrics = eval_samples(str(samples), str(ref), str(local / "out"), opts=opts)
+    if "classifier" in s:
+        metrics.update(_classifier_accuracy(pipe, s["classifier"], samples, local))
+    metrics["tags"] = dict(s.get("tags") or {})
     storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"),
-                        json.dumps({"samples_of": made_from}).encode())
+                        json.dumps({"made_from": made_from}).encode())
     _put_dir(local / "out", pipe.url(step.name), sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
     storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
                         json.dumps(metrics, indent=2, default=str).encode())
     fid = metrics.get("fid") if isinstance(metrics, dict) else None
     return f"FID {fid:.2f}" if isinstance(fid, (int, float)) else "evaluated"
+
+
+def _fetch(url: str, names: list[str], local: Path) -> Path:
+    local.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (local / name).write_bytes(storage.read_bytes(storage.join(url, name)))
+    return local
+
+
+def _classifier_accuracy(pipe: Pipeline, classifier_step: str, samples_npz: Path, local: Path) -> dict:
+    import numpy as np
+
+    from ..eval.classifier import accuracy, load_classifier
+    model, info = load_classifier(_fetch(pipe.url(classifier_step), ["classifier.safetensors", "classifier.json"],
+                                         local / "classifier"))
+    with np.load(samples_npz) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    acc = accuracy(model, images, labels)
+    print(f"evaluator classifier: {acc:.1%} of {len(images)} samples are classified as the class they were drawn "
+          f"for (it scores {info['test_accuracy']:.1%} on real test images)", flush=True)
+    return {"classifier_accuracy": acc, "classifier_real_test_accuracy": info["test_accuracy"]}
+
+
+def _run_classifier(pipe: Pipeline, step: Step, work: Path) -> str:
+    from ..eval.classifier import save_classifier, train_classifier
+    from ..eval.sources import open_image_set
+    s = step.spec
+    source = str(s.get("source", "fashion-mnist"))
+
+    def load(split, limit):
+        import numpy as np
+        images = open_image_set(source, split, None, limit)
+        if images.labels is None:
+            raise PipelineError(f"step {step.name}: {images.description} has no class labels to train on")
+        return np.concatenate(list(images.batches(1024))), images.labels[:images.total]
+
+    train_x, train_y = load(str(s.get("split", "train")), s.get("limit"))
+    test_x, test_y = load(str(s.get("test_split", "test")), s.get("test_limit"))
+    model, report = train_classifier(train_x, train_y, test_x, test_y, epochs=int(s.get("epochs", 3)),
+                                     seed=int(s.get("seed", 0)))
+    local = work / "eval" / step.name
+    save_classifier(model, report, local)
+    _put_dir(local, pipe.url(step.name), ["classifier.safetensors", "classifier.json"])  # json last: complete
+    return report.line()
+
+
+def _run_eval_tokenizer(pipe: Pipeline, step: Step, work: Path) -> str:
+    from ..eval.commands import eval_tokenizer
+    from ..eval.evaluate import EvalOptions
+    s = step.spec
+    local = work / "eval" / step.name
+    made_from = _inputs_now(pipe, step)
+    metrics = eval_tokenizer(pipe.artifact_url(s["tokenizer"]), str(s.get("source", "fashion-mnist")),
+                             str(local / "out"), split=str(s.get("split", "test")), limit=s.get("limit"),
+                             weights=str(s.get("weights", "ema")), opts=EvalOptions(allow_few_samples=True))
+    metrics["tags"] = dict(s.get("tags") or {})
+    storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"), json.dumps({"made_from": made_from}).encode())
+    _put_dir(local / "out", pipe.url(step.name), sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
+    storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
+                        json.dumps(metrics, indent=2, default=str).encode())
+    return f"rFID {metrics['rfid']:.2f}, PSNR {metrics['psnr']:.2f} dB"
+
+
+def _metrics_curve(run_url: str, key: str) -> list[tuple[float, float]]:
+    try:
+        text = storage.read_bytes(storage.join(run_url, "metrics.jsonl")).decode()
+    except storage.StorageError:
+        return []
+    points = {}
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if key in row:
+                points[float(row["images"])] = float(row[key])  # a resumed run's rows replace the same images
+    return sorted(points.items())
+
+
+def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
+    from ..eval.study_report import write_study_report
+    s = step.spec
+    local = work / "report" / step.name
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    rows, tokenizers, grids = [], [], {}
+    curves: dict[str, dict[str, list]] = {"generator fm_loss": {}, "tokenizer l1": {}}
+    settings: dict[str, Any] = {"store": pipe.store, "overrides": " ".join(pipe.global_overrides) or "-"}
+    for ev in pipe.steps:
+        metrics = _json(storage.join(pipe.url(ev.name), "metrics.json")) if ev.kind in ("eval", "eval_tokenizer") \
+            else None
+        if metrics is None:
+            continue
+        tags = metrics.get("tags", {})
+        if ev.kind == "eval_tokenizer":
+            tok = ev.spec["tokenizer"]
+            tokenizers.append({"name": tok, **tags, "rfid": metrics.get("rfid"), "psnr": metrics.get("psnr"),
+                               "ssim": metrics.get("ssim"), "images": metrics.get("num_images")})
+            curves["tokenizer l1"][tok] = _metrics_curve(pipe.url(tok), "l1")
+            continue
+        sample_step = pipe.step(ev.spec["samples"])
+        gen = sample_step.spec["generator"]
+        curve = _metrics_curve(pipe.url(gen), "fm_loss")
+        curves["generator fm_loss"][gen] = curve
+        cfg = pipe.train_config(pipe.step(gen))
+        rows.append({"name": gen, **tags, "samples": metrics.get("num_samples"), "fid": metrics.get("fid"),
+                     "classifier_accuracy": metrics.get("classifier_accuracy"),
+                     "final_loss": curve[-1][1] if curve else None})
+        settings[f"{gen}"] = (f"DiT depth {cfg.score.depth} width {cfg.score.hidden_size} patch {cfg.score.patch_size},"
+                              f" {cfg.total_images} images, batch {cfg.batch_size}, lr {cfg.optim.lr}, seed {cfg.seed},"
+                              f" latents {cfg.data.latents}")
+        settings[f"{ev.name} sampler"] = json.dumps({k: v for k, v in (_json(storage.join(
+            pipe.url(sample_step.name), "sampling.json")) or {}).items() if k in ("method", "steps", "cfg_scale",
+                                                                                  "guidance_interval", "num_samples")})
+        grid = local / f"grid-{gen}.png"
+        try:
+            grid.write_bytes(storage.read_bytes(storage.join(pipe.url(sample_step.name), "grid.png")))
+            grids[gen] = grid
+        except storage.StorageError:
+            pass
+    report = write_study_report(local, title=str(s.get("title", "dmvae-scale study")), rows=rows,
+                                tokenizers=tokenizers, curves=curves, grids=grids, settings=settings,
+                                group_by=str(s.get("group_by", "latent_space")), ours=str(s.get("ours", "dmvae")),
+                                baseline=str(s.get("baseline", "kl_vae")))
+    _put_dir(local, pipe.url(step.name), sorted(p.name for p in local.iterdir() if p.is_file()))
+    met = ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'} ({t['measured']})" for t in report["targets"])
+    return f"report {pipe.url(step.name)}/report.html" + (f"; {met}" if met else "")
 
 
 def step_complete(pipe: Pipeline, step: Step, cfg: Optional[RunConfig], clean: bool = True) -> bool:
@@ -369,8 +531,15 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
             detail = _run_cache(pipe, step)
         elif step.kind == "sample":
             detail = _run_sample(pipe, step, work, address)
+        elif step.kind == "classifier":
+            detail = _run_classifier(pipe, step, work)
+        elif step.kind == "eval_tokenizer":
+            detail = _run_eval_tokenizer(pipe, step, work)
+        elif step.kind == "report":
+            detail = _run_report(pipe, step, work)
         else:
             detail = _run_eval(pipe, step, work)
+        print(f"[pipeline {i}/{total}] {step.name}: {detail}", flush=True)
         reports.append(StepReport(step.name, step.kind, "done", time.perf_counter() - t0, pipe.url(step.name),
                                   detail))
     print(format_reports(reports, time.perf_counter() - began), flush=True)

@@ -1,7 +1,9 @@
-"""The five stages of METHOD.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
+"""The stages of docs/method.md behind one interface (train/api.py's Stage): which models, which are frozen, one step,
 what the stage needs from the stage before and what it hands on.
 
     stage      trains                              frozen                       needs (config key)
+    teacher    SSL encoder (VICReg; optional,      -                            -
+               where no SSL weights exist)
     tokenizer  tokenizer (bottleneck+decoder),     SSL encoder                  -
                discriminator
     reference  real_score (DiT, flow matching)     tokenizer (if the reference  inputs.tokenizer (tokenizer refs)
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from ..artifacts import Artifact, ArtifactError, ArtifactInfo, LatentSpec, load_into, save_artifact
-from ..config import RunConfig, config_hash, dump_yaml, to_dict
+from ..config import OptimConfig, RunConfig, config_hash, dump_yaml, to_dict
 from ..data.artifact_store import artifact_info, open_artifact
 from ..data.storage import StorageError
 from ..distributed.teacher_service import FEATURES_KEY
@@ -45,9 +47,13 @@ from ..method.flow import drop_labels, flow_matching_loss
 from ..method.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
 from ..method.references import (FileSamples, GaussianMixture, NoisyTokenizerLatents, ReferenceSource,
                                  StandardGaussian, TokenizerLatents, random_means)
+from ..method.ssl import ViewAugment, vicreg_loss
 from ..models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
 from ..models.dit import LightningDiT
-from ..models.tokenizer import Tokenizer
+from ..models.ssl import SSLEncoder
+from ..method.kl import gaussian_kl
+from ..models.kl_vae import KLTokenizer
+from ..models.tokenizer import Tokenizer, build_tokenizer
 from .api import Engine, ModelSpec, StepOutput
 from .precision import ForwardPrecision
 
@@ -99,7 +105,10 @@ def _check_same(now: Any, then: Any, section: str, source: str, ignore: set[str]
                                   f"use the same value")
 
 
-_TOKENIZER_SETTINGS = {"tokenizer.encoder.weights", "tokenizer.encoder.sha256", "tokenizer.encoder.frozen"}
+# tokenizer.kind: a stage that loads inputs.tokenizer builds the kind that artifact holds (DMVAE or the KL-VAE
+# baseline, same latent shape and decoder), so one generator config serves both latent spaces.
+_TOKENIZER_SETTINGS = {"tokenizer.encoder.weights", "tokenizer.encoder.sha256", "tokenizer.encoder.frozen",
+                       "tokenizer.kind"}
 _SCORE_SETTINGS = {"score.class_dropout", "score.grad_checkpointing", "score.attention"}
 
 
@@ -137,7 +146,7 @@ def open_upstream(key: str, path: str, which: str) -> Upstream:
 
 def _tokenizer_from(cfg: RunConfig, up: Upstream) -> Tokenizer:
     _check_same(cfg.tokenizer, up.cfg.tokenizer, "tokenizer", f"{up.key}={up.path}", _TOKENIZER_SETTINGS)
-    try:
+    try:  # builds the kind the artifact records (DMVAE or the KL-VAE baseline)
         return Tokenizer.from_artifact(up.artifact, cfg.inputs.tokenizer_weights, cfg.tokenizer)
     except ArtifactError as exc:
         raise StageInputError(f"{up.key}: {exc}") from None
@@ -273,6 +282,13 @@ class AutoencoderLosses:
         return metrics
 
 
+def discriminator_optim(cfg: RunConfig) -> OptimConfig:
+    """The run's optimiser settings with the discriminator's own weight decay where the config sets one (the official
+    DMD recipe: 0.005 for the tokenizer and fake score, 0.0005 for the discriminator)."""
+    wd = cfg.discriminator.weight_decay
+    return cfg.optim if wd is None else dataclasses.replace(cfg.optim, weight_decay=wd)
+
+
 def measure_latent_stats(sample: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
                          ) -> tuple[float, float]:
     """(mean of batch means, mean of 1/std) of the latents `sample(batch)` makes from the batches (moved to
@@ -305,7 +321,11 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     encoder of inputs.tokenizer (local paths made absolute: the service may run in another directory).
     """
     why = None
-    if cfg.stage == "dmd":
+    if cfg.stage == "tokenizer" and cfg.tokenizer.kind == "kl_vae":
+        why = "the KL-VAE baseline's encoder is a conv net that trains, not a registry teacher"
+    elif cfg.stage == "teacher":
+        why = "the teacher stage trains the teacher network itself"
+    elif cfg.stage == "dmd":
         why = "stage 3 trains the encoder; its features cannot come from a frozen teacher"
     elif cfg.stage == "tokenizer":
         if cfg.tokenizer.encoder.frozen:
@@ -323,6 +343,12 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
             info = artifact_info(cfg.inputs.tokenizer)
         except (ArtifactError, StorageError) as exc:
             raise StageInputError(f"inputs.tokenizer: {exc}") from None
+        if info.extra.get("tokenizer_kind", "dmvae") == "kl_vae":
+            why = "the KL-VAE baseline's encoder is a conv net of its own, not a registry teacher"
+            if cfg.teacher.remote:
+                raise StageInputError(f"teacher.remote: stage '{cfg.stage}' has no frozen encoder whose features a "
+                                      f"teacher could compute ({why}); set teacher.remote=false")
+            return None
         path = cfg.inputs.tokenizer if "://" in cfg.inputs.tokenizer else str(Path(cfg.inputs.tokenizer).resolve())
         return tokenizer_encoder_spec(cfg, path, cfg.inputs.tokenizer_weights, info.content_hash)
     if cfg.teacher.remote:
@@ -332,7 +358,8 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
 
 
 def _seeded_encoder_weights(cfg: RunConfig, tokenizer: Tokenizer) -> None:
-    """teacher.name=random_vit: the encoder IS the teacher's seeded network, so the service computes its features."""
+    """teacher.name=random_vit or ssl: the encoder IS the teacher's network (seeded, or trained by the `teacher`
+    stage), so the service computes its features."""
     spec = dataclasses.replace(spec_from_config(cfg), device="cpu", dtype="float32")
     tokenizer.encoder.load_state_dict(build_teacher(spec).network.state_dict())
 
@@ -413,9 +440,15 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         if cfg.stage == "tokenizer":
             _reject_unused(cfg, {"tokenizer.encoder.weights"})
             self.teacher_spec = stage_teacher_spec(cfg)
-            self.tokenizer = Tokenizer(cfg.tokenizer)
-            if cfg.teacher.name == "random_vit":
+            self.tokenizer = build_tokenizer(cfg.tokenizer)
+            if cfg.tokenizer.kind == "kl_vae":
+                if cfg.tokenizer.encoder.frozen:
+                    raise StageInputError("tokenizer.encoder.frozen: the KL-VAE baseline trains its encoder from "
+                                          "scratch; set it false")
+            elif cfg.teacher.name in ("random_vit", "ssl"):
                 _seeded_encoder_weights(cfg, self.tokenizer)
+            if cfg.teacher.name == "ssl":
+                self.upstream = {"teacher": artifact_info(cfg.teacher.artifact).id}
         else:
             _reject_unused(cfg, {"inputs.tokenizer"})
             self.teacher_spec = stage_teacher_spec(cfg)
@@ -429,7 +462,7 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         if self.teacher_spec is not None:
             self.frozen_encoder = self.tokenizer.encoder
         self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
-                        "discriminator": ModelSpec(self.discriminator, True, cfg.optim)}
+                        "discriminator": ModelSpec(self.discriminator, True, discriminator_optim(cfg))}
         if self.losses.perceptual is not None:
             self._models["perceptual"] = ModelSpec(self.losses.perceptual, False)
 
@@ -454,9 +487,18 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
         _, g = self._rng(step, x)
         tok, disc = engines["tokenizer"], engines["discriminator"]
+        kl = None
         with self.autocast():
-            recon, _ = tok(x, features=batch.get(FEATURES_KEY))
+            if isinstance(tok.module, KLTokenizer):  # sample the posterior while the encoder trains, else its mean
+                recon, _, mean, logvar = tok(x, generator=self._rng(step, x)[0], sample=self.cfg.stage == "tokenizer")
+                kl = gaussian_kl(mean, logvar)
+            else:
+                recon, _ = tok(x, features=batch.get(FEATURES_KEY))
         loss, metrics = self.losses.tokenizer_loss(x, recon, step, disc, tok.module.last_layer, g)
+        if kl is not None:
+            metrics["kl"] = kl.detach()
+            if self.cfg.stage == "tokenizer" and self.cfg.loss.kl_weight > 0:
+                loss = loss + self.cfg.loss.kl_weight * kl
         tok.backward(loss)
         tok.step()
         metrics["loss"] = loss.detach()
@@ -467,7 +509,8 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
     def artifact(self):
         out = super().artifact()
         out["latent"] = self.latent
-        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape)}
+        out["extra"] = {"latent_shape": list(self.tokenizer.latent_shape),
+                        "tokenizer_kind": "kl_vae" if isinstance(self.tokenizer, KLTokenizer) else "dmvae"}
         return out
 
 
@@ -660,7 +703,7 @@ class DMDStage(_StageBase):
         self.upstream = {"tokenizer": up_tok.info.id, "reference": up_ref.info.id}
         self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
                         "fake_score": ModelSpec(self.fake_score, True, cfg.optim),
-                        "discriminator": ModelSpec(self.discriminator, True, cfg.optim),
+                        "discriminator": ModelSpec(self.discriminator, True, discriminator_optim(cfg)),
                         "real_score": ModelSpec(self.real_score, False)}
         if self.losses.perceptual is not None:
             self._models["perceptual"] = ModelSpec(self.losses.perceptual, False)
@@ -714,8 +757,42 @@ class DMDStage(_StageBase):
         return out
 
 
+class TeacherStage(_StageBase):
+    """Stage 0 (teacher): train the tokenizer's encoder network self-supervised (VICReg) on the images, where no SSL
+    weights can be had. Geometry from the tokenizer section (encoder arch and patch size, image size), so the
+    artifact's network is the `ssl` registry teacher and loads into a tokenizer's encoder as it is."""
+
+    export = ("teacher",)
+
+    def __init__(self, cfg: RunConfig, rank: int = 0):
+        super().__init__(cfg, rank)
+        self.name = cfg.stage
+        _reject_unused(cfg, set())
+        self.teacher_spec = stage_teacher_spec(cfg)  # None; refuses teacher.remote
+        enc = cfg.tokenizer.encoder
+        self.network = SSLEncoder(enc.arch, cfg.tokenizer.image_size, enc.patch_size, cfg.ssl.expander_dim)
+        self.augment = ViewAugment(scale=(cfg.ssl.crop_min, 1.0))
+        self._models = {"teacher": ModelSpec(self.network, True, cfg.optim, ema=True)}
+
+    def step(self, batch, step, engines):
+        x = batch["image"]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        _, g = self._rng(step, x)
+        views = torch.cat([self.augment(x, g), self.augment(x, g)])
+        net, s = engines["teacher"], self.cfg.ssl
+        with self.autocast():
+            z1, z2 = net(views).chunk(2)
+        loss, terms = vicreg_loss(z1, z2, s.invariance_weight, s.variance_weight, s.covariance_weight)
+        net.backward(loss)
+        net.step()
+        return StepOutput({"loss": loss.detach(), **terms}, images=len(x))
+
+
 def build_stage(cfg: RunConfig, rank: int = 0):
     """The stage cfg.stage names, with its inputs checked and loaded (on the CPU)."""
+    if cfg.stage == "teacher":
+        return TeacherStage(cfg, rank)
     if cfg.stage in ("tokenizer", "decoder"):
         return AutoencoderStage(cfg, rank)
     if cfg.stage in ("reference", "generator"):

@@ -1,0 +1,180 @@
+"""A study's report: generators on different latent spaces (and seeds) side by side, with their tokenizers.
+
+`write_study_report` takes plain rows (one per evaluated generator: its tags, gFID, classifier accuracy, ...), the
+tokenizers' reconstruction metrics, loss curves and sample grids, and writes `report.md`, a self-contained
+`report.html` (images inlined) and `loss_curves.png` into a directory. Groups are formed by a tag (the latent space):
+each metric is summarised as mean and spread (min..max) over its seeds, and the targets are checked against the
+measured numbers as they are: a missed target is reported with its margin.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def group_summary(rows: list[dict], by: str, metrics: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
+    """{group: {metric: {mean, min, max, n}}} over the rows of each group."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for group in sorted({r[by] for r in rows}):
+        members = [r for r in rows if r[by] == group]
+        out[group] = {}
+        for m in metrics:
+            vals = [float(r[m]) for r in members if m in r and r[m] is not None]
+            if vals:
+                out[group][m] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
+                                 "n": len(vals)}
+    return out
+
+
+def check_targets(summary: dict, rows: list[dict], ours: str, baseline: str,
+                  min_accuracy: float = 0.70) -> list[dict]:
+    """The demo's targets, measured: every generator's classifier accuracy >= min_accuracy; our mean gFID below the
+    baseline's (with the seeds' spread shown)."""
+    targets = []
+    accs = [(r["name"], r.get("classifier_accuracy")) for r in rows]
+    worst = min((a for _, a in accs if a is not None), default=float("nan"))
+    targets.append({"target": f"every generator's samples classified as their class >= {min_accuracy:.0%}",
+                    "met": bool(worst >= min_accuracy), "measured": f"lowest {worst:.1%} "
+                    f"({', '.join(f'{n} {a:.1%}' for n, a in accs if a is not None)})"})
+    if ours in summary and baseline in summary and "fid" in summary[ours] and "fid" in summary[baseline]:
+        a, b = summary[ours]["fid"], summary[baseline]["fid"]
+        targets.append({"target": f"{ours} gFID below {baseline} gFID at equal generator budget",
+                        "met": bool(a["mean"] < b["mean"]),
+                        "measured": f"{ours} {a['mean']:.2f} (range {a['min']:.2f}..{a['max']:.2f}, {a['n']} seeds) "
+                                    f"vs {baseline} {b['mean']:.2f} (range {b['min']:.2f}..{b['max']:.2f}, "
+                                    f"{b['n']} seeds): difference {b['mean'] - a['mean']:+.2f}"})
+    return targets
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, ylabel: str) -> Optional[Path]:
+    """One line per run (images seen -> loss) in one PNG; None when there is nothing to draw."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, points in sorted(curves.items()):
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=name, linewidth=1.4)
+    ax.set_xlabel("images seen")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tokenizers: list[dict],
+                       curves: dict[str, dict[str, list[tuple[float, float]]]], grids: dict[str, Path],
+                       settings: dict[str, Any], group_by: str = "latent_space", ours: str = "dmvae",
+                       baseline: str = "kl_vae", notes: list[str] = ()) -> dict:
+    """Write report.md, report.html, the curves' PNGs and report.json; returns what report.json holds."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = ("fid", "classifier_accuracy", "final_loss")
+    summary = group_summary(rows, group_by, metrics) if rows else {}
+    targets = check_targets(summary, rows, ours, baseline) if rows else []
+    pngs = {}
+    for kind, per_run in curves.items():
+        p = plot_curves(per_run, out / f"curves_{kind}.png", kind)
+        if p is not None:
+            pngs[kind] = p
+
+    md = [f"# {title}", ""]
+    md += ["## Generators", "", "| generator | " + " | ".join(k for k in ("latent_space", "seed", "samples", "fid",
+                                                                              "classifier_accuracy", "final_loss")) +
+           " |", "|" + "---|" * 7]
+    for r in rows:
+        md.append(f"| {r['name']} | {r.get('latent_space', '')} | {r.get('seed', '')} | {r.get('samples', '')} | "
+                  f"{_fmt(r.get('fid', float('nan')))} | {_fmt(r.get('classifier_accuracy', float('nan')), 3)} | "
+                  f"{_fmt(r.get('final_loss', float('nan')), 4)} |")
+    if summary:
+        md += ["", f"Mean over seeds (range):", ""]
+        for group, ms in summary.items():
+            parts = [f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, n={v['n']})" for m, v in ms.items()]
+            md.append(f"- **{group}**: " + "; ".join(parts))
+    if tokenizers:
+        md += ["", "## Tokenizers (reconstructions of real test images)", "",
+               "| tokenizer | rFID | PSNR | SSIM | images |", "|---|---|---|---|---|"]
+        for t in tokenizers:
+            md.append(f"| {t['name']} | {_fmt(t.get('rfid', float('nan')))} | {_fmt(t.get('psnr', float('nan')))} | "
+                      f"{_fmt(t.get('ssim', float('nan')), 4)} | {t.get('images', '')} |")
+    if targets:
+        md += ["", "## Targets (measured, never tuned to)", "", "| target | met | measured |", "|---|---|---|"]
+        for t in targets:
+            md.append(f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['measured']} |")
+    md += ["", "## Loss curves", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()]
+    md += ["", "## Samples", ""] + [f"**{name}**\n\n![{name}]({p.name})\n" for name, p in grids.items()]
+    md += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+    md += [f"| {k} | {html.escape(str(v))} |" for k, v in settings.items()]
+    if notes:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes))
+    report = {"title": title, "rows": rows, "summary": summary, "tokenizers": tokenizers, "targets": targets,
+              "settings": settings, "files": sorted(p.name for p in out.iterdir())}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _table(header: list[str], body: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c) if isinstance(c, float) else str(c))}</td>"
+                                    for c in row) + "</tr>" for row in body)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes) -> str:
+    """The same report as one self-contained page (images inlined as data URLs)."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}.side{display:flex;gap:16px;flex-wrap:wrap}"
+             ".side div{flex:1;min-width:260px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    keys = ("latent_space", "seed", "samples", "fid", "classifier_accuracy", "final_loss")
+    parts += ["<h2>Generators</h2>", _table(["generator", *keys], [[r["name"], *[r.get(k, "") for k in keys]]
+                                                                  for r in rows])]
+    if summary:
+        parts.append("<ul>" + "".join(
+            f"<li><b>{html.escape(g)}</b>: " + "; ".join(f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, "
+                                                        f"n={v['n']})" for m, v in ms.items()) + "</li>"
+            for g, ms in summary.items()) + "</ul>")
+    if tokenizers:
+        parts += ["<h2>Tokenizers</h2>", _table(["tokenizer", "rFID", "PSNR", "SSIM", "images"],
+                                                [[t["name"], t.get("rfid", ""), t.get("psnr", ""), t.get("ssim", ""),
+                                                  t.get("images", "")] for t in tokenizers])]
+    if targets:
+        parts += ["<h2>Targets (measured, never tuned to)</h2>",
+                  _table(["target", "met", "measured"], [[t["target"], "yes" if t["met"] else "NO", t["measured"]]
+                                                         for t in targets])]
+    if pngs:
+        parts += ["<h2>Loss curves</h2>"] + [_img_tag(p, k) for k, p in pngs.items()]
+    if grids:
+        parts += ["<h2>Samples</h2>", "<div class='side'>"] + [
+            f"<div><h3>{html.escape(n)}</h3>{_img_tag(p, n)}</div>" for n, p in grids.items()] + ["</div>"]
+    parts += ["<h2>Settings</h2>", _table(["setting", "value"], [[k, v] for k, v in settings.items()])]
+    if notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)

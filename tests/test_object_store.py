@@ -1,0 +1,52 @@
+"""The embedded object store (SeaweedFS): loopback only, its data survives a restart on the same directory, and stop
+leaves no process or socket behind."""
+import os
+from pathlib import Path
+
+import pytest
+
+from dmvae_scale.data.object_store import ObjectStore
+
+pytestmark = pytest.mark.integration
+
+
+def _listening_ports(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets in LISTEN state that process `pid` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                addr, port = local.split(":")
+                found.add((addr if width == 32 else ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)),
+                           int(port, 16)))
+    return found
+
+
+def test_store_binds_loopback_only_keeps_data_across_restarts_and_stops_clean(tmp_path):
+    store = ObjectStore(tmp_path / "store")
+    with store:
+        pid = store.proc.pid
+        ports = _listening_ports(pid)
+        assert {p for _, p in ports} == set(store.ports.values())  # our free ports, nothing at a fixed default
+        assert {a for a, _ in ports} == {"127.0.0.1"}
+        url = store.create_bucket("keep")
+        store.client().put_object(Bucket="keep", Key="a/b.txt", Body=b"still here")
+    assert url == "s3://keep"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert not [p for p in Path("/tmp").glob("seaweedfs-*.sock")
+                if any(str(port) in p.name for port in store.ports.values())]
+
+    again = ObjectStore(tmp_path / "store")  # new ports, same directory
+    with again:
+        body = again.client().get_object(Bucket="keep", Key="a/b.txt")["Body"].read()
+    assert body == b"still here"

@@ -1,0 +1,115 @@
+"""The recipe as one command on a real S3 server (SeaweedFS): `dmvae-scale demo --quick` submits the demo pipeline
+through the Job API of a loopback Ray head; the same pipeline run directly, SIGKILLed mid-stage and rerun, ends with
+the same artifacts (equal content hashes); a rerun skips what is complete; bad pipelines fail on the user's machine."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dmvae_scale.data import storage
+from dmvae_scale.train.pipeline import PipelineError, artifact_id, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo"
+# The killed stage runs longer than the others, so the kill lands between two of its checkpoints.
+LONGER_DMD = ["dmd:total_images=192"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _manifest(url: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(url, "artifact.json")))
+    except storage.StorageError:
+        return None
+
+
+@pytest.mark.unit
+def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text(
+        "steps:\n  - {name: shards, kind: shards}\n  - {name: tok, kind: train, config: tokenizer.yaml, data: nope}\n")
+    with pytest.raises(PipelineError, match=r"step 2 \(tok\): data='nope' must name an earlier shards step"):
+        load_pipeline(tmp_path, str(tmp_path / "store"))
+    with pytest.raises(PipelineError, match=r"no step named 'tokenzer'"):
+        load_pipeline(DEMO, str(tmp_path / "store"), ["tokenzer:total_images=64"])
+    with pytest.raises(PipelineError, match=r"step tokenizer \(tokenizer.yaml\): .*optim.lrr"):
+        load_pipeline(DEMO, str(tmp_path / "store"), ["tokenizer:optim.lrr=1"])
+    pipe = load_pipeline(DEMO, "s3://bucket/demo", ["tokenizer:total_images=64", "samples:per_class=3"])
+    cfg = pipe.train_config(pipe.step("generator"))
+    assert cfg.run_dir == "s3://bucket/demo/runs/generator"
+    assert cfg.inputs.tokenizer == "s3://bucket/demo/runs/decoder/artifact"
+    assert cfg.data.latents == "s3://bucket/demo/latents/latents"
+    assert pipe.train_config(pipe.step("tokenizer")).total_images == 64
+    assert pipe.step("samples").spec["per_class"] == 3
+    # The shipped ImageNet recipe loads as a pipeline too: only the store and the weight files are the user's.
+    imagenet = load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256")
+    dmd = imagenet.train_config(imagenet.step("dmd"))
+    assert dmd.run_dir == "s3://bucket/in256/runs/dmd" and dmd.inputs.tokenizer == "s3://bucket/in256/runs/tokenizer/artifact"
+
+
+@pytest.mark.integration
+def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_ends_the_same(s3_bucket, tmp_path):
+    from dmvae_scale.demo import QUICK
+    # 1. The demo, as a user runs it: the pipeline as one Ray job, every path on the S3 server.
+    out = tmp_path / "demo"
+    demo = subprocess.run([sys.executable, "-m", "dmvae_scale.cli", "demo", "--quick", "--out", str(out),
+                           "--store", f"{s3_bucket}/demo", *LONGER_DMD], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=1500)
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-3000:]
+    assert "[demo] submitted job raysubmit_" in demo.stdout and "demo done in" in demo.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    straight = summary["artifacts"]
+    assert sorted(straight) == ["decoder", "dmd", "generator", "reference", "tokenizer"]
+    fid = summary["metrics"]["fid"]["fid"]
+    assert math.isfinite(fid) and fid > 0
+    assert (out / "report" / "fid" / "report.md").is_file() and (out / "report" / "samples-grid.png").is_file()
+    base = f"{s3_bucket}/demo"
+    assert _manifest(f"{base}/runs/generator/artifact")["upstream"]["tokenizer"] == straight["decoder"]
+    latents = json.loads(storage.read_bytes(f"{base}/latents/latents/latents.json"))
+    assert latents["tokenizer"] == straight["decoder"]
+
+    # 2. The same pipeline run directly, SIGKILLed (with its embedded Ray) between two checkpoints of the dmd stage.
+    store = f"{s3_bucket}/killed"
+    cmd = [sys.executable, "-m", "dmvae_scale.cli", "pipeline", str(DEMO), *QUICK, "distributed.num_workers=1",
+           *LONGER_DMD, "--store", store]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    fs, _ = storage.filesystem(store)
+    checkpoints = f"{store}/runs/dmd/checkpoints".split("://", 1)[1]
+    killed_at = None
+    deadline = time.monotonic() + 1200
+    while proc.poll() is None and time.monotonic() < deadline:
+        fs.invalidate_cache()  # s3fs caches listings: look at the store as it is now
+        done = fs.glob(checkpoints + "/*/manifest.json")
+        if done and _manifest(f"{store}/runs/dmd/artifact") is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = sorted(done)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    log.close()
+    assert killed_at, f"the dmd stage never had a checkpoint without an artifact: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+    assert _manifest(f"{store}/runs/dmd/artifact") is None and _manifest(f"{store}/runs/tokenizer/artifact")
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-3000:]
+    assert "[pipeline 2/9] tokenizer (train): complete, skipped" in rerun.stdout  # done before the kill
+    assert "resumed from" in rerun.stdout + rerun.stderr  # dmd continued from its checkpoint
+    resumed = {name: artifact_id(_manifest(f"{store}/runs/{name}/artifact")) for name in straight}
+    assert resumed == straight  # bit-identical weights: same content hashes as the uninterrupted run
+
+    # 3. Once more: everything is complete, nothing runs.
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "pipeline: 0 steps run, 9 complete and skipped" in again.stdout

@@ -1,0 +1,130 @@
+"""The self-supervised teacher's objective (VICReg), augmentations, network and linear probe."""
+import pytest
+import torch
+
+from dmvae_scale.eval.probe import linear_probe_accuracy
+from dmvae_scale.method.ssl import ViewAugment, vicreg_loss
+from dmvae_scale.models.ssl import SSLEncoder
+from dmvae_scale.models.vit import VisionTransformer
+
+pytestmark = pytest.mark.unit
+
+
+def test_vicreg_terms_are_the_papers_and_catch_collapse():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 16, generator=g) * 2.0  # spread, decorrelated: only the sampling noise in cov remains
+    loss, t = vicreg_loss(z, z)
+    assert t["invariance"] == 0 and t["variance"] == 0  # every dim's std is ~2 > 1: no hinge
+    cov = torch.cov(z.T)
+    off = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / 16
+    assert float(t["covariance"]) == pytest.approx(2 * float(off), rel=1e-4)
+    assert float(loss) == pytest.approx(float(t["covariance"]), rel=1e-6)
+    # A collapsed embedding (every image the same vector) pays the full variance hinge on both branches: 2 * 1.
+    c = torch.ones(512, 16)
+    _, tc = vicreg_loss(c, c)
+    assert float(tc["variance"]) == pytest.approx(2 * (1 - 1e-2), rel=1e-4)
+    # Perfectly correlated dims pay covariance; the invariance term is the mean squared difference.
+    x = torch.randn(512, 1, generator=g).expand(-1, 4)
+    _, tx = vicreg_loss(x, x + 0.5)
+    assert float(tx["covariance"]) > 1.0 and float(tx["invariance"]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="two \\(B >= 2, E\\) embeddings"):
+        vicreg_loss(z, z[:, :8])
+
+
+def test_views_are_seeded_in_range_and_different():
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    aug = ViewAugment()
+    a = aug(images, torch.Generator().manual_seed(1))
+    b = aug(images, torch.Generator().manual_seed(1))
+    c = aug(images, torch.Generator().manual_seed(2))
+    assert a.shape == images.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+    # With every random part switched off the view is the image itself.
+    still = ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0)
+    assert torch.allclose(still(images, torch.Generator().manual_seed(0)), images, atol=1e-5)
+    flipped = ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, brightness=0.0, contrast=0.0)
+    assert torch.allclose(flipped(images, torch.Generator().manual_seed(0)), images.flip(-1), atol=1e-5)
+
+
+def test_teacher_backbone_is_the_tokenizer_encoder_class_with_one_token_per_latent_position():
+    torch.manual_seed(0)
+    net = SSLEncoder("vit_tiny", 32, 4, expander_dim=64)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert net(x).shape == (4, 64) and net.pooled(x).shape == (4, 96)
+    encoder = VisionTransformer("vit_tiny", 32, 4)
+    encoder.load_state_dict(net.backbone.state_dict(), strict=True)  # the weights a tokenizer's encoder takes
+    assert encoder(x).shape == (4, 8 * 8, 96)
+    assert torch.equal(encoder(x).mean(1), net.pooled(x))
+    loss, _ = vicreg_loss(net(x), net(x.flip(-1)))
+    loss.backward()
+    assert net.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_linear_probe_separates_what_is_separable_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 3
+    centres = torch.randn(3, 5, generator=g) * 4
+    x = centres[y] + torch.randn(600, 5, generator=g)
+    assert linear_probe_accuracy(x[:300], y[:300], x[300:], y[300:]) > 0.95
+    noise = torch.randn(600, 5, generator=g)
+    assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.5
+
+
+def _teacher_artifact(path, stage="teacher"):
+    from dmvae_scale.artifacts import ArtifactInfo, save_artifact
+    torch.manual_seed(1)
+    net = SSLEncoder("vit_tiny", 32, 4, expander_dim=64)
+    save_artifact(path, ArtifactInfo(stage=stage, models=[], config_hash="x"), {"teacher": net.state_dict()},
+                  ema={"teacher": net.state_dict()})
+    return net
+
+
+def test_a_teacher_artifact_is_a_registry_teacher_and_the_tokenizer_encoder(tmp_path):
+    from dmvae_scale.config import ConfigError, load_config
+    from dmvae_scale.distributed.teachers import build_teacher, spec_from_config
+    from dmvae_scale.train.stages import build_stage
+    net = _teacher_artifact(tmp_path / "teacher")
+    cfg = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/teacher"])
+    spec = spec_from_config(cfg)
+    assert spec.name == "ssl" and spec.weights == str((tmp_path / "teacher").resolve())
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    feats = build_teacher(spec).encode(x)
+    assert feats.shape == (3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(feats, net.backbone.eval()(x), atol=1e-5)
+    # The tokenizer stage's frozen encoder is that network, and the artifact is its upstream.
+    stage = build_stage(cfg)
+    with torch.no_grad():
+        assert torch.allclose(stage.tokenizer.encoder(x), feats, atol=1e-5)
+    assert set(stage.artifact()["upstream"]) == {"teacher"}
+    with pytest.raises(ConfigError, match="teacher.artifact: teacher.name=ssl needs"):
+        spec_from_config(load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl"]))
+    with pytest.raises(ConfigError, match="teacher.artifact is set but teacher.name=random_vit"):
+        spec_from_config(load_config("configs/demo/tokenizer.yaml", [f"teacher.artifact={tmp_path}/teacher"]))
+    _teacher_artifact(tmp_path / "other", stage="tokenizer")
+    other = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/other"])
+    with pytest.raises(Exception, match="is a 'tokenizer' artifact; name the artifact of a `teacher` stage"):
+        build_teacher(spec_from_config(other))
+
+
+@pytest.mark.integration
+def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path):
+    from dmvae_scale.artifacts import load_artifact
+    from dmvae_scale.config import load_config
+    from dmvae_scale.train.launch import run_local
+    from dmvae_scale.train.stages import build_stage
+    cfg = load_config("configs/demo/teacher.yaml", [f"run_dir={tmp_path}/teacher", "total_images=48", "batch_size=16",
+                                                    "data.limit=64", "optim.warmup_steps=1"])
+    run = run_local(cfg, progress=False)
+    assert run.info.stage == "teacher" and run.info.models == ["teacher"]
+    assert run.images_seen == 48 and set(run.final_metrics) >= {"loss", "variance", "covariance"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.final_metrics.values())
+    _, raw = load_artifact(run.artifact, "raw")
+    _, ema = load_artifact(run.artifact, "ema")
+    fresh = SSLEncoder("vit_tiny", 32, 4)
+    assert not torch.equal(raw["teacher"]["backbone.blocks.0.attn.qkv.weight"], fresh.backbone.blocks[0].attn.qkv.weight)
+    tok = build_stage(load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl",
+                                                                  f"teacher.artifact={run.artifact}"]))
+    assert tok.artifact()["upstream"] == {"teacher": run.info.id}
+    # The tokenizer's frozen encoder is the teacher's EMA backbone.
+    assert torch.equal(tok.tokenizer.encoder.blocks[0].attn.qkv.weight, ema["teacher"]["backbone.blocks.0.attn.qkv.weight"])
