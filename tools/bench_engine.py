@@ -86,8 +86,10 @@ def bench_step_time(args, device) -> dict:
     from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
+    from dmvae_scale.train.durable import file_written
     engines = build_engines({"dit": ModelSpec(copy.deepcopy(model), True, cfg.optim)}, cfg.distributed,
-                            micro_batch=args.batch, rank=0, world_size=1, device=device)
+                            micro_batch=args.batch, rank=0, world_size=1, device=device,
+                            on_file_saved=file_written)  # the worker's early flush of each checkpoint file
     ds = engines.engines["dit"]
     autocast = ForwardPrecision(engines.precision, device.type)
     for engine in (plain, ds):  # warm-up: allocator, kernels, optimizer state
@@ -242,8 +244,9 @@ def checkpoint_engine_set(args, device, size: str, step_engines):
     except ValueError:
         raise SystemExit(f"--ckpt-sizes: {size!r} is neither 'step' nor WIDTHxDEPTH such as 384x12")
     cfg, model, batch = build(args, device, hidden=hidden, depth=depth)
+    from dmvae_scale.train.durable import file_written
     engines = build_engines({"dit": ModelSpec(model, True, cfg.optim)}, cfg.distributed, micro_batch=args.batch,
-                            rank=0, world_size=1, device=device)
+                            rank=0, world_size=1, device=device, on_file_saved=file_written)
     train_steps(engines.engines["dit"], batch, 1, device, ForwardPrecision(engines.precision, device.type))
     return engines
 
