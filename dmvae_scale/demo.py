@@ -38,22 +38,30 @@ class DemoOptions:
     stop_wait_s: float = 180.0  # how long Ctrl-C waits for the job to checkpoint and stop
 
 
-def _copy_report(store_url: str, dest: Path) -> dict:
-    """The evaluation's files from the store to `dest`; returns its metrics."""
+def _copy_tree(store_url: str, prefix: str, dest: Path) -> list[Path]:
     from .data import storage
-    dest.mkdir(parents=True, exist_ok=True)
-    fs, root = storage.filesystem(storage.join(store_url, "eval"))
-    metrics = {}
+    fs, root = storage.filesystem(storage.join(store_url, prefix))
+    root = root.rstrip("/")
+    copied = []
+    if not fs.exists(root):
+        return copied
     for path in fs.find(root):
-        rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/")) else os.path.basename(path)
-        target = dest / rel
+        target = dest / path[len(root) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(fs.cat_file(path))
-        if target.name == "metrics.json":
-            metrics[target.parent.name] = json.loads(target.read_text())
-    grid = storage.join(store_url, "samples", "samples", "grid.png")
-    if storage.exists(grid):
-        (dest / "samples-grid.png").write_bytes(storage.read_bytes(grid))
+        copied.append(target)
+    return copied
+
+
+def _copy_report(store_url: str, dest: Path) -> dict:
+    """The study report (report/) and every evaluation (eval/) from the store into `dest`; returns the metrics of
+    each evaluation by step name."""
+    dest.mkdir(parents=True, exist_ok=True)
+    _copy_tree(store_url, "report", dest)
+    metrics = {}
+    for path in _copy_tree(store_url, "eval", dest / "eval"):
+        if path.name == "metrics.json":
+            metrics[path.parent.name] = json.loads(path.read_text())
     return metrics
 
 
@@ -131,8 +139,13 @@ def run_demo(o: DemoOptions) -> dict:
     summary = {"seconds": round(seconds, 1), "store": store_url, "metrics": metrics, "report": str(out / "report"),
                "artifacts": artifacts}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    fid = metrics.get("fid", {}).get("fid")
-    print(f"demo done in {seconds:.0f} s: FID {fid if fid is None else round(fid, 2)}; report in {out / 'report'}; "
-          f"summary {out / 'summary.json'}", flush=True)
+    report = out / "report"
+    for name in ("report", ):
+        if (report / name / "report.md").is_file():
+            print((report / name / "report.md").read_text(), flush=True)
+    html_files = sorted(report.glob("*/report.html"))
+    where = html_files[0] if html_files else report
+    print(f"demo done in {seconds:.0f} s; report: {where} (and report.md beside it); summary {out / 'summary.json'}",
+          flush=True)
     return summary
 

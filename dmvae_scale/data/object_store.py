@@ -84,8 +84,17 @@ class ObjectStore:
             "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
             region_name=REGION)
 
-    def start(self, timeout: float = 60.0) -> "ObjectStore":
+    def _lock_busy(self) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return b"resource temporarily unavailable" in f.read()
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 60.0, attempts_left: int = 5) -> "ObjectStore":
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -95,6 +104,10 @@ class ObjectStore:
         client = self.client()
         deadline = time.monotonic() + timeout
         while True:
+            if self.proc.poll() is not None and attempts_left > 0 and self._lock_busy():
+                # The store of a run that just stopped can hold the filer's leveldb lock for a moment longer.
+                time.sleep(2.0)
+                return self.start(timeout=max(5.0, deadline - time.monotonic()), attempts_left=attempts_left - 1)
             if self.proc.poll() is not None:
                 raise UserError(f"the object store (SeaweedFS) exited with {self.proc.returncode} before serving "
                                 f"{self.url}; its log: {self.log_path}")

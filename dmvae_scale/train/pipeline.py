@@ -208,7 +208,7 @@ def artifact_id(manifest: dict) -> str:
 def _upstream_ids(pipe: Pipeline, step: Step) -> dict[str, str]:
     """role -> id of the current upstream artifacts a train step reads."""
     out = {}
-    for role in ("tokenizer", "real_score"):
+    for role in ("tokenizer", "real_score", "teacher"):
         if role in step.spec:
             manifest = _json(storage.join(pipe.artifact_url(step.spec[role]), "artifact.json"))
             if manifest is None:
@@ -321,7 +321,8 @@ def _run_cache(pipe: Pipeline, step: Step) -> str:
 def _run_sample(pipe: Pipeline, step: Step, work: Path, address: Optional[str]) -> str:
     from ..eval.sample_run import run_sample
     s = step.spec
-    local = work / "samples" / step.name
+    # Keyed by the generator's artifact id: a partly sampled set resumes only for the very same generator.
+    local = work / "samples" / f"{step.name}-{_current_artifact(pipe, s['generator'])}"
     npz = run_sample(pipe.artifact_url(s["generator"]), str(local), num_per_class=s.get("per_class"),
                      num_samples=s.get("num_samples"), batch_size=int(s.get("batch_size", 50)),
                      workers=int(s.get("workers", 1)), overrides=list(s.get("overrides", [])), address=address)
