@@ -414,6 +414,88 @@ def _add_demo(sub):
     p.set_defaults(func=run)
 
 
+def _add_estimate(sub):
+    p = sub.add_parser("estimate", help="memory per GPU, step time, images/s and GPU-hours of a DiT run")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a generator/reference config (its model, batch, ZeRO stage, total_images); omit to use flags")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. score.grad_checkpointing=true")
+    p.add_argument("--size", default="XL", help="DiT size without a config (S, B, L, XL, XXL, 3B; default XL)")
+    p.add_argument("--patch", type=int, default=1, help="patch size without a config (default 1)")
+    p.add_argument("--input-size", type=int, default=16, help="latent grid side without a config (default 16)")
+    p.add_argument("--in-channels", type=int, default=32, help="latent channels without a config (default 32)")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage without a config (default 2)")
+    p.add_argument("--batch", type=int, default=None, help="global batch without a config (default 256)")
+    p.add_argument("--micro-batch", type=int, default=None, help="images per GPU per forward (instead of --batch)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation without a config (default 1)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (without a config)")
+    p.add_argument("--gpu", default="H200", help="GPU type: H200, H100, 'H100 PCIe', A100, B200, L40S, ...")
+    p.add_argument("--gpus", type=int, default=None, help="GPU count (default: the config's num_workers, else 8)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the GPU, overriding the table")
+    p.add_argument("--epochs", type=float, default=None, help="length in epochs (replaces the config's total_images)")
+    p.add_argument("--dataset-images", type=int, default=None, help="images per epoch (default ImageNet-1k's)")
+    p.add_argument("--images", type=int, default=None, help="length in images seen (without a config)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    def run(args):
+        import json
+
+        from .scaling.estimate import estimate, estimate_run, format_estimate
+        if args.config is not None:
+            from .config import load_config
+            result = estimate_run(load_config(args.config, args.overrides), num_gpus=args.gpus, gpu=args.gpu,
+                                  mfu=args.mfu, epochs=args.epochs, dataset_images=args.dataset_images,
+                                  peak_tflops=args.peak_tflops)
+        else:
+            from .config import DiTConfig
+            from .errors import UserError
+            gpus = args.gpus or 8
+            if args.micro_batch is None:
+                batch = args.batch or 256
+                if batch % (gpus * args.grad_accum):
+                    raise UserError(f"--batch {batch} does not split over {gpus} GPUs x --grad-accum "
+                                    f"{args.grad_accum}; give a multiple or --micro-batch")
+                micro = batch // (gpus * args.grad_accum)
+            else:
+                micro = args.micro_batch
+            total = args.images
+            if args.epochs is not None:
+                from .scaling.estimate import IMAGENET_TRAIN_IMAGES
+                total = int(round(args.epochs * (args.dataset_images or IMAGENET_TRAIN_IMAGES)))
+            dit = DiTConfig(size=args.size, patch_size=args.patch, input_size=args.input_size,
+                            in_channels=args.in_channels, grad_checkpointing=args.checkpointing)
+            result = estimate(dit, zero_stage=args.zero, micro_batch=micro, grad_accum=args.grad_accum,
+                              num_gpus=gpus, gpu=args.gpu, mfu=args.mfu, total_images=total,
+                              peak_tflops=args.peak_tflops)
+        print(json.dumps(result.as_dict(), indent=2) if args.json else format_estimate(result))
+    p.set_defaults(func=run)
+
+
+def _add_scaling(sub):
+    p = sub.add_parser("scaling", help="run (or finish) a scaling sweep: generator sizes x budgets x latent spaces")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/scaling/demo.yaml")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for the points' workers ('auto', 'ray://HOST:10001'); default: embedded")
+    p.add_argument("--report-only", action="store_true",
+                   help="only refit and redraw report.md and the plots from the sweep's results.csv")
+
+    def run(args):
+        from .scaling.sweep import load_sweep, read_table, run_sweep
+        if args.report_only:
+            from pathlib import Path
+
+            from .scaling.report import write_report
+            out = Path(load_sweep(args.sweep).out)
+            if not (out / "results.csv").is_file():
+                raise UserError(f"--report-only: {out / 'results.csv'} does not exist; run the sweep first")
+            print(write_report(read_table(out / "results.csv"), out)["report"])
+            return 0
+        result = run_sweep(args.sweep, address=args.address)
+        return 1 if any(r["status"] != "done" for r in result["rows"]) else 0
+    p.set_defaults(func=run)
+
+
+
 def _add_pipeline(sub):
     p = sub.add_parser("pipeline", help="a whole recipe (shards, stages, latent cache, samples, FID) under one store; "
                                         "rerunning skips what is complete and resumes the rest")
@@ -450,7 +532,8 @@ def _add_pipeline(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_add_demo, _add_pipeline, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export]
+COMMANDS = [_add_demo, _add_pipeline, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export,
+            _add_estimate, _add_scaling]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,318 @@
+"""`dmvae-scale estimate`: memory per GPU, step time, throughput and cost of a generator (LightningDiT) run.
+
+Memory per GPU is model states plus saved activations:
+  - model states follow how our engine trains (train/deepspeed_engine.py): fp32 module weights under bf16 autocast
+    (DeepSpeed's own bf16 mode is off), DeepSpeed's fp32 partition of the weights for ZeRO >= 1, fp32 gradients,
+    AdamW's two fp32 moments, our ZeRO-partitioned fp32 EMA, and autocast's bf16 copies of the weights;
+    `deepspeed_mixed_state_bytes` gives the layout DeepSpeed's own estimators assume (bf16 weights + fp32 master),
+    which the tests check against `estimate_zero2/3_model_states_mem_needs`;
+  - activations are the bytes autograd saves for backward, measured by running the model on the meta device
+    (no memory, no compute) under saved-tensor hooks, with attention replaced by a FlashAttention-like op that
+    saves q, k, v, the output and the log-sum-exp (no N x N matrix, as on a GPU).
+Allocator fragmentation, NCCL buffers and the CUDA context (about 1-3 GiB together) are not included.
+
+Time is FLOPs over FLOP/s: analytic training FLOPs per image (models/flops.py) at a stated MFU of the GPU's dense bf16
+peak. The MFU is an input, not a prediction: measure it with a short run (the training log prints it) or use
+tools/gpu_throughput.py.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from ..config import DiTConfig, RunConfig
+from ..errors import UserError
+from ..models import dit as dit_module
+from ..models.dit import LightningDiT, param_count, resolve_shape
+from ..models.flops import ACCELERATORS, dit_flops, peak_bf16_flops, tokenizer_flops
+
+GIB = 1024 ** 3
+IMAGENET_TRAIN_IMAGES = 1_281_167
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements), ZeRO-1/2
+ACTIVATION_BYTES = 2  # bf16
+
+
+class EstimateError(UserError):
+    """An estimate was asked for with inputs that do not describe a run."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model states
+# ----------------------------------------------------------------------------------------------------------------------
+
+def largest_layer_params(cfg: DiTConfig) -> int:
+    """Parameters of the largest single weight matrix (what ZeRO-3 gathers at a time, at least)."""
+    shape = resolve_shape(cfg)
+    from ..models.layers import swiglu_hidden
+    d = shape.hidden_size
+    return max(d * 6 * d, d * 2 * swiglu_hidden(d, cfg.mlp_ratio), (cfg.num_classes + 1) * d)
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU of each part of the model states."""
+
+    params: float
+    grads: float
+    optimizer: float  # AdamW moments (+ DeepSpeed's fp32 partition copy of the weights for ZeRO >= 1)
+    ema: float
+    buffers: float  # ZeRO-2's gradient reduce bucket, ZeRO-3's gathered layer, autocast's bf16 weight copies
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.ema + self.buffers
+
+
+def model_state_bytes(params: int, zero_stage: int, world: int, largest_layer: int = 0) -> ModelStates:
+    """Model-state bytes per GPU of our engine (fp32 weights, bf16 autocast, AdamW, sharded fp32 EMA)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise EstimateError(f"zero stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if world <= 0:
+        raise EstimateError(f"GPU count must be positive, got {world}")
+    p, n = float(params), float(world)
+    weights = 4 * p if zero_stage < 3 else 4 * p / n
+    master = 0.0 if zero_stage == 0 else 4 * p / n  # DeepSpeed clones the fp32 partition it steps
+    moments = 8 * p if zero_stage == 0 else 8 * p / n
+    grads = 4 * p if zero_stage < 2 else 4 * p / n
+    autocast_copies = 2 * p if zero_stage < 3 else 2 * p / n
+    if zero_stage == 2:
+        buffers = 4 * min(p, DEEPSPEED_REDUCE_BUCKET) + autocast_copies
+    elif zero_stage == 3:
+        buffers = 2 * 4 * largest_layer + autocast_copies  # a gathered layer and its full gradient
+    else:
+        buffers = autocast_copies
+    return ModelStates(weights, grads, moments + master, 4 * p / n, buffers)
+
+
+def deepspeed_mixed_state_bytes(params: int, zero_stage: int, world: int, largest_layer: int = 0) -> float:
+    """Model-state bytes per GPU in DeepSpeed's mixed-precision layout (16-bit weights and gradients, fp32 master
+    weights, gradients and Adam moments), as DeepSpeed's estimators count it (no offload): ZeRO-2 keeps 2 bytes of
+    16-bit weights per parameter and partitions 18; ZeRO-3 partitions all 18 and holds the largest layer (4 bytes)."""
+    if zero_stage == 2:
+        return 2 * params + int(18 * params / world)
+    if zero_stage == 3:
+        return 4 * largest_layer + int(18 * params / world)
+    raise EstimateError(f"DeepSpeed's estimators cover ZeRO-2 and ZeRO-3, not stage {zero_stage}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------------------------------
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Saves what FlashAttention saves for backward (q, k, v, out, log-sum-exp per row); meta-device only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - only shapes are ever asked of this op
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def _flash_like_attention():
+    original = dit_module.attention
+    dit_module.attention = lambda q, k, v, backend="auto": _FlashLikeAttention.apply(q, k, v)
+    try:
+        yield
+    finally:
+        dit_module.attention = original
+
+
+def _saved_bytes(cfg: DiTConfig, batch: int, dtype: torch.dtype) -> int:
+    """Bytes autograd saves in one forward of `cfg` at `batch`, distinct storages, parameters excluded."""
+    with torch.device("meta"):
+        model = LightningDiT(replace(cfg, grad_checkpointing=False)).to(dtype)
+        x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, dtype=dtype)
+        t, y = torch.rand(batch), torch.zeros(batch, dtype=torch.long)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with _flash_like_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, t, y)
+    return sum(saved.values())
+
+
+def activation_bytes(cfg: DiTConfig, micro_batch: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes saved for backward per GPU at `micro_batch` images (bf16 activations; RoPE's fp32 math included).
+    Under activation checkpointing only each block's input stays, plus one block's activations in its recompute."""
+    total = _saved_bytes(cfg, micro_batch, dtype)
+    if not cfg.grad_checkpointing:
+        return total
+    depth = resolve_shape(cfg).depth
+    one_block = total - _saved_bytes(replace(cfg, depth=depth - 1), micro_batch, dtype) if depth > 1 else total
+    shape = resolve_shape(cfg)
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    block_inputs = depth * micro_batch * tokens * shape.hidden_size * torch.finfo(dtype).bits // 8
+    return total - depth * one_block + one_block + block_inputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate:
+    dit: DiTConfig
+    zero_stage: int
+    micro_batch: int
+    grad_accum: int
+    num_gpus: int
+    gpu: str
+    mfu: float
+    params: int
+    flops_per_image: float  # training FLOPs (forward + backward [+ recompute] [+ tokenizer encode])
+    peak_flops: float
+    states: ModelStates
+    activations: float
+    deepspeed_mixed_states: Optional[float]
+    total_images: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.num_gpus
+
+    @property
+    def memory_per_gpu(self) -> float:
+        return self.states.total + self.activations
+
+    @property
+    def images_per_s(self) -> float:
+        return self.num_gpus * self.peak_flops * self.mfu / self.flops_per_image
+
+    @property
+    def step_s(self) -> float:
+        return self.global_batch / self.images_per_s
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        return None if self.total_images is None else self.total_images / self.images_per_s
+
+    @property
+    def gpu_hours(self) -> Optional[float]:
+        return None if self.wall_s is None else self.wall_s * self.num_gpus / 3600
+
+    def as_dict(self) -> dict:
+        return {"size": self.dit.size, "patch": self.dit.patch_size, "params": self.params, "zero": self.zero_stage,
+                "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "gpus": self.num_gpus,
+                "gpu": self.gpu, "mfu": self.mfu, "global_batch": self.global_batch,
+                "train_gflops_per_image": self.flops_per_image / 1e9, "peak_tflops": self.peak_flops / 1e12,
+                "mem_params_gib": self.states.params / GIB, "mem_grads_gib": self.states.grads / GIB,
+                "mem_optimizer_gib": self.states.optimizer / GIB, "mem_ema_gib": self.states.ema / GIB,
+                "mem_buffers_gib": self.states.buffers / GIB, "mem_activations_gib": self.activations / GIB,
+                "mem_total_gib": self.memory_per_gpu / GIB,
+                "deepspeed_mixed_states_gib": None if self.deepspeed_mixed_states is None
+                else self.deepspeed_mixed_states / GIB,
+                "images_per_s": self.images_per_s, "step_s": self.step_s, "total_images": self.total_images,
+                "wall_hours": None if self.wall_s is None else self.wall_s / 3600, "gpu_hours": self.gpu_hours}
+
+
+def resolve_peak(gpu: str, peak_tflops: Optional[float] = None) -> tuple[str, float]:
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise EstimateError(f"--peak-tflops must be positive, got {peak_tflops}")
+        return gpu, peak_tflops * 1e12
+    found = peak_bf16_flops(gpu)
+    if found.flops is None:
+        raise EstimateError(f"gpu {gpu!r} is not in the peak table; use one of {', '.join(sorted(ACCELERATORS))} "
+                            f"or give --peak-tflops")
+    return found.key, found.flops
+
+
+def estimate(dit: DiTConfig, *, zero_stage: int, micro_batch: int, num_gpus: int, gpu: str, mfu: float,
+             grad_accum: int = 1, total_images: Optional[int] = None, peak_tflops: Optional[float] = None,
+             extra_flops_per_image: float = 0.0, notes: Optional[list[str]] = None) -> Estimate:
+    if micro_batch <= 0 or grad_accum <= 0 or num_gpus <= 0:
+        raise EstimateError(f"micro-batch, grad-accum and GPU count must be positive, got {micro_batch}, "
+                            f"{grad_accum}, {num_gpus}")
+    if not 0 < mfu <= 1:
+        raise EstimateError(f"--mfu is a fraction of the peak in (0, 1], got {mfu}")
+    key, peak = resolve_peak(gpu, peak_tflops)
+    params = param_count(dit)
+    layer = largest_layer_params(dit)
+    mixed = deepspeed_mixed_state_bytes(params, zero_stage, num_gpus, layer) if zero_stage in (2, 3) else None
+    return Estimate(dit, zero_stage, micro_batch, grad_accum, num_gpus, key, mfu, params,
+                    dit_flops(dit).train + extra_flops_per_image, peak,
+                    model_state_bytes(params, zero_stage, num_gpus, layer), activation_bytes(dit, micro_batch), mixed,
+                    total_images, list(notes or []))
+
+
+def estimate_run(cfg: RunConfig, *, num_gpus: Optional[int] = None, gpu: str = "H200", mfu: float = 0.4,
+                 epochs: Optional[float] = None, dataset_images: Optional[int] = None,
+                 peak_tflops: Optional[float] = None) -> Estimate:
+    """The estimate of a generator/reference run config (its score model, batch, ZeRO stage, total images), with
+    the GPU count and length optionally replaced (--gpus, --epochs)."""
+    if cfg.stage not in ("generator", "reference"):
+        raise EstimateError(f"estimate covers the DiT stages (generator, reference); {cfg.stage!r} trains other "
+                            "models")
+    gpus = num_gpus or cfg.distributed.num_workers
+    accum = cfg.distributed.grad_accum
+    if cfg.batch_size % (gpus * accum):
+        raise EstimateError(f"batch_size={cfg.batch_size} does not split over {gpus} GPUs x grad_accum={accum}; "
+                            "choose a GPU count that divides it")
+    notes = []
+    total = cfg.total_images
+    if epochs is not None:
+        if dataset_images is None:
+            dataset_images = IMAGENET_TRAIN_IMAGES
+            notes.append(f"an epoch is {IMAGENET_TRAIN_IMAGES:,} images (ImageNet-1k train; --dataset-images to "
+                         "change)")
+        total = int(round(epochs * dataset_images))
+    extra = 0.0
+    if cfg.stage == "generator" and not cfg.data.latents:
+        tok = tokenizer_flops(cfg.tokenizer)
+        extra = tok.encoder + tok.bottleneck
+        notes.append("latents are encoded every step (no data.latents): the encoder's forward is counted")
+    return estimate(cfg.score, zero_stage=cfg.distributed.zero_stage, micro_batch=cfg.batch_size // (gpus * accum),
+                    grad_accum=accum, num_gpus=gpus, gpu=gpu, mfu=mfu, total_images=total, peak_tflops=peak_tflops,
+                    extra_flops_per_image=extra, notes=notes)
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(seconds, 86400)
+    return f"{int(days)}d {rest / 3600:.1f}h" if days else f"{seconds / 3600:.2f}h"
+
+
+def format_estimate(e: Estimate) -> str:
+    d = e.dit
+    name = d.size if d.depth is None else f"custom {resolve_shape(d).depth}x{resolve_shape(d).hidden_size}"
+    lines = [f"LightningDiT-{name}/{d.patch_size} on {d.input_size}x{d.input_size}x{d.in_channels} latents: "
+             f"{e.params / 1e6:.1f}M parameters, {e.flops_per_image / 1e9:.1f} GFLOPs per training image",
+             f"{e.num_gpus} x {e.gpu} (dense bf16 peak {e.peak_flops / 1e12:.0f} TFLOP/s), ZeRO-{e.zero_stage}, "
+             f"micro-batch {e.micro_batch} x grad_accum {e.grad_accum} = global batch {e.global_batch}",
+             "", "memory per GPU (GiB)"]
+    s = e.states
+    for label, value in [("parameters (fp32)", s.params), ("gradients (fp32)", s.grads),
+                         ("optimizer (AdamW moments + fp32 partition)", s.optimizer), ("EMA (fp32, sharded)", s.ema),
+                         ("buffers (reduce bucket / gathered layer / bf16 casts)", s.buffers),
+                         (f"activations (micro-batch {e.micro_batch})", e.activations)]:
+        lines.append(f"  {label:<55}{value / GIB:>9.2f}")
+    lines.append(f"  {'total':<55}{e.memory_per_gpu / GIB:>9.2f}")
+    hbm = ACCELERATORS[e.gpu].memory_gib if e.gpu in ACCELERATORS else None
+    if hbm:
+        verdict = "fits" if e.memory_per_gpu / GIB < 0.9 * hbm else "does NOT fit (keep 10% for the allocator)"
+        lines.append(f"  {e.gpu} has {hbm:.0f} GB: {verdict}")
+    if e.deepspeed_mixed_states is not None:
+        lines.append(f"  DeepSpeed's estimator (bf16 weights + fp32 master layout): model states "
+                     f"{e.deepspeed_mixed_states / GIB:.2f} GiB vs ours {s.total / GIB:.2f} GiB")
+    lines += ["", f"at {e.mfu:.0%} MFU: {e.images_per_s:,.0f} images/s, {e.step_s * 1e3:.1f} ms per step"]
+    if e.total_images is not None:
+        lines.append(f"{e.total_images:,} images: {_duration(e.wall_s)} wall, {e.gpu_hours:,.0f} GPU-hours")
+    lines += [f"note: {n}" for n in e.notes]
+    return "\n".join(lines)
