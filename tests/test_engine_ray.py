@@ -143,6 +143,7 @@ def test_sigterm_checkpoints_then_resume_on_one_worker_is_exact(ray_session, tmp
     stopped = store.latest()
     assert 24 <= stopped.images_seen < 2400 and stopped.world_size == 2
     assert f"stopped on request at {stopped.images_seen} of" in str(err.value)
+    assert err.value.result.status == "stopped" and err.value.result.images_seen == stopped.images_seen
 
     # Resume the 2-worker ZeRO-2 checkpoint on 1 worker, to 96 images in all (universal checkpoint conversion).
     total = stopped.images_seen + 48

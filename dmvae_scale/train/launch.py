@@ -37,7 +37,12 @@ from .worker import ray_train_loop, run_worker
 
 class TrainingStoppedError(UserError):
     """The run stopped before total_images (non-finite losses, a refused resume, a user error in a worker, a stop
-    request): retrying would not help; the message says what to do."""
+    request): retrying would not help; the message says what to do. `result`: the run's TrainResult, when it has
+    one (status "stopped", "diverged", "refused" or "error")."""
+
+    def __init__(self, message: str, result: "Optional[TrainResult]" = None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -225,7 +230,7 @@ def _finish(out: WorkerResult, began: float, cfg: RunConfig, reported: Optional[
     if out.status != "done":
         raise TrainingStoppedError(out.message or f"the run ended at {out.images_seen} of total_images="
                                                   f"{cfg.total_images} images ({out.status}); run the same command "
-                                                  f"again to resume")
+                                                  f"again to resume", res)
     print(res.line(), flush=True)
     return res
 
