@@ -16,10 +16,6 @@ from .loop import LoopHook
 
 
 # Peak dense bf16 tensor-core FLOP/s per device, for MFU. Matched as substrings of the CUDA device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                   "L40": 181e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12, "B200": 2250e12,
-                   "GH200": 989e12, "MI300X": 1307e12}
-
 
 def import_wandb():
     try:
@@ -80,13 +76,27 @@ class MetricSinks:
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of this worker's GPU (models/flops.py's table: PCIe / NVL told from SXM, a MIG slice
+    scaled by its SMs), or None on CPU, in fp32, or for a GPU the table lacks (then no MFU is logged)."""
     if device.type != "cuda" or precision != "bf16":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key in name:
-            return value
-    return None
+    from ..models.flops import cuda_peak_bf16_flops
+    return cuda_peak_bf16_flops(device).flops
+
+
+def analytic_flops_per_image(cfg) -> Optional[float]:
+    """models/flops.py's training FLOPs per image of a flow-matching stage (generator, reference): the DiT's forward
+    and backward, plus the frozen tokenizer's encoding where the stage encodes images itself (no latent cache, no
+    teacher features). Logged beside the counted figure, so the two can be compared; None for other stages."""
+    if cfg.stage not in ("generator", "reference"):
+        return None
+    from ..models.flops import dit_flops, tokenizer_flops
+    total = float(dit_flops(cfg.score).train)
+    encodes = cfg.stage == "generator" or cfg.reference.kind in ("tokenizer", "noisy_tokenizer")
+    if encodes and cfg.data.latents is None and not cfg.teacher.remote:
+        tok = tokenizer_flops(cfg.tokenizer)
+        total += tok.encoder + tok.bottleneck
+    return total
 
 
 class FlopCounter:
@@ -104,6 +114,9 @@ class FlopCounter:
 
     def _counted(self, it: Iterator) -> Iterator:
         from torch.utils.flop_counter import FlopCounterMode
+
+        from ..models.flops import register_attention_flop_formulas
+        register_attention_flop_formulas()  # fused CPU SDPA and flash-attn kernels count as zero otherwise
         counter = FlopCounterMode(display=False)
         with counter:
             yield next(it)
@@ -123,10 +136,11 @@ class LogHook(LoopHook):
 
     def __init__(self, *, start_images: int, per_rank_batch: int, world: int, device: torch.device, precision: str,
                  flops: FlopCounter, sinks: Optional[MetricSinks], report: Optional[Callable] = None,
-                 summary_lines: bool = False, total_images: int = 0):
+                 summary_lines: bool = False, total_images: int = 0, analytic_per_image: Optional[float] = None):
         self.per_rank_batch, self.world, self.device, self.precision = per_rank_batch, world, device, precision
         self.flops, self.sinks, self.report = flops, sinks, report
         self.summary_lines, self.total_images = summary_lines, total_images
+        self.analytic_per_image = analytic_per_image  # models/flops.py's count for the stage's main model
         self.history: list[dict[str, float]] = []
         self.last_time = time.perf_counter()
         self.last_images = start_images
@@ -141,6 +155,9 @@ class LogHook(LoopHook):
         if flops:  # per worker: FLOPs of one step / its images x its share of the image rate
             achieved = flops / self.per_rank_batch * rate / self.world
             out["tflops_per_worker"] = achieved / 1e12
+            out["gflops_per_image"] = flops / self.per_rank_batch / 1e9  # counted (FlopCounterMode, first step)
+            if self.analytic_per_image:
+                out["gflops_per_image_analytic"] = self.analytic_per_image / 1e9
             peak = peak_flops(self.device, self.precision)
             if peak:
                 out["mfu"] = achieved / peak

@@ -34,7 +34,7 @@ from .deepspeed_engine import build_engines, device_for, init_distributed
 from .durable import file_written
 from .ema import FullEMAView, ShardedEMA
 from .loop import GuardedEngine, LoopHook, TrainingDivergedError, TrainLoop
-from .metrics import FlopCounter, ImageGrid, LogHook, MetricSinks
+from .metrics import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
 from .precision import compute_paths, describe_paths
 from .rng import Reseed, seed_everything
 
@@ -172,7 +172,8 @@ class Worker:
                               if flops.flops_per_step else None}
         log = LogHook(start_images=loop.images_seen, per_rank_batch=self.per_rank_batch, world=self.world,
                       device=self.device, precision=self.engine_set.precision, flops=flops, sinks=sinks,
-                      report=self.report, summary_lines=self.job.control is not None, total_images=cfg.total_images)
+                      report=self.report, summary_lines=self.job.control is not None, total_images=cfg.total_images,
+                      analytic_per_image=analytic_flops_per_image(cfg))
         grid = ImageGrid(cfg.log_images_every_images, self.stage, self.device, sinks, loop.images_seen)
         loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log, grid]
         status, message = "done", ""
