@@ -6,6 +6,7 @@ Add a subcommand by writing one `_add_<name>(sub)` function below and listing it
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .errors import UserError
@@ -91,7 +92,7 @@ def _add_data(sub):
         kwargs = dict(weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, dtype=args.dtype, limit=args.limit)
         if args.remote_teacher:
-            from .train.local import cache_latents_with_teacher
+            from .train.features import cache_latents_with_teacher
             summary = cache_latents_with_teacher(args.src, args.dest, args.tokenizer, remote=True,
                                                  address=args.address, **kwargs)
         else:
@@ -187,7 +188,8 @@ def _add_train(sub):
                    help="ray: DeepSpeed workers under Ray Train (embedded loopback Ray without --address); local: "
                         "this process only; auto (default): ray when --address is given or "
                         "distributed.num_workers > 1, else local")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (local launcher)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda where available), cpu or cuda (local "
+                                                    "launcher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
 
     def run(args):
@@ -199,7 +201,7 @@ def _add_train(sub):
             from .train.launch import train
             train(cfg, address=args.address)
         else:
-            from .train.local import run_local
+            from .train.launch import run_local
             run_local(cfg, device=args.device, progress=not args.no_progress)
     p.set_defaults(func=run)
 
@@ -384,12 +386,12 @@ def _add_export(sub):
     p = sub.add_parser("export", help="consolidated fp32 weights of a training checkpoint -> one .safetensors file")
     p.add_argument("source", help="run directory (its latest complete checkpoint) or a checkpoint directory "
                    "(local or s3://...)")
-    p.add_argument("out", help="output .safetensors file; keys are <model>.<parameter>")
+    p.add_argument("--out", required=True, help="output .safetensors file; keys are <model>.<parameter>")
     p.add_argument("--weights", choices=("raw", "ema"), default="raw", help="raw weights (default) or EMA averages")
     p.add_argument("--models", default=None, help="comma-separated model names (default: every trained model)")
 
     def run(args):
-        from .train.checkpoint import export_weights
+        from .train.export import export_weights
         models = [m for m in args.models.split(",") if m] if args.models else None
         print(export_weights(args.source, args.out, which=args.weights, models=models).line())
     p.set_defaults(func=run)
@@ -535,16 +537,35 @@ COMMANDS = [_add_demo, _add_pipeline, _add_config, _add_models, _add_data, _add_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="dmvae-scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dmvae-scale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+# A dotted config override (score.depth=12, sampler.guidance_interval=[0.1,1.0]): accepted anywhere on the line.
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with dotted overrides taken from anywhere on the command line (argparse alone accepts them only
+    right after the positional arguments), in their order, for the subcommands that take overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(overrides)} (this command takes no config overrides)")
+        args.overrides = list(args.overrides or []) + overrides  # positional words (a pipeline dir) first
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         rc = args.func(args)
     except UserError as exc:

@@ -185,9 +185,10 @@ class DistributedConfig:
     num_workers: int = 1
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # fp16 would need per-engine loss scaling: not offered
     grad_accum: int = 1
     address: Optional[str] = None
+    max_failures: int = 2  # Ray Train restarts of the worker group after a crash (user errors are never retried)
     # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
     # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
     timeout_s: int = 1800
@@ -223,6 +224,7 @@ class RunConfig:
     batch_size: int = 256  # global batch
     total_images: int = 1_000_000
     log_every_images: int = 10_000
+    log_images_every_images: int = 0  # a TensorBoard grid of reconstructions this often (0: never)
     ckpt_every_images: int = 100_000
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 10
@@ -422,35 +424,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     return cfg
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if cfg.batch_size <= 0:
-        raise ConfigError(f"batch_size: must be positive, got {cfg.batch_size}")
-    if cfg.distributed.num_workers <= 0:
-        raise ConfigError(f"distributed.num_workers: must be positive, got {cfg.distributed.num_workers}")
-    if cfg.batch_size % (cfg.distributed.num_workers * cfg.distributed.grad_accum):
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} is not divisible by distributed.num_workers x distributed.grad_accum "
-            f"= {cfg.distributed.num_workers * cfg.distributed.grad_accum}")
+    """Every check of a config that needs no I/O: ranges, and fields that must agree with each other. It runs where
+    the config is loaded (`config show`, `submit`, `train`), so a bad config fails on the user's machine before a
+    cluster grants resources; each message names the key and what would be right."""
+    d, dist, dm = cfg.data, cfg.distributed, cfg.dm
+    for key in ("batch_size", "total_images", "log_every_images", "keep_checkpoints"):
+        _need(getattr(cfg, key) > 0, f"{key}: must be positive, got {getattr(cfg, key)}")
+    _need(cfg.ckpt_every_images >= 0, f"ckpt_every_images: must be >= 0 (0: only at the end and on a stop), got "
+                                      f"{cfg.ckpt_every_images}")
+    _need(cfg.log_images_every_images >= 0, f"log_images_every_images: must be >= 0 (0: never), got "
+                                            f"{cfg.log_images_every_images}")
+    _need(cfg.max_nonfinite_steps >= 0, f"max_nonfinite_steps: must be >= 0, got {cfg.max_nonfinite_steps}")
+    _need(dist.num_workers > 0, f"distributed.num_workers: must be positive, got {dist.num_workers}")
+    _need(dist.grad_accum > 0, f"distributed.grad_accum: must be positive, got {dist.grad_accum}")
+    _need(dist.max_failures >= 0, f"distributed.max_failures: must be >= 0, got {dist.max_failures}")
+    _need(cfg.batch_size % (dist.num_workers * dist.grad_accum) == 0,
+          f"batch_size: {cfg.batch_size} is not divisible by distributed.num_workers x distributed.grad_accum "
+          f"= {dist.num_workers * dist.grad_accum}")
+    _need(0.0 <= cfg.optim.ema_decay < 1.0, f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
+    _need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
     enc_patch = cfg.tokenizer.encoder.patch_size
-    if cfg.tokenizer.image_size % enc_patch:
-        raise ConfigError(f"tokenizer.image_size: {cfg.tokenizer.image_size} is not a multiple of "
-                          f"tokenizer.encoder.patch_size={enc_patch}")
-    if cfg.score.input_size % cfg.score.patch_size:
-        raise ConfigError(f"score.input_size: {cfg.score.input_size} is not a multiple of "
-                          f"score.patch_size={cfg.score.patch_size}")
-    if not 0.0 <= cfg.dm.t_min < cfg.dm.t_max <= 1.0:
-        raise ConfigError(f"dm.t_min/dm.t_max: need 0 <= t_min < t_max <= 1, got {cfg.dm.t_min}, {cfg.dm.t_max}")
+    _need(cfg.tokenizer.image_size % enc_patch == 0,
+          f"tokenizer.image_size: {cfg.tokenizer.image_size} is not a multiple of tokenizer.encoder.patch_size="
+          f"{enc_patch}")
+    _need(d.image_size == cfg.tokenizer.image_size,
+          f"data.image_size={d.image_size} differs from tokenizer.image_size={cfg.tokenizer.image_size}; the "
+          f"tokenizer accepts only its own size: set data.image_size={cfg.tokenizer.image_size}")
+    _need(cfg.score.input_size % cfg.score.patch_size == 0,
+          f"score.input_size: {cfg.score.input_size} is not a multiple of score.patch_size={cfg.score.patch_size}")
+    _need(0.0 <= dm.t_min < dm.t_max <= 1.0,
+          f"dm.t_min/dm.t_max: need 0 <= t_min < t_max <= 1, got {dm.t_min}, {dm.t_max}")
+    _need(dm.tokenizer_every >= 1, f"dm.tokenizer_every: must be >= 1, got {dm.tokenizer_every}")
+    _need(dm.t_anneal_steps <= 0 or dm.t_min <= dm.t_anneal_min_final < dm.t_max,
+          f"dm.t_anneal_min_final={dm.t_anneal_min_final} must lie in [dm.t_min={dm.t_min}, dm.t_max={dm.t_max})")
     gi = cfg.sampler.guidance_interval
-    if gi is not None and not 0.0 <= gi[0] < gi[1] <= 1.0:
-        raise ConfigError(f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi)}")
-    if cfg.data.stats_images <= 0:
-        raise ConfigError(f"data.stats_images: must be positive, got {cfg.data.stats_images}")
-    if cfg.distributed.timeout_s <= 0:
-        raise ConfigError(f"distributed.timeout_s: must be a positive number of seconds, got "
-                          f"{cfg.distributed.timeout_s}")
-    if cfg.sampler.steps <= 0:
-        raise ConfigError(f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+    _need(gi is None or 0.0 <= gi[0] < gi[1] <= 1.0,
+          f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi) if gi else gi}")
+    _need(d.stats_images > 0, f"data.stats_images: must be positive, got {d.stats_images}")
+    _need(dist.timeout_s > 0, f"distributed.timeout_s: must be a positive number of seconds, got {dist.timeout_s}")
+    _need(cfg.sampler.steps > 0, f"sampler.steps: must be positive, got {cfg.sampler.steps}")
+    _need(cfg.teacher.replicas >= 1, f"teacher.replicas: must be at least 1, got {cfg.teacher.replicas}")
+    _need(cfg.teacher.name != "inception",
+          "teacher.name: 'inception' serves features only (the teacher service and feature path); a tokenizer's "
+          "encoder is a ViT and cannot be the Inception network, so the training stages refuse it; use "
+          "teacher.name=dinov2 (or random_vit for plumbing)")
+    if cfg.stage in ("tokenizer", "dmd", "decoder"):  # the stages with a discriminator
+        _need(cfg.discriminator.consistency_weight <= 0 or cfg.discriminator.diffaug,
+              "discriminator.consistency_weight > 0 needs discriminator.diffaug=true (the term compares augmented "
+              "and plain logits); set one of the two")
+    if cfg.stage == "decoder":
+        _need(cfg.tokenizer.encoder.frozen, "tokenizer.encoder.frozen: the decoder stage keeps encoder and "
+                                            "bottleneck frozen (the latents must not change); set it true")
+    if cfg.reference.kind == "gmm":
+        _need(cfg.reference.gmm_components >= 1 and cfg.reference.gmm_std > 0,
+              f"reference.gmm_components/gmm_std: need >= 1 and > 0, got {cfg.reference.gmm_components}, "
+              f"{cfg.reference.gmm_std}")
     if cfg.ssl.expander_dim < 1 or not 0 < cfg.ssl.crop_min <= 1:
         raise ConfigError(f"ssl: need expander_dim >= 1 and 0 < crop_min <= 1, got {cfg.ssl.expander_dim}, "
                           f"{cfg.ssl.crop_min}")

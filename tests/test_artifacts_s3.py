@@ -15,9 +15,9 @@ from dmvae_scale.cli import main
 from dmvae_scale.config import load_config
 from dmvae_scale.data import storage
 from dmvae_scale.data.artifact_store import artifact_info, cache_root, open_artifact, open_tokenizer, upload_artifact
-from dmvae_scale.train.api import EMA
-from dmvae_scale.train.local import build_dataset, stats_batches
+from dmvae_scale.train.batches import build_dataset, stats_batches
 from dmvae_scale.train.stages import AutoencoderStage, save_stage_artifact
+from plain_reference import EMA
 
 pytestmark = pytest.mark.integration
 

@@ -49,6 +49,7 @@ def test_launcher_keeps_the_job_api_private_and_turns_on_token_auth():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     for cmd in (head, " ".join(cfg["worker_start_ray_commands"])):
         assert "RAY_AUTH_MODE=token ray start" in cmd
+    assert "RAY_JOB_STOP_WAIT_TIME_S=300 " in head  # `jobs stop` leaves the driver time for the stop checkpoint
     assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
@@ -100,6 +101,9 @@ def test_rayjob_is_private_authenticated_and_runs_the_same_train_command():
     assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth exists from 2.52
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert not cluster["headGroupSpec"].get("enableIngress", False)
+    head_env = {e["name"]: e["value"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]
+                for e in c.get("env", [])}
+    assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 60  # `jobs stop` leaves the driver time to checkpoint
     # Bucket access through a workload identity, not keys.
     for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         assert template["spec"]["serviceAccountName"] == "dmvae-scale"

@@ -105,9 +105,9 @@ def test_zero_1_and_3_two_workers_match_single_process(ray_session, tmp_path, re
 def test_killed_worker_restarts_and_resumes_exactly(zero2_run, tmp_path):
     marker = tmp_path / "killed"
     run_dir = tmp_path / "run"
-    cfg = toys.toy_config(run_dir)
+    cfg = toys.toy_config(run_dir, "distributed.max_failures=1")
     result = train(cfg, stage_factory=toys.toy_factory(kill_at_step=6, kill_rank=1, kill_marker=str(marker)),
-                   dataset_factory=toys.vector_data, max_failures=1)
+                   dataset_factory=toys.vector_data)
     assert marker.exists(), "the worker was never killed"
     entries = metrics_log(run_dir)
     logged = [int(e["images"]) for e in entries]
@@ -136,15 +136,17 @@ def test_sigterm_checkpoints_then_resume_on_one_worker_is_exact(ray_session, tmp
 
     killer = threading.Thread(target=terminate_after_first_checkpoint, daemon=True)
     killer.start()
-    first = train(cfg, stage_factory=toys.toy_factory(sleep_s=0.05), dataset_factory=toys.vector_data)
+    with pytest.raises(TrainingStoppedError, match=r"stopped on request at (\d+) of total_images=2400 images; "
+                                                   r"checkpoint .*; run the same command again to resume") as err:
+        train(cfg, stage_factory=toys.toy_factory(sleep_s=0.05), dataset_factory=toys.vector_data)
     killer.join(timeout=5)
-    assert first.status == "stopped", first.message
-    assert 24 <= first.images_seen < 2400
     stopped = store.latest()
-    assert stopped.images_seen == first.images_seen and stopped.world_size == 2
+    assert 24 <= stopped.images_seen < 2400 and stopped.world_size == 2
+    assert f"stopped on request at {stopped.images_seen} of" in str(err.value)
+    assert err.value.result.status == "stopped" and err.value.result.images_seen == stopped.images_seen
 
     # Resume the 2-worker ZeRO-2 checkpoint on 1 worker, to 96 images in all (universal checkpoint conversion).
-    total = first.images_seen + 48
+    total = stopped.images_seen + 48
     second = train(toys.toy_config(run_dir, "distributed.num_workers=1", f"total_images={total}"),
                    stage_factory=toys.toy_stage, dataset_factory=toys.vector_data)
     assert second.status == "done" and second.images_seen == total
@@ -153,7 +155,7 @@ def test_sigterm_checkpoints_then_resume_on_one_worker_is_exact(ray_session, tmp
     ref_cfg = toys.toy_config(tmp_path / "ref", f"total_images={total}")
     ref_hist, _, _ = toys.single_process_run(ref_cfg)
     resumed = last_by_images(metrics_log(run_dir))
-    for images in range(first.images_seen + 8, total + 1, 8):
+    for images in range(stopped.images_seen + 8, total + 1, 8):
         assert resumed[images]["ids"] == ref_hist[images]["ids"]
         assert resumed[images]["ids_sq"] == ref_hist[images]["ids_sq"]
         assert_close(resumed[images]["loss"], ref_hist[images]["loss"], REL_TOL, f"loss at {images}")
@@ -178,8 +180,8 @@ def test_non_finite_on_one_worker_skips_both_and_a_run_of_them_stops(ray_session
 @pytest.fixture(scope="module")
 def dmd_inputs(tmp_path_factory):
     """Tiny tokenizer and reference artifacts made by the real stages (untrained), as tests/test_stages.py does."""
-    from dmvae_scale.train.api import EMA
     from dmvae_scale.train.stages import AutoencoderStage, FlowMatchingStage, save_stage_artifact
+    from plain_reference import EMA
     root = tmp_path_factory.mktemp("dmd_inputs")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo"
     from dmvae_scale.config import load_config
@@ -214,6 +216,52 @@ def test_dmd_stage_three_engines_zero2_two_workers(ray_session, dmd_inputs, tmp_
     assert moved > 0, "the fake score never trained"
     assert info.upstream == {"tokenizer": load_artifact(root / "tokenizer")[0].id,
                              "reference": load_artifact(root / "reference")[0].id}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ray Train as Ray Train: reports, preemption notices, user errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_finishes_reporting_to_ray(ray_session, tmp_path):
+    run_dir = tmp_path / "run"
+    store = ckpt.CheckpointStore(str(run_dir))
+    cfg = toys.toy_config(run_dir, "total_images=480", "ckpt_every_images=0")  # no checkpoint but the notice's
+
+    def notice_after_first_log(control):
+        def later():
+            deadline = time.monotonic() + 240
+            while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            control.notify_preemption.remote()  # what Ray's preemption notice does through get_preemption_info
+        threading.Thread(target=later, daemon=True).start()
+
+    result = train(cfg, stage_factory=toys.toy_factory(sleep_s=0.05), dataset_factory=toys.vector_data,
+                   control_hook=notice_after_first_log)
+    assert result.status == "done" and result.images_seen == 480
+    saved = [i.images_seen for i in store.complete()]
+    assert len(saved) == 2 and 0 < saved[0] < 480 and saved[0] % 80 == 0 and saved[1] == 480, saved
+    # ray.train.report at every log interval: the Result holds the last report's metrics ...
+    assert result.reported["images"] == 480
+    assert result.reported["loss"] == pytest.approx(result.history[-1]["loss"], rel=1e-12)
+    # ... and Ray's checkpoint is a pointer to the manifest of the latest complete checkpoint.
+    ray_dir = run_dir / "ray"
+    pointers = sorted(ray_dir.rglob("latest.json"))
+    assert pointers, f"no pointer checkpoint under {ray_dir}"
+    latest = json.loads(max(pointers, key=lambda p: json.loads(p.read_text())["images_seen"]).read_text())
+    assert latest == {"manifest": f"{store.url(ckpt.checkpoint_name(480))}/{ckpt.MANIFEST}", "images_seen": 480}
+
+
+def test_a_user_error_in_a_worker_reaches_the_cli_at_once_with_exit_2(ray_session, tmp_path, capsys):
+    from dmvae_scale.cli import main
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    began = time.monotonic()
+    rc = main(["train", str(demo / "reference.yaml"), f"run_dir={tmp_path}/run", "inputs.tokenizer=/nowhere/artifact",
+               "distributed.num_workers=2", "batch_size=8", "--no-progress"])
+    took = time.monotonic() - began
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error: inputs.tokenizer: artifact not found: /nowhere/artifact" in err
+    assert "restarts" not in err and took < 30, (took, err)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,10 +18,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dmvae_scale.config import RunConfig, load_config
-from dmvae_scale.train.api import ModelSpec, PlainEngine, StepOutput
-from dmvae_scale.train.local import stream_batches
+from dmvae_scale.train.api import ModelSpec, StepOutput
+from dmvae_scale.train.batches import stream_batches
 from dmvae_scale.train.loop import train_loop
 from dmvae_scale.train.stages import no_param_grads
+from plain_reference import EMA, PlainEngine
 
 DIM = 8
 
@@ -126,8 +127,9 @@ def single_process_run(cfg: RunConfig):
     torch.manual_seed(cfg.seed)
     stage = toy_stage(cfg)
     engines = {n: PlainEngine(s.module, s.optim) for n, s in stage.models().items() if s.trainable}
+    emas = {n: EMA(engines[n].module, cfg.optim.ema_decay) for n, s in stage.models().items() if s.ema}
     summary, loop = train_loop(stage, engines, stream_batches(VectorData(), cfg.batch_size, cfg.seed), cfg,
-                               progress=False)
+                               emas=emas, progress=False)
     weights = {n: {k: v.clone() for k, v in e.module.state_dict().items()} for n, e in engines.items()}
     ema = {n: e.module_state_dict(engines[n].module) for n, e in loop.emas.items()}
     return {int(h["images"]): h for h in summary.history}, weights, ema

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
-from dmvae_scale.config import dump_yaml, load_config
+from dmvae_scale.config import ConfigError, dump_yaml, load_config
 from dmvae_scale.train import checkpoint as ckpt
-from dmvae_scale.train.api import EMA
-from dmvae_scale.train.deepspeed_engine import (EngineConfigError, ShardedEMA, consolidate_ema_shards,
-                                                deepspeed_config, resolve_precision)
+from dmvae_scale.train import durable
+from dmvae_scale.train.deepspeed_engine import deepspeed_config, resolve_precision
+from dmvae_scale.train.ema import ShardedEMA, consolidate_ema_shards
 from dmvae_scale.train.launch import check_run_dir
+from plain_reference import EMA
 
 pytestmark = pytest.mark.unit
 
@@ -39,12 +40,12 @@ def test_deepspeed_config_follows_the_run_config():
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # bf16 is autocast around the step
 
 
-def test_precision_auto_is_fp32_on_cpu_and_fp16_is_refused():
+def test_precision_auto_is_fp32_on_cpu_and_fp16_is_refused_by_the_config():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(EngineConfigError, match=r"distributed.precision=fp16 is not supported.*use bf16 or fp32"):
-        resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match=r"distributed.precision: expected one of 'auto', 'fp32', 'bf16', got 'fp16'"):
+        load_config(None, ["distributed.precision=fp16"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_a_resume_that_changes_the_meaning_is_refused_naming_the_key(tmp_path):
     base = [f"run_dir={tmp_path}/run", "stage=generator", f"inputs.tokenizer={tmp_path}/tok", "score.depth=2"]
     cfg = load_config(None, base)
     store = ckpt.CheckpointStore(cfg.run_dir)
-    from dmvae_scale.train.worker import upstream_latents
+    from dmvae_scale.train.checkpointer import upstream_latents
     _fake_checkpoint(store, 64, meaning=ckpt.meaning_of(cfg, upstream_latents(cfg)))
 
     # What may change: length, cadence, workers, learning rate.
@@ -288,19 +289,19 @@ def test_checkpoint_engine_hands_the_same_file_to_deepspeed_once(tmp_path, monke
 
 def test_checkpoint_files_are_flushed_while_written_and_a_flush_error_fails_the_save(tmp_path, monkeypatch):
     flushed = []
-    real = ckpt._fsync_path
-    monkeypatch.setattr(ckpt, "_fsync_path", lambda path: flushed.append(path) or real(path))
+    real = durable.fsync_path
+    monkeypatch.setattr(durable, "fsync_path", lambda path: flushed.append(path) or real(path))
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    with ckpt.writing_checkpoint(remote=False):
+    with durable.writing_checkpoint(remote=False):
         torch.save({"x": torch.ones(3)}, a)
-        ckpt.file_written(str(a))
+        durable.file_written(str(a))
         torch.save({"x": torch.ones(3)}, b)
-        ckpt.file_written(str(b))
+        durable.file_written(str(b))
     assert sorted(flushed) == [str(a), str(b)]  # both flushed by the time the block is left
-    ckpt.file_written(str(a))  # outside a checkpoint write: nothing to do
-    with ckpt.writing_checkpoint(remote=True):  # object store: staged files are uploaded, not flushed
-        ckpt.file_written(str(b))
+    durable.file_written(str(a))  # outside a checkpoint write: nothing to do
+    with durable.writing_checkpoint(remote=True):  # object store: staged files are uploaded, not flushed
+        durable.file_written(str(b))
     assert len(flushed) == 2
     with pytest.raises(FileNotFoundError, match="gone.pt"):
-        with ckpt.writing_checkpoint(remote=False):
-            ckpt.file_written(str(tmp_path / "gone.pt"))
+        with durable.writing_checkpoint(remote=False):
+            durable.file_written(str(tmp_path / "gone.pt"))

@@ -67,11 +67,11 @@ def test_kl_chain_trains_and_the_generator_config_serves_either_latent_space(tmp
     from dmvae_scale.artifacts import load_artifact
     from dmvae_scale.data.artifact_store import open_tokenizer
     from dmvae_scale.models.kl_vae import KLTokenizer
-    from dmvae_scale.train.local import run_local
+    from dmvae_scale.train.launch import run_local
     small = ["batch_size=16", "data.limit=64", "data.stats_images=32", "log_every_images=16"]
     tok = run_local(load_config("configs/demo/kl_tokenizer.yaml", [f"run_dir={tmp_path}/tok", "total_images=32",
                                                                     "loss.gan_start_step=1", *small]), progress=False)
-    assert tok.info.extra["tokenizer_kind"] == "kl_vae" and "kl" in tok.summary.final_metrics
+    assert tok.info.extra["tokenizer_kind"] == "kl_vae" and "kl" in tok.final_metrics
     dec = run_local(load_config("configs/demo/kl_decoder.yaml", [f"run_dir={tmp_path}/dec", "total_images=16",
                                                                   f"inputs.tokenizer={tok.artifact}", *small]),
                     progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmvae_scale.data.builtin import ImageArrayDataset, load_fashion_mnist
-from dmvae_scale.train.local import stats_batches, stats_indices
+from dmvae_scale.train.batches import stats_batches, stats_indices
 
 pytestmark = pytest.mark.unit
 

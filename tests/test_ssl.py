@@ -111,14 +111,14 @@ def test_a_teacher_artifact_is_a_registry_teacher_and_the_tokenizer_encoder(tmp_
 def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path):
     from dmvae_scale.artifacts import load_artifact
     from dmvae_scale.config import load_config
-    from dmvae_scale.train.local import run_local
+    from dmvae_scale.train.launch import run_local
     from dmvae_scale.train.stages import build_stage
     cfg = load_config("configs/demo/teacher.yaml", [f"run_dir={tmp_path}/teacher", "total_images=48", "batch_size=16",
                                                     "data.limit=64", "optim.warmup_steps=1"])
     run = run_local(cfg, progress=False)
     assert run.info.stage == "teacher" and run.info.models == ["teacher"]
-    assert run.summary.images == 48 and set(run.summary.final_metrics) >= {"loss", "variance", "covariance"}
-    assert all(torch.isfinite(torch.tensor(v)) for v in run.summary.final_metrics.values())
+    assert run.images_seen == 48 and set(run.final_metrics) >= {"loss", "variance", "covariance"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in run.final_metrics.values())
     _, raw = load_artifact(run.artifact, "raw")
     _, ema = load_artifact(run.artifact, "ema")
     fresh = SSLEncoder("vit_tiny", 32, 4)

@@ -8,15 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from dmvae_scale.artifacts import ArtifactInfo, load_artifact, save_artifact
+from dmvae_scale.artifacts import ArtifactInfo, load_artifact, read_artifact_info, save_artifact
 from dmvae_scale.cli import main
 from dmvae_scale.config import OptimConfig, load_config
 from dmvae_scale.data.builtin import ImageArrayDataset
 from dmvae_scale.errors import UserError
 from dmvae_scale.method.toy import sliced_wasserstein
-from dmvae_scale.train.api import EMA, ModelSpec, PlainEngine, StepOutput
-from dmvae_scale.train.local import build_dataset, run_local, stats_batches, stream_batches
+from dmvae_scale.train.api import ModelSpec, StepOutput
+from dmvae_scale.train.batches import build_dataset, stats_batches, stream_batches
+from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.loop import TrainingDivergedError, TrainLoop
+from plain_reference import EMA, PlainEngine
 from dmvae_scale.train.stages import (AutoencoderStage, FlowMatchingStage, StageInputError, build_stage,
                                       save_stage_artifact)
 
@@ -225,7 +227,8 @@ def _loop(stage, **cfg_overrides):
     cfg = load_config(None, [f"{k}={v}" for k, v in {"batch_size": 16, "optim.ema_decay": 0.5,
                                                        **cfg_overrides}.items()])
     engines = {"model": PlainEngine(stage.model, stage.optim)}
-    return TrainLoop(stage, engines, cfg, progress=False), engines
+    emas = {"model": EMA(stage.model, cfg.optim.ema_decay)}
+    return TrainLoop(stage, engines, cfg, emas=emas, progress=False), engines
 
 
 @pytest.mark.unit
@@ -402,7 +405,7 @@ def test_a_short_dmd_run_moves_encoder_latents_toward_the_reference(tmp_path):
                "total_images=320", "dm.tokenizer_every=2", "optim.lr=1e-3", *base)
     run_local(cfg, progress=False)
 
-    spec = ref.info.latent
+    spec = read_artifact_info(ref.artifact).latent
     images = next(stats_batches(build_dataset(cfg), 256, cfg.data.stats_images))["image"]
     reference = torch.randn(256 * 64, 4, generator=torch.Generator().manual_seed(0))
 

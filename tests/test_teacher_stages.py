@@ -21,7 +21,9 @@ from dmvae_scale.data.latents import LatentStreamDataset
 from dmvae_scale.data.shards import write_shards
 from dmvae_scale.distributed.teacher_service import options_from_config, start_teacher_service, stop_teacher_service
 from dmvae_scale.distributed.teachers import build_teacher, spec_from_config
-from dmvae_scale.train.local import cache_latents_with_teacher, run_local
+from dmvae_scale.artifacts import read_artifact_info
+from dmvae_scale.train.features import cache_latents_with_teacher
+from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.stages import AutoencoderStage, StageInputError, build_stage
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -42,8 +44,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def artifact_tensors(artifact: Path) -> dict[str, torch.Tensor]:
-    out = {}
+def artifact_tensors(artifact) -> dict[str, torch.Tensor]:
+    artifact, out = Path(artifact), {}
     for name in ("weights", "ema"):
         out.update({f"{name}:{k}": v for k, v in load_file(str(artifact / f"{name}.safetensors")).items()})
     return out
@@ -111,7 +113,7 @@ def test_the_inception_teacher_is_refused_for_training_stages():
 @pytest.mark.unit
 def test_later_stages_name_the_encoder_of_their_tokenizer_artifact(tmp_path, monkeypatch):
     from dmvae_scale.models.vit import WeightsFileError
-    from dmvae_scale.train.api import EMA
+    from plain_reference import EMA
     from dmvae_scale.train.stages import save_stage_artifact
     cfg = demo("tokenizer")
     stage = AutoencoderStage(cfg)
@@ -151,7 +153,7 @@ def tokenizer_runs(ray_driver, tmp_path_factory):
 @pytest.mark.integration
 def test_tokenizer_stage_with_the_service_equals_in_process_bit_for_bit(tokenizer_runs, capsys):
     (_, local, local_out), (cfg, remote, remote_out) = tokenizer_runs[False], tokenizer_runs[True]
-    assert local.summary.steps == remote.summary.steps == 3
+    assert local.steps == remote.steps == 3
     # Every step's batch went to the service (plus the one prefetched behind the last); none in-process.
     assert int(re.search(r"teacher service: (\d+) requests", remote_out).group(1)) == 4
     assert "teacher service" not in local_out
@@ -183,7 +185,7 @@ def test_reference_stage_joins_a_running_service_and_equals_in_process(tokenizer
     # last step (which the service may still be computing when the run ends).
     requests = int(re.search(r"teacher service: (\d+) requests", capsys.readouterr().out).group(1))
     assert requests == 5 and 4 <= served["requests"] <= 5
-    assert remote.info.latent == local.info.latent
+    assert read_artifact_info(remote.artifact).latent == read_artifact_info(local.artifact).latent
     assert_same_tensors(artifact_tensors(local.artifact), artifact_tensors(remote.artifact))
 
 

@@ -1,11 +1,11 @@
 """Distributed-engine benchmark (one worker).
 
 1. step time: the DeepSpeed engine (train/deepspeed_engine.py: ZeRO stage --zero, AdamW, clipping, the agreed
-   non-finite guard) against plain PyTorch (train/api.py PlainEngine: the same AdamW, clipping, schedule) for the
-   same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
+   non-finite guard) against plain PyTorch (tests/plain_reference.py PlainEngine: the same AdamW, clipping, schedule)
+   for the same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
 2. checkpoint throughput: saving and restoring the engine through the real checkpoint path (ZeRO shards + worker
-   state + manifest, train/worker.write_checkpoint; restore through load_engines) against writing and reading the
-   same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
+   state + manifest, train/checkpointer.write_checkpoint; restore through load_engines) against writing and reading
+   the same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
    Measured for the step-time model (~80 MB with AdamW state) and, by default, a 32M-parameter DiT (~0.5 GB):
    per-call fixed costs (file creation, fsyncs, the manifest) weigh on the small one far more than on real
    checkpoints. Each round times both sides back to back, in alternating order, from the same starting state
@@ -77,13 +77,19 @@ def train_steps(engine, batch, steps: int, device, autocast=None) -> float:
 def bench_step_time(args, device) -> dict:
     import copy
 
-    from dmvae_scale.train.api import ModelSpec, PlainEngine
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dmvae_scale.train.api import ModelSpec
     from dmvae_scale.train.deepspeed_engine import build_engines
     from dmvae_scale.train.precision import ForwardPrecision
+    from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
+    from dmvae_scale.train.durable import file_written
     engines = build_engines({"dit": ModelSpec(copy.deepcopy(model), True, cfg.optim)}, cfg.distributed,
-                            micro_batch=args.batch, rank=0, world_size=1, device=device)
+                            micro_batch=args.batch, rank=0, world_size=1, device=device,
+                            on_file_saved=file_written)  # the worker's early flush of each checkpoint file
     ds = engines.engines["dit"]
     autocast = ForwardPrecision(engines.precision, device.type)
     for engine in (plain, ds):  # warm-up: allocator, kernels, optimizer state
@@ -155,7 +161,7 @@ def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
     from dmvae_scale.data import storage
     from dmvae_scale.train import checkpoint as ckpt
     from dmvae_scale.train.deepspeed_engine import load_engines
-    from dmvae_scale.train.worker import write_checkpoint
+    from dmvae_scale.train.checkpointer import write_checkpoint
     # one fresh root per measured model: two stores under one prefix would prune each other's checkpoints
     root = (f"{args.s3.rstrip('/')}/{label}-{os.getpid()}" if args.s3 else
             tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir))
@@ -238,8 +244,9 @@ def checkpoint_engine_set(args, device, size: str, step_engines):
     except ValueError:
         raise SystemExit(f"--ckpt-sizes: {size!r} is neither 'step' nor WIDTHxDEPTH such as 384x12")
     cfg, model, batch = build(args, device, hidden=hidden, depth=depth)
+    from dmvae_scale.train.durable import file_written
     engines = build_engines({"dit": ModelSpec(model, True, cfg.optim)}, cfg.distributed, micro_batch=args.batch,
-                            rank=0, world_size=1, device=device)
+                            rank=0, world_size=1, device=device, on_file_saved=file_written)
     train_steps(engines.engines["dit"], batch, 1, device, ForwardPrecision(engines.precision, device.type))
     return engines
 

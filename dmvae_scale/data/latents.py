@@ -7,7 +7,7 @@ the tokenizer artifact id, its LatentSpec (the normalisation every score/generat
 measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
-With `attach` (train/local.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
+With `attach` (train/features.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
 teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request and
 only the bottleneck runs here.
 

@@ -98,6 +98,8 @@ def start_local_cluster(num_cpus: int = 2, num_gpus: int = 0, token_auth: bool =
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     token = secrets.token_hex(32) if token_auth else None
     child_env = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # `jobs stop` SIGTERMs a job's driver and Ray kills it 3 s later by default: too soon for the stop checkpoint.
+    child_env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", "300")
     child_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {"RAY_AUTH_MODE": "disabled"})
     child_env.pop("RAY_ADDRESS", None)
     # This interpreter's Ray (`python -m`, not a `ray` found on PATH): the head's workers then import the same

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from .teachers import DTYPES, Teacher, TeacherSpec, build_teacher, encoder_teacher, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,6 @@ def options_from_config(cfg: RunConfig, name: Optional[str] = None,
                         spec: Optional[TeacherSpec] = None) -> ServiceOptions:
     """Service options from cfg.teacher; named after `spec` when given (else `name`, else dmvae-teacher)."""
     t = cfg.teacher
-    if t.replicas < 1:
-        raise ConfigError(f"teacher.replicas: must be at least 1, got {t.replicas}")
     name = name or (service_name(spec) if spec is not None else "dmvae-teacher")
     return ServiceOptions(name=name, replicas=t.replicas, num_gpus=t.num_gpus, num_cpus=t.num_cpus)
 

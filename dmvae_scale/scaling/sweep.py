@@ -281,7 +281,7 @@ class SweepRunner:
 
     # -- one point ---------------------------------------------------------------------------------------------------
     def run_point(self, point: Point, reference: Optional[Path]) -> dict:
-        from ..train.launch import train
+        from ..train.launch import TrainingStoppedError, train
         train = self.train_fn or train
         state = self._state(point)
         if state.get("status") == "done" and (Path(point.cfg.run_dir) / "artifact" / "artifact.json").is_file():
@@ -303,6 +303,10 @@ class SweepRunner:
             began = time.perf_counter()
             try:
                 result = train(point.cfg, address=self.address)
+            except TrainingStoppedError as exc:  # a stop request checkpointed the run: not a failure to retry
+                if exc.result is None or exc.result.status != "stopped":
+                    raise
+                result = exc.result
             except Exception as exc:  # noqa: BLE001 - any failure of one point is recorded, the sweep goes on
                 state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - began
                 tries += 1

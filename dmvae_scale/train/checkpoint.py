@@ -1,4 +1,5 @@
-"""Checkpoints of a run: layout, manifest written last, "latest complete", keep-last-k, refusal of a changed meaning.
+"""The checkpoint store of a run: layout, manifest written last, "latest complete", keep-last-k, what a checkpoint
+means and the refusal of a resume that changes it.
 
     <run_dir>/checkpoints/img-000000012800/
         engines/<model>/zero/...      each engine's DeepSpeed ZeRO shards (every worker writes its own)
@@ -14,7 +15,6 @@ time or size. The run directory can be local (a shared filesystem when workers s
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +30,7 @@ from typing import Any
 from ..config import RunConfig, to_dict
 from ..data import storage
 from ..errors import UserError
+from .durable import fsync_path, parallel
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class CheckpointStore:
             for f in files:
                 src = os.path.join(dirpath, f)
                 pairs.append((src, f"{base}/{os.path.relpath(src, local).replace(os.sep, '/')}"))
-        _parallel(lambda pair: fs.put_file(*pair), pairs)
+        parallel(lambda pair: fs.put_file(*pair), pairs)
         shutil.rmtree(local, ignore_errors=True)
 
     def sync(self, name: str) -> None:
@@ -263,7 +264,7 @@ class CheckpointStore:
         base = self.url(name)
         for dirpath, _, files in os.walk(base):
             for f in files:  # mostly flushed already while they were written (writing_checkpoint): cheap then
-                _fsync_path(os.path.join(dirpath, f))
+                fsync_path(os.path.join(dirpath, f))
 
     def write_manifest(self, name: str, *, images_seen: int, step: int, world_size: int, zero_stage: int,
                        engines: list[str], meaning: dict[str, Any], config_hash: str,
@@ -339,182 +340,11 @@ class CheckpointStore:
         pairs = [(f"{base}/{rel}", os.path.join(local, *rel.split("/"))) for rel in info.files]
         for _, dst in pairs:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-        _parallel(lambda pair: fs.get_file(*pair), pairs)
+        parallel(lambda pair: fs.get_file(*pair), pairs)
         with open(marker, "w") as f:
             f.write(info.name)
         return local
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _EarlyFlush:
-    """While a worker writes its checkpoint files to a local store, each finished file is fsynced on a background
-    thread, so flushing one file overlaps writing the next (a stage has several engines, each with two or more
-    files). Leaving `writing_checkpoint` waits for these flushes, so the store's sync() before the manifest finds
-    the files already on disk."""
-
-    def __init__(self):
-        self.active = False
-        self._pool = None
-        self._pending: list = []
-
-    def written(self, path: str) -> None:
-        if not self.active:
-            return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(2, thread_name_prefix="checkpoint-fsync")
-        self._pending.append(self._pool.submit(_fsync_path, path))
-
-    def drain(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-
-_EARLY_FLUSH = _EarlyFlush()
-
-
-def file_written(path: str) -> None:
-    """A checkpoint file is complete (called by the writers: DeepSpeed's checkpoint engine, the worker state)."""
-    _EARLY_FLUSH.written(path)
-
-
-@contextlib.contextmanager
-def writing_checkpoint(remote: bool):
-    """Around a worker's writing of its checkpoint files: torch.save without the zip CRC32 (see without_zip_crc32)
-    and, for a local store, early background fsyncs (_EarlyFlush). Object-store saves stage to local disk and
-    upload, so their staged files need no flush."""
-    with without_zip_crc32():
-        _EARLY_FLUSH.active = not remote
-        try:
-            yield
-        finally:
-            _EARLY_FLUSH.active = False
-            _EARLY_FLUSH.drain()  # a flush error raises here, and fails the save on every worker
-
-
-@contextlib.contextmanager
-def without_zip_crc32():
-    """torch.save without the CRC32 its zip writer computes for every record.
-
-    Measured here (2 CPU cores): the CRC32 runs at ~0.6 GB/s on one core and was 80% of a 0.5 GB checkpoint's save
-    time, and torch.load never checks it. What a resume relies on is the manifest (written last, after every file
-    is flushed, listing each file's size), not the zip's checksums. Scoped: other torch.save calls of the process
-    keep the default."""
-    from torch.utils.serialization import config
-    with config.patch({"save.compute_crc32": False}):
-        yield
-
-
-TRANSFER_THREADS = 8  # concurrent object-store transfers (one file each)
-
-
-def _parallel(fn, items: list) -> None:
-    """Run fn over items on a few threads (object-store round trips overlap); the first error is raised."""
-    if len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(TRANSFER_THREADS, len(items))) as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
-
-
 def rank_state_file(directory: str, rank: int) -> str:
     return os.path.join(directory, "ranks", f"rank-{rank:05d}.pt")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Export: consolidated fp32 weights of a checkpoint as one safetensors file
-# ----------------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportSummary:
-    path: str
-    checkpoint: str
-    which: str
-    models: list[str]
-    tensors: int
-    parameters: int
-    bytes: int
-
-    def line(self) -> str:
-        return (f"exported {self.which} weights of {', '.join(self.models)} from {self.checkpoint}: {self.tensors} "
-                f"tensors, {self.parameters / 1e6:.2f}M parameters, {self.bytes / 2**20:.1f} MiB -> {self.path}")
-
-
-def _engine_weights(local: str, name: str) -> dict[str, Any]:
-    """Full fp32 state dict of one engine from its ZeRO shards (any stage, any number of workers), offline."""
-    import torch
-    zero_dir = os.path.join(local, "engines", name)
-    model_states = os.path.join(zero_dir, "zero", "mp_rank_00_model_states.pt")
-    has_optim_shards = any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(zero_dir, "zero")))
-    if not has_optim_shards:  # ZeRO stage 0: the module state is whole in the model-states file
-        return {k: v.float() if v.is_floating_point() else v
-                for k, v in torch.load(model_states, map_location="cpu", weights_only=False)["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        return get_fp32_state_dict_from_zero_checkpoint(zero_dir, tag="zero")
-
-
-def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:
-    """Write `<model>.<name>` -> fp32 tensor for the trained models of a checkpoint (a checkpoint directory, or a run
-    directory whose latest complete checkpoint is taken). which="ema" takes the EMA average for the parameters of
-    models that keep one (buffers from the raw weights)."""
-    import torch
-    from safetensors.torch import save_file
-    from .deepspeed_engine import consolidate_ema_shards
-    if which not in ("raw", "ema"):
-        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
-    if storage.exists(storage.join(source, MANIFEST)):
-        parent, name = source.rstrip("/").rsplit("/", 1)
-        store = CheckpointStore(parent.rsplit("/checkpoints", 1)[0])
-        info = store.read_manifest(name)
-        problem = "unreadable manifest" if info is None else store.verify(info)
-        if problem:
-            raise CheckpointError(f"{source}: not a complete checkpoint ({problem})")
-    else:
-        store = CheckpointStore(source)
-        info = store.latest()
-        if info is None:
-            raise CheckpointError(f"{source}: no complete checkpoint (expected a run directory with "
-                                  f"checkpoints/img-*/manifest.json, or a checkpoint directory)")
-    chosen = models or info.engines
-    unknown = sorted(set(chosen) - set(info.engines))
-    if unknown:
-        raise CheckpointError(f"--models {','.join(unknown)}: not in checkpoint {info.url} (it holds "
-                              f"{', '.join(info.engines)})")
-    local = store.local_view(info)
-    ema_shards = None
-    if which == "ema":
-        ranks = [torch.load(rank_state_file(local, r), map_location="cpu", weights_only=True)
-                 for r in range(info.world_size)]
-        ema_shards = {n: [r["loop"]["ema"][n] for r in ranks] for n in ranks[0]["loop"].get("ema", {})}
-        if models is None:  # every model that keeps an average
-            chosen = [m for m in chosen if m in ema_shards]
-        missing = [m for m in chosen if m not in ema_shards]
-        if missing or not chosen:
-            raise CheckpointError(f"--weights ema: models {', '.join(missing) or 'of this stage'} keep no EMA in "
-                                  f"{info.url}; "
-                                  f"use --weights raw or --models with {', '.join(sorted(ema_shards)) or 'none'}")
-    flat: dict[str, Any] = {}
-    for name in chosen:
-        state = _engine_weights(local, name)
-        if ema_shards is not None:
-            for pname, avg in consolidate_ema_shards(ema_shards[name]).items():
-                state[pname] = avg.reshape(state[pname].shape)
-        for k, v in state.items():
-            flat[f"{name}.{k}"] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    save_file(flat, out, metadata={"checkpoint": info.url, "images_seen": str(info.images_seen), "which": which,
-                                   "models": ",".join(chosen)})
-    params = sum(v.numel() for v in flat.values())
-    return ExportSummary(out, info.url, which, list(chosen), len(flat), params, os.path.getsize(out))

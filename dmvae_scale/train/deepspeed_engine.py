@@ -1,9 +1,9 @@
 """DeepSpeed engines for a stage's models: one engine per trainable model, frozen models prepared for inference.
 
-Every trainable `ModelSpec` becomes a `DeepSpeedEngine`: torch AdamW (the same optimiser `PlainEngine` uses, so a
-DeepSpeed run and a single-process run of the same seed follow the same trajectory), the linear warm-up schedule,
-global-norm clipping and ZeRO stage 0-3, all from the typed run config. Precision: bf16 autocast where the device
-has bf16 (parameters and optimiser state stay fp32), fp32 on CPU. Frozen models (the real score model, an SSL
+Every trainable `ModelSpec` becomes a `DeepSpeedEngine`: torch AdamW (the optimiser of the tests' plain reference,
+so a DeepSpeed run and a plain single-process run of the same seed follow the same trajectory), the linear warm-up
+schedule, global-norm clipping and ZeRO stage 0-3, all from the typed run config. Precision: bf16 autocast where the
+device has bf16 (parameters and optimiser state stay fp32), fp32 on CPU. Frozen models (the real score model, an SSL
 teacher) are not wrapped for training: eval mode, no gradients; under ZeRO-3 one too large to replicate is
 partitioned by a ZeRO-3 inference engine and gathered layer by layer in forward.
 
@@ -13,9 +13,6 @@ The wrapper adds what DeepSpeed leaves to the caller:
     backward goes through DeepSpeed with the prologue the output hook would have run (pinned DeepSpeed 0.19.8);
   - a non-finite guard: a loss that is not finite on ANY worker skips backward and step on every worker together
     (one 4-byte all-reduce per backward, the only per-step host sync of the engine); the shared loop counts skips;
-  - `ShardedEMA`, an EMA whose fp32 shadow is partitioned over the workers under every ZeRO stage (each rank keeps
-    1/world of every parameter), so it fits where ZeRO-3 parameters do and can be re-partitioned on a resume with
-    another number of workers.
 Activation checkpointing is the models' own (DiTConfig.grad_checkpointing: torch non-reentrant checkpointing, which
 works under ZeRO 1-3); gradient accumulation is DeepSpeed's (distributed.grad_accum micro-batches per step).
 """
@@ -23,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -37,7 +33,6 @@ from ..config import DistributedConfig, OptimConfig
 from ..errors import UserError
 from ..models.hardware import native_bf16
 from .api import ModelSpec, warmup_lambda
-from .checkpoint import file_written
 
 # A frozen model above this size is partitioned under ZeRO-3 instead of replicated on every worker.
 FROZEN_SHARD_BYTES = 2 * 2**30
@@ -89,9 +84,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     explicit bf16 on CPU runs CPU autocast (slow, but the same weight-cast cache as CUDA: what the tests exercise)."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
-    if precision == "fp16":
-        raise EngineConfigError("distributed.precision=fp16 is not supported (it needs per-engine loss scaling); "
-                                "use bf16 or fp32")
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise EngineConfigError(f"distributed.precision=bf16 but {torch.cuda.get_device_name(device)} has no native "
                                 f"bf16 (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
@@ -130,115 +122,11 @@ def deepspeed_config(optim: OptimConfig, dist_cfg: DistributedConfig, *, micro_b
 
 def _adamw(optim: OptimConfig, device: torch.device):
     def make(params):
-        # fused on CUDA: one kernel for the whole update; CPU keeps torch's default (foreach), like PlainEngine.
+        # fused on CUDA: one kernel for the whole update; CPU keeps torch's default (foreach), like the plain reference.
         extra = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                  **extra)
     return make
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# EMA partitioned over the workers
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _partition(numel: int, world: int) -> int:
-    return math.ceil(numel / world)
-
-
-class ShardedEMA:
-    """EMA of a module's parameters in which rank r keeps elements [r*P, (r+1)*P) of every flattened parameter,
-    P = ceil(numel / world), padded at the end: the same layout as ZeRO-3's `param.ds_tensor`, so under ZeRO-3 the
-    update reads the local partition directly and never gathers."""
-
-    def __init__(self, module: nn.Module, decay: float, rank: int, world: int,
-                 should_update: Callable[[], bool] | None = None):
-        if not 0.0 <= decay < 1.0:
-            raise EngineConfigError(f"optim.ema_decay: must be in [0, 1), got {decay}")
-        self.decay, self.rank, self.world = decay, rank, world
-        self.should_update = should_update
-        self.params = dict(module.named_parameters())
-        self.numel = {n: self._numel(p) for n, p in self.params.items()}
-        self.shape = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}
-        self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.params.items()}
-
-    @staticmethod
-    def _numel(p: nn.Parameter) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    def _local(self, p: nn.Parameter) -> torch.Tensor:
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, already in our layout
-            return p.ds_tensor.view(-1)
-        size = _partition(p.numel(), self.world)
-        flat = p.detach().reshape(-1)
-        part = flat[self.rank * size:(self.rank + 1) * size]
-        if part.numel() < size:
-            part = torch.cat([part, part.new_zeros(size - part.numel())])
-        return part
-
-    @torch.no_grad()
-    def update(self, module: nn.Module | None = None) -> None:
-        """After an optimiser step (the loop calls it with the module, which we already hold)."""
-        if self.should_update is not None and not self.should_update():
-            return
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(self._local(p).float(), 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world": self.world, "decay": self.decay, "numel": dict(self.numel),
-                "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
-
-    def load_state_dict(self, shards: list[dict[str, Any]] | dict[str, Any]) -> None:
-        """Load from the shards of ALL ranks of the saving run, whatever its world size was; or from this rank's own
-        shard alone when the saving run had the same world size."""
-        if isinstance(shards, dict):
-            shards = [shards]
-        if len(shards) == 1 and shards[0]["world"] == self.world and shards[0]["rank"] == self.rank:
-            own = shards[0]["shadow"]
-            missing = sorted(set(self.shadow) - set(own))
-            if missing:
-                raise KeyError(f"EMA state lacks parameters {missing[:5]}")
-            self.shadow = {n: own[n].to(self.shadow[n].device, torch.float32).clone() for n in self.shadow}
-            return
-        full = consolidate_ema_shards(shards)
-        missing = sorted(set(self.shadow) - set(full))
-        if missing:
-            raise KeyError(f"EMA state lacks parameters {missing[:5]}")
-        size_of = {n: _partition(self.numel[n], self.world) for n in self.shadow}
-        for n in self.shadow:
-            flat = full[n].reshape(-1)
-            if flat.numel() != self.numel[n]:
-                raise KeyError(f"EMA parameter {n}: {flat.numel()} elements saved, model has {self.numel[n]}")
-            size = size_of[n]
-            part = flat[self.rank * size:(self.rank + 1) * size]
-            if part.numel() < size:
-                part = torch.cat([part, part.new_zeros(size - part.numel())])
-            self.shadow[n] = part.to(self.shadow[n].device, torch.float32).clone()
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """All-gather the partitions into full fp32 tensors (collective: every rank must call it)."""
-        out = {}
-        for n, local in self.shadow.items():
-            if self.world > 1:
-                parts = [torch.empty_like(local) for _ in range(self.world)]
-                dist.all_gather(parts, local.contiguous())
-                flat = torch.cat(parts)
-            else:
-                flat = local
-            out[n] = flat[:self.numel[n]].reshape(self.shape[n]).cpu().clone()
-        return out
-
-
-def consolidate_ema_shards(shards: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Full flat fp32 tensors from the per-rank EMA shards of one save (no process group needed)."""
-    shards = sorted(shards, key=lambda s: s["rank"])
-    world = shards[0]["world"]
-    if [s["rank"] for s in shards] != list(range(world)):
-        raise KeyError(f"EMA shards of ranks {[s['rank'] for s in shards]} given; a save of {world} workers "
-                       f"needs all of 0..{world - 1}")
-    out = {}
-    for n, numel in shards[0]["numel"].items():
-        out[n] = torch.cat([s["shadow"][n].reshape(-1) for s in shards])[:numel].clone()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,8 +239,10 @@ def _prepare_frozen(name: str, module: nn.Module, device: torch.device, zero_sta
 
 def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, micro_batch: int, rank: int,
                   world_size: int, device: torch.device, load_universal: bool = False,
-                  shard_frozen_above_bytes: int = FROZEN_SHARD_BYTES) -> EngineSet:
-    """Wrap every trainable model in a DeepSpeed engine and prepare frozen ones; process group must exist."""
+                  shard_frozen_above_bytes: int = FROZEN_SHARD_BYTES,
+                  on_file_saved: Callable[[str], None] | None = None) -> EngineSet:
+    """Wrap every trainable model in a DeepSpeed engine and prepare frozen ones; process group must exist.
+    on_file_saved(path) is called as each checkpoint file is written (the checkpoint writer's early flush)."""
     import deepspeed
     precision = resolve_precision(dist_cfg.precision, device)
     engines: dict[str, DeepSpeedEngine] = {}
@@ -376,7 +266,7 @@ def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, 
         ds_engine, *_ = deepspeed.initialize(
             model=spec.module.to(device), model_parameters=params, optimizer=_adamw(spec.optim, device),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup), config=cfg)
-        _use_reusing_loads(ds_engine)
+        _use_reusing_loads(ds_engine, on_file_saved)
         engines[name] = DeepSpeedEngine(name, ds_engine, world_size)
     if not engines:
         raise EngineConfigError("the stage declares no trainable model; nothing to train")
@@ -410,10 +300,12 @@ def _reusing_checkpoint_engine_class():
         the object loaded last is handed out once more when the very next request is for the same unchanged file
         (same path, size and mtime), then forgotten; `forget()` drops it at the end of a restore. A restore thus
         reads each byte once, as a raw read of the checkpoint does. Saving reports each finished file to the
-        checkpoint writer (checkpoint.file_written), which flushes it in the background while the next is written.
+        checkpoint writer through `on_saved` (durable.file_written), which flushes it in the background while the
+        next is written.
         """
 
         _last: tuple | None = None
+        on_saved: Callable[[str], None] | None = None
 
         def load(self, path: str, map_location=None):
             st = os.stat(path)
@@ -430,17 +322,19 @@ def _reusing_checkpoint_engine_class():
 
         def save(self, state_dict, path: str):
             super().save(state_dict, path)
-            file_written(path)  # a background fsync when a checkpoint is being written to local disk
+            if self.on_saved is not None:
+                self.on_saved(path)  # a background fsync when a checkpoint is being written to local disk
 
     return ReusingTorchCheckpointEngine
 
 
-def _use_reusing_loads(ds_engine) -> None:
+def _use_reusing_loads(ds_engine, on_saved: Callable[[str], None] | None = None) -> None:
     """Swap DeepSpeed's default torch checkpoint engine for the one above (other engines, such as a decoupled or
     Nebula engine a user configured, are left alone)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
     if type(ds_engine.checkpoint_engine) is TorchCheckpointEngine:
         ds_engine.checkpoint_engine = _reusing_checkpoint_engine_class()(ds_engine._config)
+        ds_engine.checkpoint_engine.on_saved = on_saved
 
 
 def load_engines(engines: dict[str, DeepSpeedEngine], directory: str, universal: bool) -> None:

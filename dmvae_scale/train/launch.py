@@ -1,13 +1,17 @@
-"""Launch a stage on DeepSpeed workers through Ray Train (`dmvae-scale train CONFIG ... --address ...`).
+"""Launch a stage's workers: in this process (`run_local`, world size 1) or under Ray Train (`train`).
 
+Both run the same `worker.run_worker` on DeepSpeed engines, with the same checkpoints, automatic resume, metrics,
+precision, stop handling and data readers; the launcher only decides where the workers live. `train`:
     address None     start an embedded Ray on this machine (loopback only), stop it at the end
     address "auto"   join the Ray cluster this machine belongs to
     address "ray://HOST:10001" or "HOST:6379"   a remote cluster
-A `TorchTrainer` starts `distributed.num_workers` workers (gloo on CPU, NCCL on GPU), each running
-`worker.run_worker`. Failure handling: a worker that dies makes Ray Train restart the worker group (up to
-`max_failures` times); every restarted worker resumes from the run directory's latest complete checkpoint, which our
-manifest decides (checkpoint.py). The driver refuses up front a run directory whose checkpoints mean something else
-than the config, and forwards SIGTERM/SIGINT to the workers, which checkpoint and stop.
+A `TorchTrainer` starts `distributed.num_workers` workers (gloo on CPU, NCCL on GPU). Failure handling: a worker that
+dies makes Ray Train restart the worker group (up to `distributed.max_failures` times); every restarted worker
+resumes from the run directory's latest complete checkpoint, which our manifest decides (checkpoint.py). A user error
+in a worker (a missing artifact, a refused resume) comes back as a result and fails at once, never retried. The
+workers report metrics and a pointer to the latest checkpoint to Ray Train at every log interval. The driver refuses
+up front a run directory whose checkpoints mean something else than the config, and forwards SIGTERM/SIGINT to the
+workers, which checkpoint and stop; a run that ends before total_images raises, saying how to resume.
 """
 from __future__ import annotations
 
@@ -18,17 +22,27 @@ import re
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..config import RunConfig, dump_yaml
 from ..data import storage
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .worker import WorkerJob, WorkerResult, import_wandb, ray_train_loop, upstream_latents
+from .api import WorkerJob, WorkerResult
+from .checkpointer import upstream_latents
+from .collectives import single_process_env
+from .metrics import import_wandb
+from .worker import ray_train_loop, run_worker
 
 
 class TrainingStoppedError(UserError):
-    """The run stopped itself (non-finite losses, a refused resume): retrying would not help."""
+    """The run stopped before total_images (non-finite losses, a refused resume, a user error in a worker, a stop
+    request): retrying would not help; the message says what to do. `result`: the run's TrainResult, when it has
+    one (status "stopped", "diverged", "refused" or "error")."""
+
+    def __init__(self, message: str, result: "Optional[TrainResult]" = None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -42,6 +56,20 @@ class TrainResult:
     artifact: str
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    reported: dict[str, Any] = field(default_factory=dict)  # Ray Train's Result.metrics (the last report)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The losses of the last log interval."""
+        last = self.history[-1] if self.history else {}
+        return {k: v for k, v in last.items() if k not in ("images", "images_per_second", "skipped_steps", "mfu",
+                                                            "tflops_per_worker")}
+
+    @property
+    def info(self):
+        """The ArtifactInfo of the artifact this run wrote (None before one exists)."""
+        from ..data.artifact_store import artifact_info
+        return artifact_info(self.artifact) if self.artifact else None
 
     def line(self) -> str:
         last = self.history[-1] if self.history else {}
@@ -103,6 +131,11 @@ def _save_resolved_config(cfg: RunConfig) -> None:
 # Ray
 # ----------------------------------------------------------------------------------------------------------------------
 
+# Ray kills a job's driver this long after `ray job stop` sends it SIGTERM (default 3 s): long enough here for the
+# workers to write their stop checkpoint. Read by the Ray head's job manager (cluster files and the embedded Ray).
+JOB_STOP_WAIT_S = "300"
+
+
 def connect(address: Optional[str], num_cpus: int) -> bool:
     """Connect this driver to Ray; returns True when we started an embedded instance (and must shut it down)."""
     import ray
@@ -112,6 +145,7 @@ def connect(address: Optional[str], num_cpus: int) -> bool:
     if address is None and os.environ.get("RAY_ADDRESS"):  # inside a Ray job: its cluster
         address = "auto"
     if address is None:
+        os.environ.setdefault("RAY_JOB_STOP_WAIT_TIME_S", JOB_STOP_WAIT_S)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
                  log_to_driver=True, configure_logging=False)
         return True
@@ -124,16 +158,21 @@ def _control_actor():
 
     @ray.remote(num_cpus=0)
     class RunControl:
-        """A stop flag the workers poll (every few steps): set by the driver on SIGTERM/SIGINT."""
+        """What the workers poll every few steps: a stop (the driver's SIGTERM/SIGINT) and a preemption notice
+        (given by whoever learns of one before Ray does, and by tests)."""
 
         def __init__(self):
             self.stop = False
+            self.preempt = False
 
         def request_stop(self) -> None:
             self.stop = True
 
-        def stop_requested(self) -> bool:
-            return self.stop
+        def notify_preemption(self) -> None:
+            self.preempt = True
+
+        def requests(self) -> tuple[bool, bool]:
+            return self.stop, self.preempt
 
     return RunControl.remote()
 
@@ -146,9 +185,9 @@ def _root_cause(exc: BaseException) -> str:
     return causes[-1] if causes else (lines[0] if lines and lines[0] else type(exc).__name__)
 
 
-def _teacher_for(cfg: RunConfig, stage_factory: Optional[Callable], address: Optional[str]):
-    """teacher.remote: the driver starts (or joins) the TeacherService before the workers and stops it after them;
-    the driver, not a worker, owns it because an actor dies with its creator. The workers connect by name."""
+def teacher_for(cfg: RunConfig, stage_factory: Optional[Callable], address: Optional[str]):
+    """teacher.remote: the launcher starts (or joins) the TeacherService before the workers and stops it after them;
+    the launcher, not a worker, owns it because an actor dies with its creator. The workers connect by name."""
     if not cfg.teacher.remote or stage_factory is not None:
         return contextlib.nullcontext()
     from ..distributed.teacher_service import options_from_config, teacher_service
@@ -157,27 +196,94 @@ def _teacher_for(cfg: RunConfig, stage_factory: Optional[Callable], address: Opt
     return teacher_service(spec, options_from_config(cfg, spec=spec), address=address)
 
 
-def train(cfg: RunConfig, *, address: Optional[str] = None, max_failures: int = 2,
-          stage_factory: Optional[Callable] = None, dataset_factory: Optional[Callable] = None,
-          shard_frozen_above_bytes: Optional[int] = None, cpus_per_worker: float = 1.0) -> TrainResult:
-    """Train cfg.stage on cfg.distributed.num_workers Ray Train workers; resume automatically from cfg.run_dir."""
-    import ray
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def run_name(cfg: RunConfig) -> str:
+    """The Ray Train run name: the same for every launch of one run directory (Ray's own restore finds it)."""
+    import hashlib
+    return f"{cfg.name}-{hashlib.sha256(cfg.run_dir.encode()).hexdigest()[:8]}"
 
-    began = time.perf_counter()
+
+def _ray_storage(cfg: RunConfig):
+    """(storage_path, storage_filesystem) for Ray Train's own files: <run_dir>/ray on the run's storage (an object
+    store through the same fsspec filesystem, so S3_ENDPOINT_URL and the credentials apply)."""
+    url = storage.join(cfg.run_dir, "ray")
+    if not storage.is_remote(url):
+        return url, None
+    import pyarrow.fs
+    fs, root = storage.filesystem(url)
+    return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _prepare(cfg: RunConfig) -> tuple[RunConfig, Optional[str]]:
+    """Driver-side checks and files common to both launchers; returns (cfg with absolute paths, W&B project)."""
     cfg = absolutize(cfg)
-    address = address if address is not None else cfg.distributed.address
-    dcfg = cfg.distributed
     check_run_dir(cfg)
     wandb_project = os.environ.get("WANDB_PROJECT") or None
     if wandb_project:
         import_wandb()  # fail here, not in every worker
     _save_resolved_config(cfg)
+    return cfg, wandb_project
+
+
+def _finish(out: WorkerResult, began: float, cfg: RunConfig, reported: Optional[dict] = None) -> TrainResult:
+    res = TrainResult(out.status, out.message, out.images_seen, out.steps, out.skipped_steps, out.checkpoint,
+                      out.artifact, time.perf_counter() - began, out.history, dict(reported or {}))
+    if out.status != "done":
+        raise TrainingStoppedError(out.message or f"the run ended at {out.images_seen} of total_images="
+                                                  f"{cfg.total_images} images ({out.status}); run the same command "
+                                                  f"again to resume", res)
+    print(res.line(), flush=True)
+    return res
+
+
+def _local_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: the local launcher takes auto, cpu or cuda (pick a GPU with "
+                        f"CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def run_local(cfg: RunConfig, device: str = "auto", progress: bool = True, *, stage_factory: Optional[Callable] = None,
+              dataset_factory: Optional[Callable] = None) -> TrainResult:
+    """Train cfg.stage in this process: the worker at world size 1 (DeepSpeed over gloo on loopback), resuming
+    automatically from cfg.run_dir, writing checkpoints, metrics and the artifact there."""
+    began = time.perf_counter()
+    if cfg.distributed.num_workers != 1:
+        raise UserError(f"distributed.num_workers={cfg.distributed.num_workers}: the local launcher runs one worker "
+                        f"in this process; use --launcher ray (or set it to 1)")
+    use_gpu = _local_device(device) == "cuda"
+    cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, use_gpu=use_gpu))
+    cfg, wandb_project = _prepare(cfg)
+    job = WorkerJob(cfg, stage_factory=stage_factory, dataset_factory=dataset_factory, wandb_project=wandb_project,
+                    progress=progress)
+    with teacher_for(cfg, stage_factory, cfg.distributed.address), single_process_env():
+        out = run_worker(job)
+    return _finish(out, began, cfg)
+
+
+def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optional[Callable] = None,
+          dataset_factory: Optional[Callable] = None, shard_frozen_above_bytes: Optional[int] = None,
+          cpus_per_worker: float = 1.0, control_hook: Optional[Callable] = None) -> TrainResult:
+    """Train cfg.stage on cfg.distributed.num_workers Ray Train workers; resume automatically from cfg.run_dir.
+    control_hook(control_actor) is called once the run's control actor exists (tests send notices through it)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    began = time.perf_counter()
+    address = address if address is not None else cfg.distributed.address
+    dcfg = cfg.distributed
+    cfg, wandb_project = _prepare(cfg)
     started = connect(address, num_cpus=max(os.cpu_count() or 1, int(dcfg.num_workers * cpus_per_worker + 0.999)))
     previous = {}
     try:
         control = _control_actor()
+        if control_hook is not None:
+            control_hook(control)
 
         def forward_stop(signum, frame):
             print(f"received signal {signum}: asking the workers to checkpoint and stop", flush=True)
@@ -194,21 +300,21 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, max_failures: int = 
         resources = {"CPU": cpus_per_worker}
         if dcfg.use_gpu:
             resources["GPU"] = 1
-        ray_storage = storage.join(cfg.run_dir, "ray") if not storage.is_remote(cfg.run_dir) else \
-            os.path.join(ckpt.CheckpointStore(cfg.run_dir).cache_dir, "ray")
+        storage_path, storage_fs = _ray_storage(cfg)
         trainer = TorchTrainer(
             ray_train_loop, train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=dcfg.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo"),
-            run_config=RayRunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=ray_storage,
-                                    failure_config=FailureConfig(max_failures=max_failures)))
+            run_config=RayRunConfig(name=run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
+                                    failure_config=FailureConfig(max_failures=dcfg.max_failures),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=2)))
         try:
-            with _teacher_for(cfg, stage_factory, address):
+            with teacher_for(cfg, stage_factory, address):
                 result = trainer.fit()
         except Exception as exc:  # TrainingFailedError after the retries: name the workers' error and the run dir
             raise TrainingStoppedError(
-                f"training failed after {max_failures} restarts ({_root_cause(exc)}); "
+                f"training failed after {dcfg.max_failures} restarts ({_root_cause(exc)}); "
                 f"the latest complete checkpoint in {cfg.run_dir} is kept; rerun to resume from it") from exc
         out: WorkerResult = result.return_value
         if out is None:
@@ -218,9 +324,4 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, max_failures: int = 
             signal.signal(sig, handler)
         if started:
             ray.shutdown()
-    res = TrainResult(out.status, out.message, out.images_seen, out.steps, out.skipped_steps, out.checkpoint,
-                      out.artifact, time.perf_counter() - began, out.history)
-    if out.status in ("diverged", "refused"):
-        raise TrainingStoppedError(out.message)
-    print(res.line(), flush=True)
-    return res
+    return _finish(out, began, cfg, getattr(result, "metrics", None))

@@ -3,9 +3,9 @@
 Progress is counted in images seen. The loop owns the side concerns so the stage's step stays pure training:
 a guard that skips optimiser steps whose loss is not finite (and stops after too many in a row), EMA updates after
 each real optimiser step, metrics kept as tensors and reduced only at the log interval, a tqdm bar, and a closing
-summary line. Drivers extend it through hooks: `after_step` (cadence work such as checkpoints, keyed on
-images_seen), `on_log` (metrics sinks) and `on_end`; `TrainLoop.state_dict()` is what a checkpoint must hold beyond
-the engines' own state (counters, EMA shadows, the stage's own state).
+summary line. Drivers extend it through hooks: `on_log` (metrics sinks, at the log interval), then `after_step`
+(cadence work such as checkpoints, keyed on images_seen), and `on_end`; `TrainLoop.state_dict()` is what a checkpoint
+must hold beyond the engines' own state (counters, EMA shadows, the stage's own state).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import RunConfig
 from ..errors import UserError
-from .api import EMA, Engine, Stage
+from .api import Engine, Stage
 
 
 class TrainingDivergedError(UserError):
@@ -100,24 +100,20 @@ class LoopHook:
 class TrainLoop:
     """Runs `stage.step` on batches until cfg.total_images have been seen (counted over all workers).
 
-    engines: trainable model name -> engine; emas: model name -> EMA (created here for ModelSpecs with ema=True when
-    not given). world_size multiplies each worker's images into the global count; reduce_metrics (e.g. an all-reduce
+    engines: trainable model name -> engine; emas: model name -> EMA (update(module) after each optimiser step).
+    world_size multiplies each worker's images into the global count; reduce_metrics (e.g. an all-reduce
     mean) runs only at log intervals. Resume by load_state_dict() before run(), with batches that start at the
     restored images_seen.
     """
 
     def __init__(self, stage: Stage, engines: dict[str, Engine], cfg: RunConfig,
-                 emas: dict[str, EMA] | None = None, hooks: Iterable[LoopHook] = (), device: torch.device | str = "cpu",
+                 emas: dict | None = None, hooks: Iterable[LoopHook] = (), device: torch.device | str = "cpu",
                  world_size: int = 1, is_main: bool = True, progress: bool = True,
                  reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         self.stage = stage
         self.cfg = cfg
         self.engines = {name: GuardedEngine(e) for name, e in engines.items()}
-        specs = stage.models()
-        if emas is None:
-            emas = {name: EMA(engines[name].module, cfg.optim.ema_decay)
-                    for name, spec in specs.items() if spec.ema and name in engines}
-        self.emas = emas
+        self.emas = emas or {}
         self.hooks = list(hooks)
         self.device = torch.device(device)
         self.world_size = world_size
@@ -186,8 +182,6 @@ class TrainLoop:
     def run(self, batches: Iterable[dict[str, torch.Tensor]]) -> LoopSummary:
         cfg = self.cfg
         total = cfg.total_images
-        if cfg.log_every_images <= 0:
-            raise UserError(f"log_every_images: must be positive, got {cfg.log_every_images}")
         start_images, start_steps, start_skipped = self.images_seen, self.steps, self.skipped_steps
         history: list[dict[str, float]] = []
         last: dict[str, float] = {}
@@ -210,8 +204,8 @@ class TrainLoop:
                 self.images_seen += seen
                 self._accumulate(out.metrics)
                 bar.update(seen)
-                for hook in self.hooks:
-                    hook.after_step(self)
+                # Log first, then the cadence work: a checkpoint at N images then never precedes the metrics of N
+                # (a run killed between the two would resume after a line it never wrote).
                 if self.images_seen >= next_log or self.images_seen >= total:
                     last = self._reduce() if self._sums else last
                     history.append({"images": float(self.images_seen), **last})
@@ -219,6 +213,8 @@ class TrainLoop:
                     for hook in self.hooks:
                         hook.on_log(self, last)
                     next_log = (self.images_seen // cfg.log_every_images + 1) * cfg.log_every_images
+                for hook in self.hooks:
+                    hook.after_step(self)
         finally:
             bar.close()
         summary = LoopSummary(self.stage.name, self.images_seen - start_images, self.steps - start_steps,

@@ -16,7 +16,7 @@ what the stage needs from the stage before and what it hands on.
 Frozen-encoder features: where the tokenizer's encoder is frozen (tokenizer with tokenizer.encoder.frozen, reference
 on tokenizer latents, decoder, generator) the stage names the teacher equal to that encoder (`teacher_spec`, and the
 module itself as `frozen_encoder`); a batch may then carry its features under "teacher_features" (computed in-process
-or by the TeacherService, train/local.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
+or by the TeacherService, features.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
 builds its encoder from the teacher (random_vit: the seeded network's weights; ssl: the teacher stage's), the later stages name the encoder of
 their tokenizer artifact, so both sources give the same bits. DMD trains the encoder: no teacher there.
 
@@ -36,7 +36,6 @@ from pathlib import Path
 from ...artifacts import ArtifactInfo, save_artifact
 from ...config import RunConfig, config_hash, dump_yaml
 from ...errors import UserError
-from ..api import EMA
 from .autoencoder import AutoencoderLosses, AutoencoderStage, discriminator_optim
 from .common import (StageInputError, Upstream, measure_latent_stats, no_param_grads, open_upstream, stage_teacher_spec,
                      step_generators)
@@ -58,7 +57,7 @@ def build_stage(cfg: RunConfig, rank: int = 0):
     raise UserError(f"stage: unknown stage {cfg.stage!r}")
 
 
-def save_stage_artifact(stage, emas: dict[str, EMA], cfg: RunConfig, directory: str | Path) -> ArtifactInfo:
+def save_stage_artifact(stage, emas: dict, cfg: RunConfig, directory: str | Path) -> ArtifactInfo:
     """Write what the stage hands on: raw weights of its exported models, EMA weights where kept, latent
     statistics, upstream ids, the resolved config and its hash."""
     plan = stage.artifact()

@@ -29,9 +29,6 @@ class AutoencoderLosses:
     def __init__(self, cfg: RunConfig):
         self.loss = cfg.loss
         self.disc_cfg = cfg.discriminator
-        if cfg.discriminator.consistency_weight > 0 and not cfg.discriminator.diffaug:
-            raise StageInputError("discriminator.consistency_weight > 0 needs discriminator.diffaug=true "
-                                  "(the term compares augmented and plain logits); set one of the two")
         self.augment = DiffAugment() if cfg.discriminator.diffaug else None
         self.autocast = ForwardPrecision()  # the stage's, set by Stage.set_precision
         self.perceptual = None
@@ -120,9 +117,6 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         else:
             _reject_unused(cfg, {"inputs.tokenizer"})
             self.teacher_spec = stage_teacher_spec(cfg)
-            if not cfg.tokenizer.encoder.frozen:
-                raise StageInputError("tokenizer.encoder.frozen: the decoder stage keeps encoder and bottleneck "
-                                      "frozen (the latents must not change); set it true")
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up)
             if "discriminator" in up.info.models:  # "decoder + GAN trained further": continue the upstream critic

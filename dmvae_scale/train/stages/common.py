@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...artifacts import Artifact, ArtifactError, ArtifactInfo, LatentSpec, load_into
-from ...config import ConfigError, RunConfig, to_dict
+from ...config import RunConfig, to_dict
 from ...data.artifact_store import artifact_info, open_artifact
 from ...data.storage import StorageError
 from ...distributed.teachers import TeacherSpec, build_teacher, spec_from_config, tokenizer_encoder_spec
@@ -167,13 +167,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _check_teacher_name(cfg: RunConfig) -> None:
-    if cfg.teacher.name == "inception":
-        raise ConfigError("teacher.name: 'inception' serves features only (the teacher service and feature path); "
-                          "a tokenizer's encoder is a ViT and cannot be the Inception network, so the training stages "
-                          "refuse it; use teacher.name=dinov2 (or random_vit for plumbing)")
-
-
 def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     """The teacher whose features equal the stage's frozen encoder's, or None where the stage has none (and then
     teacher.remote is refused). Reads at most an artifact manifest: a driver calls it to start the service.
@@ -181,7 +174,6 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
     tokenizer (frozen encoder): the teacher cfg.teacher names; reference on tokenizer latents, decoder, generator: the
     encoder of inputs.tokenizer (local paths made absolute: the service may run in another directory).
     """
-    _check_teacher_name(cfg)
     why = None
     if cfg.stage == "tokenizer" and cfg.tokenizer.kind == "kl_vae":
         why = "the KL-VAE baseline's encoder is a conv net that trains, not a registry teacher"

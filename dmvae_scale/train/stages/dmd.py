@@ -28,12 +28,6 @@ class DMDStage(_StageBase):
         super().__init__(cfg, rank)
         stage_teacher_spec(cfg)  # none: refuses teacher.remote
         _reject_unused(cfg, {"inputs.tokenizer", "inputs.reference"})
-        dm = cfg.dm
-        if dm.tokenizer_every < 1:
-            raise StageInputError(f"dm.tokenizer_every: must be >= 1, got {dm.tokenizer_every}")
-        if dm.t_anneal_steps > 0 and not dm.t_min <= dm.t_anneal_min_final < dm.t_max:
-            raise StageInputError(f"dm.t_anneal_min_final={dm.t_anneal_min_final} must lie in [dm.t_min={dm.t_min}, "
-                                  f"dm.t_max={dm.t_max})")
         up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
         self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")

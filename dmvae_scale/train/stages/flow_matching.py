@@ -77,9 +77,6 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
     if kind == "gaussian":
         return StandardGaussian(shape)
     if kind == "gmm":
-        if cfg.reference.gmm_components < 1 or cfg.reference.gmm_std <= 0:
-            raise StageInputError(f"reference.gmm_components/gmm_std: need >= 1 and > 0, got "
-                                  f"{cfg.reference.gmm_components}, {cfg.reference.gmm_std}")
         return GaussianMixture(random_means(cfg.reference.gmm_components, shape, cfg.seed), cfg.reference.gmm_std)
     samples, labels = load_reference_samples(cfg.reference.path)
     if tuple(samples.shape[1:]) != shape:

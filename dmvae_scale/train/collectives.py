@@ -1,0 +1,123 @@
+"""What the workers decide together: rank/world from the environment, broadcast, a joint "all succeeded", metric
+means, and the stop request every worker acts on at the same step. Also the process group of a single-process run
+(world size 1, gloo on loopback) so that it runs the very same worker code as N workers under Ray Train."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+STOP_CHECK_EVERY = 10  # steps between checks of the stop request (one tiny all-reduce)
+
+NO_STOP, PREEMPTED, STOP = 0, 1, 2
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), \
+        int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """True on every rank only when `ok` is True on every rank."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def mean_over_workers(means: dict[str, torch.Tensor], world: int, device: torch.device) -> dict[str, torch.Tensor]:
+    keys = sorted(means)
+    if not keys or world == 1:
+        return means
+    stacked = torch.stack([means[k].float().reshape(()) for k in keys]).to(device)
+    dist.all_reduce(stacked)
+    stacked /= world
+    return dict(zip(keys, stacked))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_env() -> Iterator[None]:
+    """RANK/WORLD_SIZE/... of a world of one on loopback (a free port) for the duration of an in-process run.
+
+    The process group the worker creates stays for the life of the process and later in-process runs reuse it:
+    DeepSpeed caches its groups (deepspeed.utils.groups) when it first initialises, so a destroyed and re-created
+    group would leave it holding stale ones."""
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError(f"this process already belongs to a process group of {dist.get_world_size()} ranks; "
+                           f"an in-process run needs a world of one")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class StopSignal:
+    """Why the workers should pause: a stop request (SIGTERM when we own the main thread, the launcher's control
+    actor) or a Ray preemption notice (checkpoint now, then keep training until the node goes)."""
+
+    def __init__(self, control: Any, under_ray: bool):
+        self.control = control
+        self.under_ray = under_ray
+        self.local = threading.Event()
+        self._previous = None
+        self._preempt_seen = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.local.set())
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _local(self) -> int:
+        notice = False
+        if self.under_ray:  # a barrier across the workers: every one calls it at the same steps, every time
+            import ray.train
+            getter = getattr(ray.train, "get_preemption_info", None)
+            notice = getter is not None and getter() is not None
+        if self.local.is_set():
+            return STOP
+        if self.control is not None:
+            import ray
+            stop, simulated = ray.get(self.control.requests.remote())
+            if stop:
+                return STOP
+            notice = notice or simulated
+        if notice and not self._preempt_seen:  # one just-in-time checkpoint per notice
+            self._preempt_seen = True
+            return PREEMPTED
+        return NO_STOP
+
+    def agreed(self, device: torch.device) -> int:
+        """NO_STOP, PREEMPTED or STOP, the same on every worker (collective: call at the same steps)."""
+        flag = torch.tensor([float(self._local())], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

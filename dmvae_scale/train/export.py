@@ -1,0 +1,95 @@
+"""Export: consolidated fp32 weights (raw or EMA) of a training checkpoint as one safetensors file, offline (no process
+group), from any ZeRO stage and any number of workers."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..data import storage
+from .checkpoint import MANIFEST, CheckpointError, CheckpointStore, rank_state_file
+from .ema import consolidate_ema_shards
+
+
+@dataclass
+class ExportSummary:
+    path: str
+    checkpoint: str
+    which: str
+    models: list[str]
+    tensors: int
+    parameters: int
+    bytes: int
+
+    def line(self) -> str:
+        return (f"exported {self.which} weights of {', '.join(self.models)} from {self.checkpoint}: {self.tensors} "
+                f"tensors, {self.parameters / 1e6:.2f}M parameters, {self.bytes / 2**20:.1f} MiB -> {self.path}")
+
+
+def _engine_weights(local: str, name: str) -> dict[str, Any]:
+    """Full fp32 state dict of one engine from its ZeRO shards (any stage, any number of workers), offline."""
+    import torch
+    zero_dir = os.path.join(local, "engines", name)
+    model_states = os.path.join(zero_dir, "zero", "mp_rank_00_model_states.pt")
+    has_optim_shards = any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(zero_dir, "zero")))
+    if not has_optim_shards:  # ZeRO stage 0: the module state is whole in the model-states file
+        return {k: v.float() if v.is_floating_point() else v
+                for k, v in torch.load(model_states, map_location="cpu", weights_only=False)["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        return get_fp32_state_dict_from_zero_checkpoint(zero_dir, tag="zero")
+
+
+def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:
+    """Write `<model>.<name>` -> fp32 tensor for the trained models of a checkpoint (a checkpoint directory, or a run
+    directory whose latest complete checkpoint is taken). which="ema" takes the EMA average for the parameters of
+    models that keep one (buffers from the raw weights)."""
+    import torch
+    from safetensors.torch import save_file
+    if which not in ("raw", "ema"):
+        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
+    if storage.exists(storage.join(source, MANIFEST)):
+        parent, name = source.rstrip("/").rsplit("/", 1)
+        store = CheckpointStore(parent.rsplit("/checkpoints", 1)[0])
+        info = store.read_manifest(name)
+        problem = "unreadable manifest" if info is None else store.verify(info)
+        if problem:
+            raise CheckpointError(f"{source}: not a complete checkpoint ({problem})")
+    else:
+        store = CheckpointStore(source)
+        info = store.latest()
+        if info is None:
+            raise CheckpointError(f"{source}: no complete checkpoint (expected a run directory with "
+                                  f"checkpoints/img-*/manifest.json, or a checkpoint directory)")
+    chosen = models or info.engines
+    unknown = sorted(set(chosen) - set(info.engines))
+    if unknown:
+        raise CheckpointError(f"--models {','.join(unknown)}: not in checkpoint {info.url} (it holds "
+                              f"{', '.join(info.engines)})")
+    local = store.local_view(info)
+    ema_shards = None
+    if which == "ema":
+        ranks = [torch.load(rank_state_file(local, r), map_location="cpu", weights_only=True)
+                 for r in range(info.world_size)]
+        ema_shards = {n: [r["loop"]["ema"][n] for r in ranks] for n in ranks[0]["loop"].get("ema", {})}
+        if models is None:  # every model that keeps an average
+            chosen = [m for m in chosen if m in ema_shards]
+        missing = [m for m in chosen if m not in ema_shards]
+        if missing or not chosen:
+            raise CheckpointError(f"--weights ema: models {', '.join(missing) or 'of this stage'} keep no EMA in "
+                                  f"{info.url}; "
+                                  f"use --weights raw or --models with {', '.join(sorted(ema_shards)) or 'none'}")
+    flat: dict[str, Any] = {}
+    for name in chosen:
+        state = _engine_weights(local, name)
+        if ema_shards is not None:
+            for pname, avg in consolidate_ema_shards(ema_shards[name]).items():
+                state[pname] = avg.reshape(state[pname].shape)
+        for k, v in state.items():
+            flat[f"{name}.{k}"] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    save_file(flat, out, metadata={"checkpoint": info.url, "images_seen": str(info.images_seen), "which": which,
+                                   "models": ",".join(chosen)})
+    params = sum(v.numel() for v in flat.values())
+    return ExportSummary(out, info.url, which, list(chosen), len(flat), params, os.path.getsize(out))

@@ -1,0 +1,216 @@
+"""What a run reports: metrics sinks (metrics.jsonl, TensorBoard, W&B), achieved FLOP/s and MFU, and the loop hook
+that feeds them at each log interval (rank 0 writes; every rank keeps the history)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from ..config import RunConfig, config_hash, to_dict
+from ..data import storage
+from ..errors import UserError
+from .loop import LoopHook
+
+
+# Peak dense bf16 tensor-core FLOP/s per device, for MFU. Matched as substrings of the CUDA device name.
+
+def import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("WANDB_PROJECT is set but wandb is not installed; pip install wandb or unset "
+                        "WANDB_PROJECT") from None
+    return wandb
+
+
+class MetricSinks:
+    """metrics.jsonl and TensorBoard events under the run directory; W&B when WANDB_PROJECT is set.
+
+    An object-store run directory is written through a local copy that starts from the run's own files, so a resume
+    on another machine (or after the cache was cleared) appends to metrics.jsonl instead of replacing it."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: str, wandb_project: Optional[str] = None):
+        self.cfg = cfg
+        self.remote = storage.is_remote(cfg.run_dir)
+        self.local_dir = os.path.join(cache_dir, "logs") if self.remote else cfg.run_dir
+        os.makedirs(self.local_dir, exist_ok=True)
+        self.jsonl = os.path.join(self.local_dir, "metrics.jsonl")
+        if self.remote:
+            remote_jsonl = storage.join(cfg.run_dir, "metrics.jsonl")
+            if storage.exists(remote_jsonl):
+                with open(self.jsonl, "wb") as f:
+                    f.write(storage.read_bytes(remote_jsonl))
+            elif os.path.exists(self.jsonl):
+                os.remove(self.jsonl)  # a stale copy of another run of this directory
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            wandb = import_wandb()
+            self.wandb = wandb.init(project=wandb_project, name=cfg.name, resume="allow",
+                                    id=f"{cfg.name}-{config_hash(cfg)}", config=to_dict(cfg))
+
+    def write(self, images: int, metrics: dict[str, float]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"images": images, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, images)
+        self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=images)
+        if self.remote:  # small files: copy the whole logs directory up at each interval
+            fs, root = storage.filesystem(self.cfg.run_dir)
+            for dirpath, _, files in os.walk(self.local_dir):
+                for name in files:
+                    src = os.path.join(dirpath, name)
+                    rel = os.path.relpath(src, self.local_dir).replace(os.sep, "/")
+                    fs.put_file(src, f"{root.rstrip('/')}/{rel}")
+
+    def close(self) -> None:
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Dense bf16 peak FLOP/s of this worker's GPU (models/flops.py's table: PCIe / NVL told from SXM, a MIG slice
+    scaled by its SMs), or None on CPU, in fp32, or for a GPU the table lacks (then no MFU is logged)."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    from ..models.flops import cuda_peak_bf16_flops
+    return cuda_peak_bf16_flops(device).flops
+
+
+def analytic_flops_per_image(cfg) -> Optional[float]:
+    """models/flops.py's training FLOPs per image of a flow-matching stage (generator, reference): the DiT's forward
+    and backward, plus the frozen tokenizer's encoding where the stage encodes images itself (no latent cache, no
+    teacher features). Logged beside the counted figure, so the two can be compared; None for other stages."""
+    if cfg.stage not in ("generator", "reference"):
+        return None
+    from ..models.flops import dit_flops, tokenizer_flops
+    total = float(dit_flops(cfg.score).train)
+    encodes = cfg.stage == "generator" or cfg.reference.kind in ("tokenizer", "noisy_tokenizer")
+    if encodes and cfg.data.latents is None and not cfg.teacher.remote:
+        tok = tokenizer_flops(cfg.tokenizer)
+        total += tok.encoder + tok.bottleneck
+    return total
+
+
+class FlopCounter:
+    """Counts the FLOPs of the first training step of this process (feeds achieved FLOP/s and, on GPU, MFU). Wraps
+    the batch iterator so the count covers exactly one stage.step: it starts when batch 1 is handed out and stops
+    when batch 2 is asked for (or at close())."""
+
+    def __init__(self):
+        self.flops_per_step: Optional[float] = None
+        self._gen = None
+
+    def wrap(self, batches: Iterator) -> Iterator:
+        self._gen = self._counted(iter(batches))
+        return self._gen
+
+    def _counted(self, it: Iterator) -> Iterator:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..models.flops import register_attention_flop_formulas
+        register_attention_flop_formulas()  # fused CPU SDPA and flash-attn kernels count as zero otherwise
+        counter = FlopCounterMode(display=False)
+        with counter:
+            yield next(it)
+        self.flops_per_step = float(counter.get_total_flops())
+        yield from it
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()  # leaves the counting mode if the loop ended after one step
+
+
+
+class LogHook(LoopHook):
+    """At each log interval: images/s, skipped steps, achieved FLOP/s per worker (MFU on GPU) beside the losses, into
+    the history (every rank), the sinks (rank 0) and `report(images, metrics)` (Ray Train's report, when set).
+    `summary_lines`: one printed line per interval instead of a redrawn progress bar (logs of Ray jobs)."""
+
+    def __init__(self, *, start_images: int, per_rank_batch: int, world: int, device: torch.device, precision: str,
+                 flops: FlopCounter, sinks: Optional[MetricSinks], report: Optional[Callable] = None,
+                 summary_lines: bool = False, total_images: int = 0, analytic_per_image: Optional[float] = None):
+        self.per_rank_batch, self.world, self.device, self.precision = per_rank_batch, world, device, precision
+        self.flops, self.sinks, self.report = flops, sinks, report
+        self.summary_lines, self.total_images = summary_lines, total_images
+        self.analytic_per_image = analytic_per_image  # models/flops.py's count for the stage's main model
+        self.history: list[dict[str, float]] = []
+        self.last_time = time.perf_counter()
+        self.last_images = start_images
+
+    def on_log(self, loop, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = (loop.images_seen - self.last_images) / max(now - self.last_time, 1e-9)
+        out = dict(metrics)
+        out["images_per_second"] = rate
+        out["skipped_steps"] = float(loop.skipped_steps)
+        flops = self.flops.flops_per_step
+        if flops:  # per worker: FLOPs of one step / its images x its share of the image rate
+            achieved = flops / self.per_rank_batch * rate / self.world
+            out["tflops_per_worker"] = achieved / 1e12
+            out["gflops_per_image"] = flops / self.per_rank_batch / 1e9  # counted (FlopCounterMode, first step)
+            if self.analytic_per_image:
+                out["gflops_per_image_analytic"] = self.analytic_per_image / 1e9
+            peak = peak_flops(self.device, self.precision)
+            if peak:
+                out["mfu"] = achieved / peak
+        self.last_time, self.last_images = now, loop.images_seen
+        self.history.append({"images": float(loop.images_seen), **out})
+        if self.sinks is not None:
+            self.sinks.write(loop.images_seen, out)
+            if self.summary_lines:
+                shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(out.items()) if k != "skipped_steps")
+                print(f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}", flush=True)
+        if self.report is not None:
+            self.report(loop.images_seen, out)
+
+
+class ImageGrid(LoopHook):
+    """Every `every` images: the stage's tokenizer reconstructions of the first images of the current batch, under
+    those images, as one TensorBoard image ("reconstructions"). Every rank computes them (under ZeRO-3 a forward
+    gathers parameters collectively); rank 0 writes. Stages without a tokenizer, and batches without images (cached
+    latents), show nothing."""
+
+    IMAGES = 8
+
+    def __init__(self, every: int, stage, device: torch.device, sinks: Optional[MetricSinks], start_images: int):
+        self.every, self.stage, self.device, self.sinks = every, stage, device, sinks
+        self.next = (start_images // every + 1) * every if every > 0 else None
+        self.batch: Optional[dict] = None
+
+    def wrap(self, batches: Iterator) -> Iterator:
+        """The batch iterator, remembering the batch last handed out."""
+        for batch in batches:
+            self.batch = batch
+            yield batch
+
+    @torch.no_grad()
+    def reconstructions(self, batch: dict) -> Optional[torch.Tensor]:
+        tokenizer = getattr(self.stage, "tokenizer", None)
+        if tokenizer is None or "image" not in batch:
+            return None
+        x = batch["image"][:self.IMAGES].to(self.device)
+        features = batch.get("teacher_features")
+        if features is not None:
+            features = features[:self.IMAGES].to(self.device)
+        recon, _ = tokenizer(x, features)
+        return torch.cat([x, recon.to(x.dtype)]).clamp(-1, 1).cpu()
+
+    def after_step(self, loop) -> None:
+        if self.next is None or loop.images_seen < self.next or self.batch is None:
+            return
+        self.next = (loop.images_seen // self.every + 1) * self.every
+        images = self.reconstructions(self.batch)
+        if images is None or self.sinks is None:
+            return
+        from torchvision.utils import make_grid
+        grid = make_grid((images + 1) / 2, nrow=len(images) // 2, padding=2, pad_value=1.0)
+        self.sinks.tb.add_image("reconstructions", grid, loop.images_seen)
+        self.sinks.tb.flush()
