@@ -200,7 +200,7 @@ class InputsConfig:
 
     tokenizer: Optional[str] = None
     tokenizer_weights: Literal["ema", "raw"] = "ema"
-    reference: Optional[str] = None  # the real score model (stage 3) / reference artifact
+    real_score: Optional[str] = None  # the reference stage's artifact: the frozen real score model of stage 3
     generator: Optional[str] = None
 
 

@@ -200,7 +200,7 @@ def test_dmd_stage_three_engines_zero2_two_workers(ray_session, dmd_inputs, tmp_
     from dmvae_scale.config import load_config
     root, demo = dmd_inputs
     cfg = load_config(demo / "dmd.yaml", [
-        f"run_dir={tmp_path}/dmd", f"inputs.tokenizer={root}/tokenizer", f"inputs.reference={root}/reference",
+        f"run_dir={tmp_path}/dmd", f"inputs.tokenizer={root}/tokenizer", f"inputs.real_score={root}/reference",
         "batch_size=8", "total_images=32", "log_every_images=16", "ckpt_every_images=1000", "dm.tokenizer_every=2",
         "data.limit=64", "distributed.num_workers=2", "distributed.zero_stage=2"])
     result = train(cfg)

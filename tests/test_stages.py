@@ -45,20 +45,20 @@ def tiny(tmp_path_factory):
     ref.prepare([{"image": torch.zeros(8, 3, 32, 32), "label": torch.zeros(8, dtype=torch.long)}])
     save_stage_artifact(ref, {"real_score": EMA(ref.score, 0.9)}, ref_cfg, root / "reference")
 
-    dmd_cfg = demo("dmd", f"inputs.tokenizer={root}/tokenizer", f"inputs.reference={root}/reference")
+    dmd_cfg = demo("dmd", f"inputs.tokenizer={root}/tokenizer", f"inputs.real_score={root}/reference")
     dmd = build_stage(dmd_cfg)
     save_stage_artifact(dmd, {"tokenizer": EMA(dmd.tokenizer, 0.9)}, dmd_cfg, root / "dmd")
     return root
 
 
 def _dmd(tiny, *overrides):
-    return demo("dmd", f"inputs.tokenizer={tiny}/tokenizer", f"inputs.reference={tiny}/reference", *overrides)
+    return demo("dmd", f"inputs.tokenizer={tiny}/tokenizer", f"inputs.real_score={tiny}/reference", *overrides)
 
 
 @pytest.mark.unit
 def test_an_input_the_stage_does_not_use_is_refused(tiny):
-    with pytest.raises(StageInputError, match=r"inputs.reference: stage 'tokenizer' does not use it"):
-        build_stage(demo("tokenizer", f"inputs.reference={tiny}/reference"))
+    with pytest.raises(StageInputError, match=r"inputs.real_score: stage 'tokenizer' does not use it"):
+        build_stage(demo("tokenizer", f"inputs.real_score={tiny}/reference"))
     with pytest.raises(StageInputError, match=r"tokenizer.encoder.weights: stage 'reference' does not use it"):
         build_stage(demo("reference", f"inputs.tokenizer={tiny}/tokenizer", "tokenizer.encoder.weights=/w.pth"))
     with pytest.raises(StageInputError, match=r"inputs.tokenizer: stage 'reference' does not use it"):
@@ -69,8 +69,8 @@ def test_an_input_the_stage_does_not_use_is_refused(tiny):
 def test_a_missing_artifact_names_the_key_and_the_path(tiny):
     with pytest.raises(StageInputError, match=r"inputs.tokenizer: artifact not found: /nowhere/artifact"):
         build_stage(demo("reference", "inputs.tokenizer=/nowhere/artifact"))
-    with pytest.raises(StageInputError, match=r"inputs.reference: stage 'dmd' needs it"):
-        build_stage(_dmd(tiny, "inputs.reference=null"))
+    with pytest.raises(StageInputError, match=r"inputs.real_score: stage 'dmd' needs it"):
+        build_stage(_dmd(tiny, "inputs.real_score=null"))
 
 
 @pytest.mark.unit
@@ -82,7 +82,7 @@ def test_latent_shape_mismatches_name_the_key(tiny):
         build_stage(demo("generator", f"inputs.tokenizer={tiny}/tokenizer", "score.input_size=4"))
     with pytest.raises(StageInputError, match=r"tokenizer.latent_channels: this run has 8 but inputs.tokenizer="):
         build_stage(_dmd(tiny, "tokenizer.latent_channels=8", "score.in_channels=8"))
-    with pytest.raises(StageInputError, match=r"score.num_heads: this run has 2 but inputs.reference="):
+    with pytest.raises(StageInputError, match=r"score.num_heads: this run has 2 but inputs.real_score="):
         build_stage(_dmd(tiny, "score.num_heads=2"))
 
 
@@ -98,9 +98,9 @@ def test_missing_latent_statistics_stop_the_dmd_and_generator_stages(tiny, tmp_p
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "config.yaml").write_text((tiny / "reference" / "config.yaml").read_text())
     save_artifact(tmp_path / "ref", ArtifactInfo("reference", [], info.config_hash), weights, ema)
-    with pytest.raises(StageInputError, match=r"inputs.reference: .*ref/artifact.json has no latent statistics "
+    with pytest.raises(StageInputError, match=r"inputs.real_score: .*ref/artifact.json has no latent statistics "
                                               r"\(key 'latent'\)"):
-        build_stage(_dmd(tiny, f"inputs.reference={tmp_path}/ref"))
+        build_stage(_dmd(tiny, f"inputs.real_score={tmp_path}/ref"))
 
 
 @pytest.mark.unit
@@ -174,15 +174,15 @@ def test_dmd_refuses_a_weights_choice_other_than_the_one_its_reference_was_train
     ref = build_stage(ref_cfg)
     ref.prepare([{"image": torch.zeros(4, 3, 32, 32), "label": torch.zeros(4, dtype=torch.long)}])
     save_stage_artifact(ref, {"real_score": EMA(ref.score, 0.9)}, ref_cfg, tmp_path / "ref")
-    with pytest.raises(StageInputError, match=r"inputs.tokenizer_weights=ema but the reference of inputs.reference="
+    with pytest.raises(StageInputError, match=r"inputs.tokenizer_weights=ema but the reference of inputs.real_score="
                                               r".* was trained on the raw weights of the same tokenizer"):
-        build_stage(_dmd(tiny, f"inputs.reference={tmp_path}/ref"))
-    assert build_stage(_dmd(tiny, f"inputs.reference={tmp_path}/ref", "inputs.tokenizer_weights=raw")).name == "dmd"
+        build_stage(_dmd(tiny, f"inputs.real_score={tmp_path}/ref"))
+    assert build_stage(_dmd(tiny, f"inputs.real_score={tmp_path}/ref", "inputs.tokenizer_weights=raw")).name == "dmd"
 
 
 @pytest.mark.unit
 def test_train_command_prints_one_line_errors(tiny, capsys):
-    rc = main(["train", str(DEMO / "dmd.yaml"), "inputs.tokenizer=/nowhere", f"inputs.reference={tiny}/reference"])
+    rc = main(["train", str(DEMO / "dmd.yaml"), "inputs.tokenizer=/nowhere", f"inputs.real_score={tiny}/reference"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: inputs.tokenizer: artifact not found: /nowhere")
@@ -344,7 +344,7 @@ def test_five_stages_run_end_to_end_on_fashion_mnist_each_from_the_previous_arti
     runs = [
         ("tokenizer", ["loss.gan_start_step=2"]),
         ("reference", [f"inputs.tokenizer={r}/tokenizer/artifact"]),
-        ("dmd", [f"inputs.tokenizer={r}/tokenizer/artifact", f"inputs.reference={r}/reference/artifact",
+        ("dmd", [f"inputs.tokenizer={r}/tokenizer/artifact", f"inputs.real_score={r}/reference/artifact",
                  "dm.tokenizer_every=2"]),
         ("decoder", [f"inputs.tokenizer={r}/dmd/artifact"]),
         ("generator", [f"inputs.tokenizer={r}/decoder/artifact", "batch_size=32"]),  # the demo trains it at 64
@@ -360,7 +360,7 @@ def test_five_stages_run_end_to_end_on_fashion_mnist_each_from_the_previous_arti
 
     up = {s: i.upstream for s, i in infos.items()}
     assert up["reference"] == {"tokenizer": infos["tokenizer"].id}
-    assert up["dmd"] == {"tokenizer": infos["tokenizer"].id, "reference": infos["reference"].id}
+    assert up["dmd"] == {"tokenizer": infos["tokenizer"].id, "real_score": infos["reference"].id}
     assert up["decoder"] == {"tokenizer": infos["dmd"].id}
     assert up["generator"] == {"tokenizer": infos["decoder"].id}
 
@@ -401,7 +401,7 @@ def test_a_short_dmd_run_moves_encoder_latents_toward_the_reference(tmp_path):
     run_local(demo("tokenizer", f"run_dir={r}/tok", "total_images=32", *base), progress=False)
     ref = run_local(demo("reference", f"run_dir={r}/ref", "total_images=1600", "batch_size=32", "data.limit=256",
                          "reference.kind=gaussian", "inputs.tokenizer=null"), progress=False)
-    cfg = demo("dmd", f"run_dir={r}/dmd", f"inputs.tokenizer={r}/tok/artifact", f"inputs.reference={ref.artifact}",
+    cfg = demo("dmd", f"run_dir={r}/dmd", f"inputs.tokenizer={r}/tok/artifact", f"inputs.real_score={ref.artifact}",
                "total_images=320", "dm.tokenizer_every=2", "optim.lr=1e-3", *base)
     run_local(cfg, progress=False)
 

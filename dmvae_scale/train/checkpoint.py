@@ -40,7 +40,7 @@ _NAME = re.compile(r"^img-(\d{12})$")
 
 # Config keys that may change between a checkpoint and its resume: how long/how often, where, on what hardware.
 # Everything else under these sections defines what the saved tensors are (shapes, the trained objective).
-MEANING_SECTIONS = ("stage", "tokenizer", "score", "discriminator", "reference")
+MEANING_SECTIONS = ("stage", "tokenizer", "score", "discriminator", "reference", "ssl")
 RUNTIME_ONLY_KEYS = {
     "score.grad_checkpointing", "score.attention", "tokenizer.encoder.weights", "tokenizer.encoder.sha256",
     "reference.path",

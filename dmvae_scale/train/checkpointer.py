@@ -30,7 +30,7 @@ RANK_STATE_FORMAT = 1
 def upstream_latents(cfg: RunConfig) -> dict[str, dict[str, float]]:
     """Latent shape and statistics of every upstream artifact the config names (part of what a checkpoint means)."""
     out = {}
-    for role in ("tokenizer", "reference", "generator"):
+    for role in ("tokenizer", "real_score", "generator"):
         path = getattr(cfg.inputs, role)
         if path is None:
             continue

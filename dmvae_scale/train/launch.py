@@ -97,9 +97,10 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     cfg = dataclasses.replace(cfg)
     cfg.run_dir = _absolute(cfg.run_dir)
     cfg.inputs = dataclasses.replace(cfg.inputs, tokenizer=_absolute(cfg.inputs.tokenizer),
-                                     reference=_absolute(cfg.inputs.reference),
+                                     real_score=_absolute(cfg.inputs.real_score),
                                      generator=_absolute(cfg.inputs.generator))
     cfg.reference = dataclasses.replace(cfg.reference, path=_absolute(cfg.reference.path))
+    cfg.teacher = dataclasses.replace(cfg.teacher, artifact=_absolute(cfg.teacher.artifact))
     cfg.loss = dataclasses.replace(cfg.loss, perceptual_weights=_absolute(cfg.loss.perceptual_weights))
     enc = dataclasses.replace(cfg.tokenizer.encoder, weights=_absolute(cfg.tokenizer.encoder.weights))
     cfg.tokenizer = dataclasses.replace(cfg.tokenizer, encoder=enc)

@@ -106,9 +106,7 @@ class Pipeline:
         if "teacher" in s:  # the `teacher` stage's network is this tokenizer's frozen encoder
             wiring += ["teacher.name=ssl", f"teacher.artifact={self.artifact_url(s['teacher'])}"]
         if "real_score" in s:
-            key = "real_score" if "real_score" in {f.name for f in dataclasses.fields(RunConfig().inputs)} \
-                else "reference"
-            wiring.append(f"inputs.{key}={self.artifact_url(s['real_score'])}")
+            wiring.append(f"inputs.real_score={self.artifact_url(s['real_score'])}")
         overrides = wiring + self.global_overrides + s.get("overrides", [])
         return load_config(self.config_dir / s["config"], overrides)
 

@@ -8,7 +8,7 @@ what the stage needs from the stage before and what it hands on.
                discriminator
     reference  real_score (DiT, flow matching)     tokenizer (if the reference  inputs.tokenizer (tokenizer refs)
                                                    is made of its latents)      or reference.path (file ref)
-    dmd        tokenizer (all of it), fake_score,  real_score                   inputs.tokenizer, inputs.reference
+    dmd        tokenizer (all of it), fake_score,  real_score                   inputs.tokenizer, inputs.real_score
                fresh discriminator
     decoder    decoder, discriminator              encoder, bottleneck          inputs.tokenizer
     generator  generator (DiT, flow matching)      tokenizer                    inputs.tokenizer (with latent stats)

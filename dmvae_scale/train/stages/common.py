@@ -27,7 +27,7 @@ class StageInputError(UserError):
 
 def _reject_unused(cfg: RunConfig, used: set[str]) -> None:
     """Every input given must be used: name the first one this stage would ignore."""
-    given = {"inputs.tokenizer": cfg.inputs.tokenizer, "inputs.reference": cfg.inputs.reference,
+    given = {"inputs.tokenizer": cfg.inputs.tokenizer, "inputs.real_score": cfg.inputs.real_score,
              "inputs.generator": cfg.inputs.generator, "reference.path": cfg.reference.path,
              "tokenizer.encoder.weights": cfg.tokenizer.encoder.weights}
     for key, value in given.items():
@@ -42,7 +42,7 @@ def _reject_unused(cfg: RunConfig, used: set[str]) -> None:
 
 
 _PRODUCER = {"inputs.tokenizer": "a tokenizer-producing stage (tokenizer, dmd or decoder)",
-             "inputs.reference": "the reference stage (its real_score)", "inputs.generator": "a generator stage"}
+             "inputs.real_score": "the reference stage (its real_score)", "inputs.generator": "a generator stage"}
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -27,24 +27,24 @@ class DMDStage(_StageBase):
     def __init__(self, cfg: RunConfig, rank: int = 0):
         super().__init__(cfg, rank)
         stage_teacher_spec(cfg)  # none: refuses teacher.remote
-        _reject_unused(cfg, {"inputs.tokenizer", "inputs.reference"})
+        _reject_unused(cfg, {"inputs.tokenizer", "inputs.real_score"})
         up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
         self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")
-        up_ref = open_upstream("inputs.reference", cfg.inputs.reference, "ema")
+        up_ref = open_upstream("inputs.real_score", cfg.inputs.real_score, "ema")
         if up_ref.info.latent is None:
-            raise StageInputError(f"inputs.reference: {up_ref.path}/artifact.json has no latent statistics "
+            raise StageInputError(f"inputs.real_score: {up_ref.path}/artifact.json has no latent statistics "
                                   f"(key 'latent'); re-run the reference stage, which measures them")
         ref_shape = (up_ref.info.latent.channels, up_ref.info.latent.height, up_ref.info.latent.width)
         if ref_shape != tuple(self.tokenizer.latent_shape):
-            raise StageInputError(f"inputs.reference: {up_ref.path} models latents of shape {ref_shape} but the "
+            raise StageInputError(f"inputs.real_score: {up_ref.path} models latents of shape {ref_shape} but the "
                                   f"tokenizer of inputs.tokenizer makes {tuple(self.tokenizer.latent_shape)}")
-        _check_same(cfg.score, up_ref.cfg.score, "score", f"inputs.reference={up_ref.path}", _SCORE_SETTINGS)
+        _check_same(cfg.score, up_ref.cfg.score, "score", f"inputs.real_score={up_ref.path}", _SCORE_SETTINGS)
         same_tokenizer = up_ref.info.upstream.get("tokenizer") == up_tok.info.id
         if same_tokenizer and up_ref.cfg.inputs.tokenizer_weights != cfg.inputs.tokenizer_weights:
             # One explicit choice: the reference latents and DMD's starting point come from the same weights.
             raise StageInputError(
-                f"inputs.tokenizer_weights={cfg.inputs.tokenizer_weights} but the reference of inputs.reference="
+                f"inputs.tokenizer_weights={cfg.inputs.tokenizer_weights} but the reference of inputs.real_score="
                 f"{up_ref.path} was trained on the {up_ref.cfg.inputs.tokenizer_weights} weights of the same "
                 f"tokenizer; use inputs.tokenizer_weights={up_ref.cfg.inputs.tokenizer_weights}")
         self.latent = up_ref.info.latent  # z' = (z - mean) * scale in the reference's own normalisation
@@ -56,7 +56,7 @@ class DMDStage(_StageBase):
         up_ref.load(self.fake_score, "real_score", "ema")
         self.discriminator = PatchDiscriminator(cfg.discriminator, in_channels=cfg.tokenizer.in_channels)
         self.losses = AutoencoderLosses(cfg)
-        self.upstream = {"tokenizer": up_tok.info.id, "reference": up_ref.info.id}
+        self.upstream = {"tokenizer": up_tok.info.id, "real_score": up_ref.info.id}
         self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
                         "fake_score": ModelSpec(self.fake_score, True, cfg.optim),
                         "discriminator": ModelSpec(self.discriminator, True, discriminator_optim(cfg)),
