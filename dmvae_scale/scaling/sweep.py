@@ -33,7 +33,7 @@ from ..models.dit import param_count, resolve_shape
 from ..models.flops import dit_flops
 
 RESULT_COLUMNS = ("point", "latent", "size", "params", "budget_images", "images_seen", "flops_per_image",
-                  "train_flops", "final_loss", "gfid", "images_per_s", "achieved_tflops", "mfu", "train_s", "eval_s",
+                  "train_flops", "final_loss", "gfid", "classifier_accuracy", "images_per_s", "achieved_tflops", "mfu", "train_s", "eval_s",
                   "wall_s", "attempts", "status", "error")
 
 
@@ -63,6 +63,10 @@ class SweepEval:
     device: str = "cpu"
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(method="ode_heun", steps=10))
     reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    # An evaluator classifier's directory (classifier.json + classifier.safetensors, trained on real images only,
+    # e.g. a pipeline's eval/classifier): the share of each point's class-conditional samples it labels as their
+    # class goes beside gFID. None: no accuracy column values.
+    classifier: Optional[str] = None
 
 
 @dataclass
@@ -215,7 +219,7 @@ def point_row(point: Point, state: dict) -> dict:
     return {"point": point.id, "latent": point.latent, "size": point.size, "params": param_count(cfg.score),
             "budget_images": point.budget, "images_seen": images_seen, "flops_per_image": flops,
             "train_flops": flops * images_seen, "final_loss": _finite_or_none(last.get(loss_key)) if loss_key else None,
-            "gfid": state.get("gfid"), "images_per_s": rate,
+            "gfid": state.get("gfid"), "classifier_accuracy": state.get("classifier_accuracy"), "images_per_s": rate,
             "achieved_tflops": None if rate is None else flops * rate / 1e12, "mfu": last.get("mfu"),
             "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "wall_s": round(train_s + eval_s, 1),
             "attempts": state.get("attempts", 0), "status": state.get("status", "pending"),
@@ -263,7 +267,7 @@ class SweepRunner:
                      device=self.sweep.eval.device, opts=EvalOptions(allow_few_samples=True, progress=False))
         return path
 
-    def evaluate(self, point: Point, reference: Path) -> float:
+    def evaluate(self, point: Point, reference: Path) -> dict:
         from ..eval.commands import eval_samples
         from ..eval.evaluate import EvalOptions
         from ..eval.sample_run import run_sample
@@ -277,7 +281,15 @@ class SweepRunner:
                    batch_size=ev.batch_size, overrides=overrides, use_ray=False, device=ev.device, progress=False)
         metrics = eval_samples(str(point.dir / "samples"), str(reference), str(point.dir / "eval"),
                                device=ev.device, opts=EvalOptions(allow_few_samples=True, progress=False))
-        return float(metrics["fid"])
+        out = {"gfid": float(metrics["fid"])}
+        if ev.classifier:
+            import numpy as np
+
+            from ..eval.classifier import accuracy, load_classifier
+            model, _ = load_classifier(ev.classifier)
+            with np.load(point.dir / "samples" / "samples.npz") as z:
+                out["classifier_accuracy"] = accuracy(model, z["arr_0"], z["arr_1"])
+        return out
 
     # -- one point ---------------------------------------------------------------------------------------------------
     def run_point(self, point: Point, reference: Optional[Path]) -> dict:
@@ -330,7 +342,7 @@ class SweepRunner:
         if reference is not None and state.get("gfid") is None:
             began = time.perf_counter()
             try:
-                state["gfid"] = self.evaluate(point, reference)
+                state.update(self.evaluate(point, reference))
             except Exception as exc:  # noqa: BLE001 - a failed evaluation is reported; the run itself is kept
                 state["error"] = f"evaluation: {type(exc).__name__}: {exc}"[:300]
             state["eval_s"] = state.get("eval_s", 0.0) + time.perf_counter() - began
@@ -339,7 +351,9 @@ class SweepRunner:
         self._save_state(point, state)
         row = point_row(point, state)
         self._record(point, row)
-        print(f"[sweep] {point.id}: done, loss {row['final_loss']}, gFID {row['gfid']}", flush=True)
+        acc = row.get("classifier_accuracy")
+        print(f"[sweep] {point.id}: done, loss {row['final_loss']}, gFID {row['gfid']}"
+              f"{f', classifier accuracy {acc:.1%}' if acc is not None else ''}", flush=True)
         return row
 
     # -- the grid ----------------------------------------------------------------------------------------------------
