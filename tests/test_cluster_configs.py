@@ -156,3 +156,21 @@ def test_no_shipped_cluster_file_holds_a_secret():
         for pattern in SECRET_PATTERNS:
             assert not pattern.search(text), f"{path.name} matches {pattern.pattern}"
     assert os.environ.get("AWS_SECRET_ACCESS_KEY", "unset-secret") not in "".join(p.read_text() for p in files)
+
+
+def test_cluster_files_have_no_duplicate_keys():
+    """YAML keeps the last of two equal keys silently: a second `env:` once dropped the stop-wait setting."""
+    import collections
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        dupes = [k for k, n in collections.Counter(keys).items() if n > 1]
+        assert not dupes, f"duplicate keys {dupes} at line {node.start_mark.line + 1}"
+        return loader.construct_mapping(node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for path in sorted(CLUSTER.glob("*.yaml")):
+        list(yaml.load_all(path.read_text(), Loader=Strict))
