@@ -33,7 +33,7 @@ class AutoencoderLosses:
         self.autocast = ForwardPrecision()  # the stage's, set by Stage.set_precision
         self.perceptual = None
         if cfg.loss.perceptual_weight > 0:
-            from ..models.perceptual import build_perceptual
+            from ...models.perceptual import build_perceptual
             self.perceptual = build_perceptual(cfg.loss)
 
     def gan_active(self, step: int) -> bool:

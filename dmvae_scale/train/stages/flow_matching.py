@@ -91,7 +91,7 @@ def _reference_source(cfg: RunConfig, tokenizer: Optional[Tokenizer]) -> Referen
 def check_latent_cache(cfg: RunConfig, up: Upstream, latent: Optional[LatentSpec]) -> LatentSpec:
     """The cache named by data.latents must hold latents of the tokenizer inputs.tokenizer names, with the same
     statistics; returns the normalisation to train with (the artifact's, else the one measured over the cache)."""
-    from ..data.latents import read_latent_info
+    from ...data.latents import read_latent_info
     info = read_latent_info(cfg.data.latents)
     if info["tokenizer"] != up.info.id:
         raise StageInputError(f"data.latents: {cfg.data.latents} holds latents of tokenizer {info['tokenizer']}, but "
