@@ -47,8 +47,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
   "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp"
 else
-  # The stack is in place: only point the package (and the dmvae-scale command) at this checkout.
-  "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # The stack is in place: only point the package (and the dmvae-scale command) at this checkout. Build isolation
+  # brings its own setuptools and wheel (a venv's ensurepip setuptools cannot build an editable wheel without the
+  # `wheel` package); without a package index, the environment's own build tools are tried.
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . || \
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
 
 case "$what" in
