@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -417,11 +418,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
     """Load a YAML file (optional), apply dotted overrides, validate strictly, return the typed config."""
     cls = cls or RunConfig
     data = read_yaml(path) if path is not None else {}
+    if cls is RunConfig:
+        _renamed_keys(data, path)
     data = apply_overrides(data, list(overrides), cls)
     cfg = from_dict(cls, data)
     if isinstance(cfg, RunConfig):
         validate(cfg)
     return cfg
+
+
+# Keys renamed in a file: the config.yaml of an artifact or checkpoint written before the rename still loads.
+RENAMED = {("inputs", "reference"): "real_score"}
+
+
+def _renamed_keys(data: dict, path) -> None:
+    for (section, old), new in RENAMED.items():
+        part = data.get(section)
+        if isinstance(part, dict) and old in part:
+            if new in part:
+                raise ConfigError(f"{path}: both {section}.{old} (the old name) and {section}.{new} are set; keep "
+                                  f"{section}.{new}")
+            part[new] = part.pop(old)
+            print(f"note: {path}: {section}.{old} is now called {section}.{new}", file=sys.stderr)
 
 
 def _need(ok: bool, message: str) -> None:

@@ -133,3 +133,15 @@ def test_defaults_are_a_valid_config():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
     assert "stage: tokenizer" in dump_yaml(cfg)
+
+
+def test_a_file_written_before_the_real_score_rename_still_loads(tmp_path, capsys):
+    """An artifact's config.yaml from before `inputs.reference` became `inputs.real_score` loads, with a note."""
+    old = tmp_path / "config.yaml"
+    old.write_text("stage: dmd\ninputs: {tokenizer: t/artifact, reference: r/artifact}\n")
+    cfg = load_config(old)
+    assert cfg.inputs.real_score == "r/artifact"
+    assert "inputs.reference is now called inputs.real_score" in capsys.readouterr().err
+    old.write_text("stage: dmd\ninputs: {reference: r/artifact, real_score: s/artifact}\n")
+    with pytest.raises(ConfigError, match="both inputs.reference .* and inputs.real_score are set"):
+        load_config(old)
