@@ -22,7 +22,8 @@ DEMO = ROOT / "configs" / "demo"
 # The killed stage runs longer than the others, so the kill lands between two of its checkpoints.
 LONGER_DMD = ["dmd:total_images=192"]
 # The DMVAE chain of the demo pipeline: what the killed run repeats (the baseline's steps are the same machinery).
-CHAIN = ["shards", "teacher", "tokenizer", "reference", "dmd", "decoder", "latents", "generator", "samples", "fid"]
+CHAIN = ["shards", "teacher", "tokenizer", "reference", "dmd", "decoder", "latents", "generator", "samples",
+         "classifier", "fid"]
 TRAINED = {"teacher", "tokenizer", "reference", "dmd", "decoder", "generator"}
 
 

@@ -510,6 +510,14 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
         storage.check_reachable(pipe.store)
     reports: list[StepReport] = []
     total = len(pipe.steps)
+    if only:  # a selected step may read an unselected one only if that one is already complete
+        for step in pipe.steps:
+            for ref in (r for r in REFERENCES if r in step.spec and step.name in only):
+                needed = pipe.step(step.spec[ref])
+                if needed.name not in only and not step_complete(
+                        pipe, needed, pipe.train_config(needed) if needed.kind == "train" else None, clean=False):
+                    raise PipelineError(f"--only: step {step.name} reads step {needed.name} ({ref}), which is not "
+                                        f"complete and not selected; add {needed.name} to --only")
     began = time.perf_counter()
     for i, step in enumerate(pipe.steps, 1):
         if only and step.name not in only:
