@@ -87,7 +87,7 @@ def test_remote_artifact_is_fetched_once_per_node_into_a_hash_keyed_cache(tokeni
     results = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-    final = tmp_path / "node-tmp" / "dmvae-artifacts" / info.content_hash
+    final = tmp_path / "node-tmp" / "dmvae-artifacts" / f"{info.content_hash}-{info.config_hash}"
     assert {d for d, _ in results} == {str(final)}
     assert sum(fresh for _, fresh in results) == 1  # one process downloaded (and verified); the others found it
     assert sorted(os.listdir(final)) == ["artifact.json", "config.yaml", "ema.safetensors", "weights.safetensors"]
@@ -108,7 +108,8 @@ def test_reference_stage_trains_from_an_s3_tokenizer_into_an_s3_run_directory(to
         rc = main(["train", str(DEMO / "reference.yaml"), f"run_dir={run_url}", f"inputs.tokenizer={tok_url}",
                    *SMALL, "--launcher", "ray", "--no-progress"])
     finally:  # the node's download cache (driver and workers share this machine's /tmp)
-        shutil.rmtree(cache_root() / artifact_info(tok_url).content_hash, ignore_errors=True)
+        info = artifact_info(tok_url)
+        shutil.rmtree(cache_root() / f"{info.content_hash}-{info.config_hash}", ignore_errors=True)
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
     assert "reference: 64 images in" in captured.out

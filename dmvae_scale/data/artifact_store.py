@@ -98,8 +98,11 @@ def open_artifact(location: str | os.PathLike) -> Artifact:
     info, manifest = _remote_info(location)
     if not info.content_hash:
         raise ArtifactError(f"{location}/{MANIFEST}: no content hash; not an artifact this version wrote")
-    final = cache_root() / info.content_hash
-    with _locked(cache_root() / f"{info.content_hash}.lock"):
+    # Keyed by the weights' hash AND the config's: a deterministic rerun into another store makes the same weights
+    # with another config.yaml (other input paths), which must not be served from the first one's copy.
+    key = f"{info.content_hash}-{info.config_hash}"
+    final = cache_root() / key
+    with _locked(cache_root() / f"{key}.lock"):
         if not (final / MANIFEST).is_file():
             _download(location, info, manifest, final)
             return Artifact(location, final, info, verified=True)
