@@ -59,6 +59,41 @@ def test_unreachable_endpoint_fails_fast_naming_it(s3_server, monkeypatch, capsy
     assert time.monotonic() - started < 15  # seconds, not minutes of retries
 
 
+def test_a_store_that_accepts_but_never_answers_is_an_error_naming_the_file(s3_server, monkeypatch):
+    """A stuck connection (the store took the request and went silent) ends in a StorageError, not a hang."""
+    import socket
+    import threading
+
+    from dmvae_scale.data import storage
+    listener = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        monkeypatch.setattr(storage, "SMALL_OP_TIMEOUT_S", 2.0)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"s3://silent/run/done.json: the store did not answer pipe_file "
+                                               r"within 2 s"):
+            storage.write_bytes("s3://silent/run/done.json", b"{}")
+        assert time.monotonic() - started < 30
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
 def _cache_bytes(cache) -> int:
     return sum(p.stat().st_size for p in cache.rglob("*.mds"))
 

@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (the workers build DeepSpeed engines; conftest reads this import on bare machines)
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -215,7 +215,7 @@ def test_dmd_stage_three_engines_zero2_two_workers(ray_session, dmd_inputs, tmp_
     moved = max((weights["fake_score"][k] - real["real_score"][k]).abs().max().item() for k in real["real_score"])
     assert moved > 0, "the fake score never trained"
     assert info.upstream == {"tokenizer": load_artifact(root / "tokenizer")[0].id,
-                             "reference": load_artifact(root / "reference")[0].id}
+                             "real_score": load_artifact(root / "reference")[0].id}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,5 +12,5 @@ mkdir -p "$dir"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$dir" \
-  pytest pluggy iniconfig packaging pytest-timeout pyyaml
+  pytest pluggy iniconfig packaging pygments pytest-timeout pyyaml
 ls -l "$dir"

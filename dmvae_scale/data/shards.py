@@ -180,7 +180,6 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
     if part_size <= 0 or workers <= 0:
         raise UserError(f"part_size and workers must be positive, got {part_size} and {workers}")
     started = time.perf_counter()
-    import streaming  # noqa: F401  (slow import, done once here so that forked workers inherit it)
     source = open_source(src, split, classes_file)
     if limit is not None:
         source.samples = source.samples[:limit]
@@ -207,8 +206,10 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
                 done_parts[done["part"]] = done
                 bar.update(done["samples"] + len(done["corrupt"]))
         else:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                              else "spawn")
+            # Spawned, never forked: a forked child inherits this process's fsspec event loop, its epoll set and
+            # its pooled S3 sockets; its clean-up then unregisters those sockets from the shared epoll set and the
+            # parent's next request to the store waits forever (seen as a hang writing dataset.json).
+            ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(min(workers, len(pending))) as pool:
                 for done in pool.imap_unordered(_write_part, pending):
                     done_parts[done["part"]] = done

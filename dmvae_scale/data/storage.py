@@ -15,6 +15,8 @@ from pathlib import Path
 from dmvae_scale.errors import UserError
 
 CONNECT_TIMEOUT_S = 3.0
+# A small object (a JSON file, a marker) that has not moved in this long is a stuck connection, not a slow one.
+SMALL_OP_TIMEOUT_S = 180.0
 
 
 class StorageError(UserError):
@@ -74,10 +76,22 @@ def filesystem(url: str):
     return fs, path
 
 
+def _bounded(fs, method: str, url: str, *args):
+    """fs.method(*args); on an async store (S3) bounded by SMALL_OP_TIMEOUT_S, a StorageError naming `url` after."""
+    if not getattr(fs, "async_impl", False):
+        return getattr(fs, method)(*args)
+    from fsspec.exceptions import FSTimeoutError
+    try:
+        return getattr(fs, method)(*args, timeout=SMALL_OP_TIMEOUT_S)
+    except FSTimeoutError:
+        raise StorageError(f"{url}: the store did not answer {method} within {SMALL_OP_TIMEOUT_S:.0f} s "
+                           f"(endpoint {s3_endpoint() or 'default'}); rerun to resume") from None
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
-        return fs.cat_file(path)
+        return _bounded(fs, "cat_file", url, path)
     except FileNotFoundError:
         raise StorageError(f"{url}: not found") from None
 
@@ -86,7 +100,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write a small file whole (object stores make the write atomic; locally we rename a temp file)."""
     if is_remote(url):
         fs, path = filesystem(url)
-        fs.pipe_file(path, data)
+        _bounded(fs, "pipe_file", url, path, data)
         return
     p = Path(url)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -98,13 +112,13 @@ def write_bytes(url: str, data: bytes) -> None:
 def remove(url: str) -> None:
     """Delete a file or a whole tree (local or object store); nothing there is not an error."""
     fs, path = filesystem(url)
-    if fs.exists(path):
+    if _bounded(fs, "exists", url, path):
         fs.rm(path, recursive=True)
 
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return _bounded(fs, "exists", url, path)
 
 
 def upload_dir(local_dir: str, url: str) -> None:
