@@ -77,6 +77,14 @@ def _artifact_ids(pipe) -> dict[str, str]:
     return out
 
 
+def _check_s3_credentials(store_url: str) -> None:
+    """The demo's job runs on this machine's Ray head: keys botocore cannot find here, it cannot find there."""
+    import botocore.session
+    if botocore.session.get_session().get_credentials() is None:
+        raise UserError(f"--store {store_url}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+                        f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE); leave --store out to use the embedded store")
+
+
 def run_demo(o: DemoOptions) -> dict:
     from .distributed import jobs
     from .distributed.ray_local import start_local_cluster
@@ -104,6 +112,8 @@ def run_demo(o: DemoOptions) -> dict:
         else:  # an existing store: a directory, or s3://bucket/prefix reached through S3_ENDPOINT_URL / AWS_*
             from .data import storage
             store_url = o.store.rstrip("/") if storage.is_remote(o.store) else str(Path(o.store).resolve())
+            if store_url.startswith("s3://"):
+                _check_s3_credentials(store_url)
         pipe = load_pipeline(config_dir, store_url, overrides)  # every config checked before a job is sent
         print(f"[demo] Ray head on loopback with its Job API; {len(pipe.steps)} pipeline steps -> {store_url}",
               flush=True)

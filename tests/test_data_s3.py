@@ -94,6 +94,34 @@ def test_a_store_that_accepts_but_never_answers_is_an_error_naming_the_file(s3_s
         listener.close()
 
 
+def _keys(ds) -> list[str]:
+    return sorted(ds[i]["key"] for i in range(len(ds)))
+
+
+def test_a_dataset_rewritten_at_the_same_url_is_read_anew_not_from_the_stale_local_cache(s3_bucket, tmp_path):
+    """Streaming trusts what it finds in its local directory: the default cache is keyed by the index too, so the
+    second dataset at a URL is downloaded, and a named cache_dir holding the first is refused, naming it."""
+    from dmvae_scale.data import storage
+    from dmvae_scale.errors import UserError
+    url = f"{s3_bucket}/rewritten"
+    assert main(["data", "shards", "fashion-mnist", url, "--limit", "40", "--workers", "1"]) == 0
+    first = ImageStreamDataset(url, batch_size=8, image_size=28, with_keys=True, shuffle=False)
+    first_keys = _keys(first)
+    assert len(first_keys) == 40
+    del first
+    named = tmp_path / "named"
+    assert len(ImageStreamDataset(url, batch_size=8, image_size=28, cache_dir=str(named))) == 40
+
+    storage.remove(url)
+    assert main(["data", "shards", "fashion-mnist", url, "--split", "test", "--limit", "24", "--workers", "1"]) == 0
+    second = ImageStreamDataset(url, batch_size=8, image_size=28, with_keys=True, shuffle=False)
+    fresh = ImageStreamDataset(url, batch_size=8, image_size=28, with_keys=True, shuffle=False,
+                               cache_dir=str(tmp_path / "fresh"))
+    assert len(second) == 24 and _keys(second) == _keys(fresh) and not set(_keys(second)) & set(first_keys)
+    with pytest.raises(UserError, match=f"cache_dir {named} holds a copy of another dataset .*{url}"):
+        ImageStreamDataset(url, batch_size=8, image_size=28, cache_dir=str(named))
+
+
 def _cache_bytes(cache) -> int:
     return sum(p.stat().st_size for p in cache.rglob("*.mds"))
 

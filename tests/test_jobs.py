@@ -56,13 +56,14 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
     # A second job proves the keys arrive (botocore resolves them) without printing them: it prints a hash.
     probe = ("import botocore.session, hashlib; c = botocore.session.get_session().get_credentials(); "
              "print('sha', hashlib.sha256((c.access_key + c.secret_key).encode()).hexdigest())")
-    with api_env(ray_cluster):
-        os.environ.update(AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET)
-        try:
-            sub = jobs.build_submission(DEMO)
-            probe_id = jobs.submit(dataclasses.replace(sub, entrypoint="python -c " + shlex.quote(probe)), url)
-        finally:
-            del os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
+    with api_env(ray_cluster), pytest.MonkeyPatch.context() as mp:
+        # Restored on the way out: the session's S3 server keys live in this same environment, and a later test
+        # (the demo through the Job API) that found them deleted failed with NoCredentialsError.
+        mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+        sub = jobs.build_submission(DEMO)
+        probe_id = jobs.submit(dataclasses.replace(sub, entrypoint="python -c " + shlex.quote(probe)), url)
+        mp.undo()
         assert jobs.wait_for_job(url, job_id, timeout_s=240) == "SUCCEEDED", jobs.job_logs(url, job_id)[-3000:]
         assert jobs.wait_for_job(url, probe_id, timeout_s=120) == "SUCCEEDED"
         probe_logs = jobs.job_logs(url, probe_id)
@@ -71,10 +72,10 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
     status = cli(["jobs", "status", job_id, "--address", url], client_env)
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED")
     logs = cli(["jobs", "logs", job_id, "--address", url], client_env)
-    assert "tokenizer: 64 images in 4 steps" in logs.stdout and f"-> {run_dir}/artifact" in logs.stdout
+    assert "train done: 64 images, 4 steps" in logs.stdout and f"; artifact {run_dir}/artifact" in logs.stdout
     assert "python -m dmvae_scale.cli train config.yaml --no-progress" in logs.stdout
     followed = cli(["jobs", "logs", job_id, "--follow", "--address", url], client_env)  # returns: the job has ended
-    assert followed.returncode == 0 and "tokenizer: 64 images in 4 steps" in followed.stdout
+    assert followed.returncode == 0 and "train done: 64 images, 4 steps" in followed.stdout
     listing = cli(["jobs", "list", "--address", url], client_env)
     assert any(job_id in line and "SUCCEEDED" in line and "demo-tokenizer" in line
                for line in listing.stdout.splitlines())

@@ -63,6 +63,20 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
     assert dmd.run_dir == "s3://bucket/in256/runs/dmd" and dmd.inputs.tokenizer == "s3://bucket/in256/runs/tokenizer/artifact"
 
 
+@pytest.mark.unit
+def test_demo_on_an_s3_store_without_credentials_says_so_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from dmvae_scale.cli import main
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--store", "s3://bucket/demo"]) == 2
+    err = capsys.readouterr().err
+    assert "--store s3://bucket/demo: no S3 credentials found (set AWS_ACCESS_KEY_ID" in err
+    assert not (tmp_path / "out" / "object-store").exists()
+
+
 @pytest.mark.integration
 def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_ends_the_same(s3_bucket, tmp_path):
     from dmvae_scale.demo import QUICK

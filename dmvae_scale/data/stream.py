@@ -22,6 +22,7 @@ and a damaged downloaded copy is removed from the cache so the next run fetches 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from typing import Any, Callable
@@ -39,10 +40,34 @@ from .transforms import ImageTransform, decode_image, sample_rng
 _LOCAL = _ShardState.LOCAL
 
 
-def default_cache_dir(url: str) -> str:
-    """Per-dataset local cache for a remote URL (one per node; ranks of a node share it)."""
+def index_digest(index: dict) -> str:
+    """A short hash of a dataset's index (every shard's name, size and hash): changes when the data does."""
+    return hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir(url: str, index: dict) -> str:
+    """Per-dataset local cache for a remote URL (one per node; ranks of a node share it).
+
+    Keyed by the URL *and* the index: Streaming trusts a shard or index.json it finds in its local directory, so a
+    dataset rewritten at the same URL (a rerun of `data shards`, a latent cache remade by a new tokenizer) would
+    otherwise be read from the stale copy of the old one."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "dmvae-stream-cache", digest)
+    return os.path.join(tempfile.gettempdir(), "dmvae-stream-cache", f"{digest}-{index_digest(index)}")
+
+
+def _check_cache_dir(cache_dir: str, url: str, index: dict) -> str:
+    """A cache directory the user named must hold nothing, or a copy of this very dataset."""
+    cached = os.path.join(cache_dir, "index.json")
+    if os.path.isfile(cached):
+        try:
+            with open(cached) as f:
+                same = index_digest(json.load(f)) == index_digest(index)
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise UserError(f"cache_dir {cache_dir} holds a copy of another dataset (or of an older version of "
+                            f"{url}): Streaming would read its stale shards; empty it or name another directory")
+    return cache_dir
 
 
 def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None]:
@@ -50,7 +75,8 @@ def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None
     index = load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
     if storage.is_remote(url):
         hashed = all(SHARD_HASH in (s["raw_data"].get("hashes") or {}) for s in index["shards"])
-        return {"remote": url, "local": cache_dir or default_cache_dir(url),
+        local = _check_cache_dir(cache_dir, url, index) if cache_dir else default_cache_dir(url, index)
+        return {"remote": url, "local": local,
                 "validate_hash": SHARD_HASH if hashed else None}  # each download checked against its index entry
     return {"remote": None, "local": os.path.abspath(url)}
 
