@@ -270,11 +270,8 @@ def _add_submit(sub):
     p.add_argument("--dry-run", action="store_true", help="print what would be sent (credentials masked), send nothing")
 
     def run(args):
-        import json
         import shlex
-        import shutil
-        import sys
-        from .distributed.jobs import build_submission, submit
+        from .distributed.jobs import build_submission
         if args.config == "pipeline":
             return _submit_pipeline(args)
         sub_ = build_submission(args.config, args.overrides, code=args.code,
@@ -282,23 +279,30 @@ def _add_submit(sub):
                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
                                 entrypoint_num_gpus=args.entrypoint_num_gpus,
                                 train_args=shlex.split(args.train_args))
-        if args.dry_run:
-            shutil.rmtree(sub_.staging_dir, ignore_errors=True)
-            print(json.dumps(sub_.describe(), indent=2))
-            return 0
-        job_id = submit(sub_, args.address, job_id=args.job_id)
-        print(job_id)
-        print(f"submitted {sub_.config.stage} run '{sub_.config.name}'; follow it with: dmvae-scale jobs logs "
-              f"{job_id} --follow --address {args.address}", file=sys.stderr)
+        return _send(sub_, args, f"{sub_.config.stage} run '{sub_.config.name}'")
     p.set_defaults(func=run)
+
+
+def _send(sub_, args, what: str) -> int:
+    """The end of `submit`: --dry-run prints what would be sent (credentials masked); else submit, print the id."""
+    import json
+    import shutil
+    import sys
+    from .distributed.jobs import submit
+    if args.dry_run:
+        shutil.rmtree(sub_.staging_dir, ignore_errors=True)
+        print(json.dumps(sub_.describe(), indent=2))
+        return 0
+    job_id = submit(sub_, args.address, job_id=args.job_id)
+    print(job_id)
+    print(f"submitted {what}; follow it with: dmvae-scale jobs logs {job_id} --follow --address {args.address}",
+          file=sys.stderr)
+    return 0
 
 
 def _submit_pipeline(args) -> int:
     """`submit pipeline DIR --store URL [overrides]`: checked here, then one Ray job runs `dmvae-scale pipeline`."""
-    import json
-    import shutil
-    import sys
-    from .distributed.jobs import build_pipeline_submission, submit
+    from .distributed.jobs import build_pipeline_submission
     from .errors import UserError
     from .train.pipeline import load_pipeline
     if not args.overrides:
@@ -311,15 +315,7 @@ def _submit_pipeline(args) -> int:
     sub_ = build_pipeline_submission(pipe, overrides, code=args.code, pass_credentials=not args.no_credentials,
                                      entrypoint_num_cpus=args.entrypoint_num_cpus,
                                      entrypoint_num_gpus=args.entrypoint_num_gpus)
-    if args.dry_run:
-        shutil.rmtree(sub_.staging_dir, ignore_errors=True)
-        print(json.dumps(sub_.describe(), indent=2))
-        return 0
-    job_id = submit(sub_, args.address, job_id=args.job_id)
-    print(job_id)
-    print(f"submitted pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}; follow it with: dmvae-scale "
-          f"jobs logs {job_id} --follow --address {args.address}", file=sys.stderr)
-    return 0
+    return _send(sub_, args, f"pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}")
 
 
 def _add_jobs(sub):

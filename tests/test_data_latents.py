@@ -107,32 +107,13 @@ def _generator_cfg(art_dir, cache, run_dir, total):
         "batch_size=8", f"total_images={total}", "log_every_images=8", "ckpt_every_images=16", "data.num_workers=0"])
 
 
-def _train_process(cfg, port, queue):
-    import os
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from dmvae_scale.train.worker import WorkerJob, run_worker
-    try:
-        result = run_worker(WorkerJob(cfg))
-        queue.put(("ok", result.status, {h["images"]: h["fm_loss"] for h in result.history}))
-    except Exception as exc:  # report instead of leaving the parent waiting
-        queue.put(("error", repr(exc), {}))
+def _fm_losses(result) -> dict:
+    return {h["images"]: h["fm_loss"] for h in result.history}
 
 
 def _train(cfg):
-    import multiprocessing
-
-    from s3_server import free_port
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_train_process, args=(cfg, free_port(), queue))
-    proc.start()
-    try:
-        status, message, losses = queue.get(timeout=300)
-    finally:
-        proc.join(timeout=60)
-    assert status == "ok" and message == "done", message
-    return losses
+    from worker_process import train_in_process
+    return train_in_process(cfg, _fm_losses)
 
 
 def test_generator_trains_on_cached_latents_resumes_exactly_and_refuses_another_tokenizers_cache(

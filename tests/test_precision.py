@@ -2,7 +2,6 @@
 optimiser step changes what the next forward computes, and the flow-matching / DM arithmetic stays float32."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -111,36 +110,20 @@ def test_tokenizer_stage_output_changes_after_each_bf16_optimizer_step():
 # The driver: a bf16 run tracks the fp32 run (real worker, DeepSpeed engine over gloo, world size 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _run_tokenizer(run_dir: str, precision: str, port: int, queue) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from dmvae_scale.train.worker import WorkerJob, run_worker
-    cfg = load_config(REPO / "configs/demo/tokenizer.yaml", [
-        f"run_dir={run_dir}", "batch_size=16", "total_images=384", "log_every_images=16", "ckpt_every_images=0",
-        "loss.gan_weight=0", "data.limit=384", "optim.warmup_steps=2", "data.hflip=false",
-        f"distributed.precision={precision}"])
-    try:
-        result = run_worker(WorkerJob(cfg))
-        queue.put(("ok", result.status, [h["l1"] for h in result.history]))
-    except Exception as exc:  # report instead of leaving the parent waiting
-        queue.put(("error", repr(exc), []))
+def _l1_history(result) -> list[float]:
+    return [h["l1"] for h in result.history]
 
 
 @pytest.mark.integration
 def test_bf16_tokenizer_run_tracks_the_fp32_run_over_24_steps(tmp_path, capfd):
-    from s3_server import free_port
-    ctx = multiprocessing.get_context("spawn")
+    from worker_process import train_in_process
     losses = {}
     for precision in ("fp32", "bf16"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_tokenizer, args=(str(tmp_path / precision), precision, free_port(), queue))
-        proc.start()
-        try:
-            status, message, history = queue.get(timeout=600)
-        finally:
-            proc.join(timeout=60)
-        assert status == "ok" and message == "done", message
-        losses[precision] = torch.tensor(history)
+        cfg = load_config(REPO / "configs/demo/tokenizer.yaml", [
+            f"run_dir={tmp_path / precision}", "batch_size=16", "total_images=384", "log_every_images=16",
+            "ckpt_every_images=0", "loss.gan_weight=0", "data.limit=384", "optim.warmup_steps=2", "data.hflip=false",
+            f"distributed.precision={precision}"])
+        losses[precision] = torch.tensor(train_in_process(cfg, _l1_history, timeout=600))
     fp32, bf16 = losses["fp32"], losses["bf16"]
     assert len(fp32) == len(bf16) == 24
     # Training works in both: the l1 falls by more than a third over the run (with the stale-weight bug the bf16 run

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dmvae_scale.cli import main as cli_main
-from dmvae_scale.scaling.sweep import SweepError, SweepRunner, load_sweep, plan_points, read_table
+from dmvae_scale.scaling.sweep import SweepRunner, load_sweep, plan_points, read_table
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from dmvae_scale.errors import UserError
+from dmvae_scale.localhost import free_port, free_ports  # noqa: F401  (free_port: the tests' import)
 
 ACCESS_KEY = "dmvae"
 SECRET_KEY = "dmvae-secret"
@@ -30,12 +30,6 @@ REGION = "us-east-1"
 # Small volumes: SeaweedFS grows a few volumes per bucket, and `-volume.max=0` sizes the count from free disk space.
 VOLUME_SIZE_MB = 256
 STOP_GRACE_S = 3.0  # `weed` waits 15 s for its filer's gRPC streams on TERM; the data is on disk well before that
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_executable() -> str:
@@ -57,8 +51,8 @@ class ObjectStore:
     def __init__(self, directory: str | os.PathLike, log_path: str | os.PathLike | None = None):
         self.directory = Path(directory).absolute()
         self.log_path = Path(log_path) if log_path else self.directory / "weed.log"
-        self.ports = {name: free_port() for name in
-                      ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")}
+        names = ("s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")
+        self.ports = dict(zip(names, free_ports(len(names))))  # distinct: picked while all are held
         self.url = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen | None = None
 

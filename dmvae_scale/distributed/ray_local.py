@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,23 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..localhost import environ, free_ports
+
 _PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
                "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                "--runtime-env-agent-port", "--metrics-export-port")
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
@@ -158,20 +145,13 @@ _CLIENT_ENV_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "R
 @contextlib.contextmanager
 def client_of(cluster: LocalRayCluster) -> Iterator[None]:
     """Make this process a client of `cluster` (auth and loopback settings); restore the process's state after."""
-    saved = {k: os.environ.get(k) for k in _CLIENT_ENV_KEYS}
     was_cluster_mode = _ray_cluster_mode()
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.update(cluster.client_env())
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    _refresh_ray_process_state(loopback=True)
     try:
-        yield
+        with environ({**cluster.client_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                     remove=["RAY_AUTH_TOKEN_PATH"]):
+            _refresh_ray_process_state(loopback=True)
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         _refresh_ray_process_state(loopback=not was_cluster_mode)
 
 

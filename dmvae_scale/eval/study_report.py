@@ -110,7 +110,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
                   f"{_fmt(r.get('fid', float('nan')))} | {_fmt(r.get('classifier_accuracy', float('nan')), 3)} | "
                   f"{_fmt(r.get('final_loss', float('nan')), 4)} |")
     if summary:
-        md += ["", f"Mean over seeds (range):", ""]
+        md += ["", "Mean over seeds (range):", ""]
         for group, ms in summary.items():
             parts = [f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, n={v['n']})" for m, v in ms.items()]
             md.append(f"- **{group}**: " + "; ".join(parts))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import TokenizerConfig
 from ..errors import UserError
-from .tokenizer import AttentionBlock, ConvDecoder, ResnetBlock, _group_norm
+from .tokenizer import AttentionBlock, ConvDecoder, ResnetBlock, _EncoderDecoder, _group_norm
 
 
 class Downsample(nn.Module):
@@ -70,7 +70,7 @@ class ConvEncoder(nn.Module):
         return F.silu(self.norm_out(self.mid(h)))
 
 
-class KLTokenizer(nn.Module):
+class KLTokenizer(_EncoderDecoder):
     """Encoder -> diagonal Gaussian posterior over the latent grid -> DMVAE's decoder."""
 
     LOGVAR_RANGE = (-30.0, 20.0)  # SD-VAE's clamp: keeps exp(logvar) finite in low precision
@@ -84,27 +84,10 @@ class KLTokenizer(nn.Module):
                             f"tokenizer.encoder.patch_size={cfg.encoder.patch_size}")
         self.cfg = cfg
         factor = cfg.encoder.patch_size
-        self.grid = cfg.image_size // factor
         self.encoder = ConvEncoder(cfg, factor)
         self.bottleneck = nn.Conv2d(self.encoder.width, 2 * cfg.latent_channels, 1)
         self.decoder = ConvDecoder(cfg.decoder, cfg.latent_channels, cfg.in_channels, factor=factor)
-        self._encoder_trainable = True
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.latent_channels, self.grid, self.grid)
-
-    @property
-    def encoder_trainable(self) -> bool:
-        return self._encoder_trainable
-
-    @property
-    def last_layer(self) -> nn.Parameter:
-        return self.decoder.last_layer
-
-    def set_encoder_trainable(self, trainable: bool) -> None:
-        self._encoder_trainable = trainable
-        self.encoder.requires_grad_(trainable)
+        self.latent_grid = cfg.image_size // factor
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, in_channels, S, S) in [-1, 1] -> (mean, logvar), each (B, C, h, w)."""

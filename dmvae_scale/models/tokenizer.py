@@ -147,7 +147,32 @@ class Bottleneck(nn.Module):
         return self.fc2(F.silu(self.fc1(tokens)))
 
 
-class Tokenizer(nn.Module):
+class _EncoderDecoder(nn.Module):
+    """What every tokenizer kind shares: an `encoder` that can be frozen, a `decoder` whose last layer weighs the
+    adversarial loss, and the latent grid's shape (`latent_grid`, set by the subclass)."""
+
+    _encoder_trainable = True
+    latent_grid: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.cfg.latent_channels, self.latent_grid, self.latent_grid)
+
+    @property
+    def encoder_trainable(self) -> bool:
+        return self._encoder_trainable
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        return self.decoder.last_layer
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Frozen: no gradients (and, for the ViT tokenizer, always in eval mode); trainable: end-to-end."""
+        self._encoder_trainable = trainable
+        self.encoder.requires_grad_(trainable)
+
+
+class Tokenizer(_EncoderDecoder):
     """Encoder + bottleneck + decoder from a TokenizerConfig.
 
     `load_pretrained`: load cfg.encoder.weights (when set) at construction; pass False when the weights will come
@@ -165,7 +190,7 @@ class Tokenizer(nn.Module):
             load_dinov2_weights(self.encoder, enc.weights, enc.sha256)
         self.bottleneck = Bottleneck(self.encoder.embed_dim, cfg.latent_channels)
         self.decoder = ConvDecoder(cfg.decoder, cfg.latent_channels, cfg.in_channels, factor=enc.patch_size)
-        self._encoder_trainable = True
+        self.latent_grid = self.encoder.grid
         self.set_encoder_trainable(not enc.frozen)
 
     @classmethod
@@ -181,22 +206,9 @@ class Tokenizer(nn.Module):
                                                                   f"({which} weights)")
         return tokenizer
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.latent_channels, self.encoder.grid, self.encoder.grid)
-
-    @property
-    def encoder_trainable(self) -> bool:
-        return self._encoder_trainable
-
-    @property
-    def last_layer(self) -> nn.Parameter:
-        return self.decoder.last_layer
-
     def set_encoder_trainable(self, trainable: bool) -> None:
         """Frozen: no gradients and always in eval mode (stage 1, 4); trainable: end-to-end (stage 3)."""
-        self._encoder_trainable = trainable
-        self.encoder.requires_grad_(trainable)
+        super().set_encoder_trainable(trainable)
         # DINOv2's mask_token only serves masked pre-training; a trainable parameter without gradients would trip
         # data-parallel wrappers that expect every trainable parameter to receive one.
         self.encoder.mask_token.requires_grad_(False)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from ..localhost import environ, free_port
 
 STOP_CHECK_EVERY = 10  # steps between checks of the stop request (one tiny all-reduce)
 
@@ -48,12 +49,6 @@ def mean_over_workers(means: dict[str, torch.Tensor], world: int, device: torch.
     return dict(zip(keys, stacked))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def single_process_env() -> Iterator[None]:
     """RANK/WORLD_SIZE/... of a world of one on loopback (a free port) for the duration of an in-process run.
@@ -64,18 +59,9 @@ def single_process_env() -> Iterator[None]:
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise RuntimeError(f"this process already belongs to a process group of {dist.get_world_size()} ranks; "
                            f"an in-process run needs a world of one")
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    try:
+    with environ(dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class StopSignal:

@@ -25,7 +25,6 @@ silently reused.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
