@@ -128,3 +128,15 @@ def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path
     assert tok.artifact()["upstream"] == {"teacher": run.info.id}
     # The tokenizer's frozen encoder is the teacher's EMA backbone.
     assert torch.equal(tok.tokenizer.encoder.blocks[0].attn.qkv.weight, ema["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+
+    # Its quality bar, as the pipeline's `probe` step measures it: three linear probes on the same images.
+    from dmvae_scale.eval.ssl_probe import format_probe, probe_teacher
+    from dmvae_scale.errors import UserError
+    probe = probe_teacher(run.artifact, train_images=200, progress=False, test_images=2000)
+    acc = {k: v["accuracy"] for k, v in probe["results"].items()}
+    assert set(acc) == {"raw pixels", "random ViT (same arch)", "SSL teacher"} and probe["test_images"] == 2000
+    assert 0.5 < acc["raw pixels"] < 0.9 and all(0.1 < a <= 1 for a in acc.values())  # chance is 0.1
+    assert probe["ssl_minus_pixels_points"] == pytest.approx(100 * (acc["SSL teacher"] - acc["raw pixels"]))
+    assert format_probe(probe).splitlines()[-1].startswith("SSL teacher vs raw pixels: ")
+    with pytest.raises(UserError, match="train_images must be in 10..60000"):
+        probe_teacher(run.artifact, train_images=5)

@@ -88,13 +88,25 @@ def _img_tag(path: Path, alt: str) -> str:
 def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tokenizers: list[dict],
                        curves: dict[str, dict[str, list[tuple[float, float]]]], grids: dict[str, Path],
                        settings: dict[str, Any], group_by: str = "latent_space", ours: str = "dmvae",
-                       baseline: str = "kl_vae", notes: list[str] = ()) -> dict:
-    """Write report.md, report.html, the curves' PNGs and report.json; returns what report.json holds."""
+                       baseline: str = "kl_vae", notes: list[str] = (), probes: list[dict] = ()) -> dict:
+    """Write report.md, report.html, the curves' PNGs and report.json; returns what report.json holds.
+
+    `probes`: linear-probe reports of self-supervised teachers (eval/ssl_probe.py, with a "teacher" name); each
+    adds a table and the target "the teacher beats raw pixels"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = ("fid", "classifier_accuracy", "final_loss")
     summary = group_summary(rows, group_by, metrics) if rows else {}
     targets = check_targets(summary, rows, ours, baseline) if rows else []
+    for p in probes:
+        acc = {k: v["accuracy"] for k, v in p["results"].items()}
+        targets.append({"target": f"teacher {p['teacher']}: a linear probe on its features beats one on raw pixels",
+                        "met": bool(acc["SSL teacher"] > acc["raw pixels"]),
+                        "measured": f"{acc['SSL teacher']:.1%} vs {acc['raw pixels']:.1%} "
+                                    f"({p['train_images']} training, {p['test_images']} test images)"})
+    probe_rows = [[p["teacher"], name, r["dim"], f"{r['accuracy']:.1%}", p["train_images"], p["test_images"]]
+                  for p in probes for name, r in p["results"].items()]
+    probe_header = ["teacher", "representation", "dim", "probe accuracy", "train images", "test images"]
     pngs = {}
     for kind, per_run in curves.items():
         p = plot_curves(per_run, out / f"curves_{kind}.png", kind)
@@ -120,6 +132,10 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         for t in tokenizers:
             md.append(f"| {t['name']} | {_fmt(t.get('rfid', float('nan')))} | {_fmt(t.get('psnr', float('nan')))} | "
                       f"{_fmt(t.get('ssim', float('nan')), 4)} | {t.get('images', '')} |")
+    if probe_rows:
+        md += ["", "## Self-supervised teacher (linear probe, Fashion-MNIST test split)", "",
+               "| " + " | ".join(probe_header) + " |", "|" + "---|" * len(probe_header)]
+        md += ["| " + " | ".join(str(c) for c in row) + " |" for row in probe_rows]
     if targets:
         md += ["", "## Targets (measured, never tuned to)", "", "| target | met | measured |", "|---|---|---|"]
         for t in targets:
@@ -132,8 +148,10 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
-    (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes))
+    (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes,
+                                           (probe_header, probe_rows)))
     report = {"title": title, "rows": rows, "summary": summary, "tokenizers": tokenizers, "targets": targets,
+              "probes": list(probes),
               "settings": settings, "files": sorted(p.name for p in out.iterdir())}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -146,7 +164,7 @@ def _table(header: list[str], body: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
-def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes) -> str:
+def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table) -> str:
     """The same report as one self-contained page (images inlined as data URLs)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
@@ -164,6 +182,8 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
         parts += ["<h2>Tokenizers</h2>", _table(["tokenizer", "rFID", "PSNR", "SSIM", "images"],
                                                 [[t["name"], t.get("rfid", ""), t.get("psnr", ""), t.get("ssim", ""),
                                                   t.get("images", "")] for t in tokenizers])]
+    if probe_table[1]:
+        parts += ["<h2>Self-supervised teacher (linear probe, Fashion-MNIST test split)</h2>", _table(*probe_table)]
     if targets:
         parts += ["<h2>Targets (measured, never tuned to)</h2>",
                   _table(["target", "met", "measured"], [[t["target"], "yes" if t["met"] else "NO", t["measured"]]

@@ -40,7 +40,7 @@ from ..errors import UserError
 
 PIPELINE_FILE = "pipeline.yaml"
 LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample": "samples", "eval": "eval",
-          "classifier": "eval", "eval_tokenizer": "eval", "report": "report"}
+          "classifier": "eval", "eval_tokenizer": "eval", "probe": "eval", "report": "report"}
 # Which fields name an earlier step, and what kind that step must be.
 REFERENCES = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
               "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
@@ -51,6 +51,7 @@ FIELDS = {"shards": {"source", "split", "limit", "workers"},
           "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"},
           "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
           "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"},
+          "probe": {"teacher", "limit", "weights", "seed"},
           "report": {"title", "group_by", "ours", "baseline"}}
 
 
@@ -261,6 +262,8 @@ def _inputs_now(pipe: Pipeline, step: Step) -> Optional[str]:
     s = step.spec
     if step.kind == "eval_tokenizer":
         return _current_artifact(pipe, s["tokenizer"])
+    if step.kind == "probe":
+        return _current_artifact(pipe, s["teacher"])
     samples = _json(storage.join(pipe.url(s["samples"]), "sampling.json"))
     if samples is None:
         return None
@@ -416,6 +419,20 @@ def _run_eval_tokenizer(pipe: Pipeline, step: Step, work: Path) -> str:
     return f"rFID {metrics['rfid']:.2f}, PSNR {metrics['psnr']:.2f} dB"
 
 
+def _run_probe(pipe: Pipeline, step: Step) -> str:
+    """The teacher's quality bar: linear probes on its pooled features, a random network's and raw pixels."""
+    from ..eval.ssl_probe import format_probe, probe_teacher
+    s = step.spec
+    made_from = _inputs_now(pipe, step)
+    report = probe_teacher(pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
+                           weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
+    print(format_probe(report), flush=True)
+    storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"), json.dumps({"made_from": made_from}).encode())
+    storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
+                        json.dumps({"probe": report, "teacher": s["teacher"]}, indent=2).encode())
+    return f"SSL teacher vs raw pixels: {report['ssl_minus_pixels_points']:+.2f} points"
+
+
 def _metrics_curve(run_url: str, key: str) -> list[tuple[float, float]]:
     try:
         text = storage.read_bytes(storage.join(run_url, "metrics.jsonl")).decode()
@@ -439,10 +456,14 @@ def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
     rows, tokenizers, grids = [], [], {}
     curves: dict[str, dict[str, list]] = {"generator fm_loss": {}, "tokenizer l1": {}}
     settings: dict[str, Any] = {"store": pipe.store, "overrides": " ".join(pipe.global_overrides) or "-"}
+    probes = []
     for ev in pipe.steps:
-        metrics = _json(storage.join(pipe.url(ev.name), "metrics.json")) if ev.kind in ("eval", "eval_tokenizer") \
-            else None
+        metrics = _json(storage.join(pipe.url(ev.name), "metrics.json")) \
+            if ev.kind in ("eval", "eval_tokenizer", "probe") else None
         if metrics is None:
+            continue
+        if ev.kind == "probe":
+            probes.append({"teacher": metrics["teacher"], **metrics["probe"]})
             continue
         tags = metrics.get("tags", {})
         if ev.kind == "eval_tokenizer":
@@ -474,7 +495,7 @@ def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
     report = write_study_report(local, title=str(s.get("title", "dmvae-scale study")), rows=rows,
                                 tokenizers=tokenizers, curves=curves, grids=grids, settings=settings,
                                 group_by=str(s.get("group_by", "latent_space")), ours=str(s.get("ours", "dmvae")),
-                                baseline=str(s.get("baseline", "kl_vae")))
+                                baseline=str(s.get("baseline", "kl_vae")), probes=probes)
     _put_dir(local, pipe.url(step.name), sorted(p.name for p in local.iterdir() if p.is_file()))
     met = ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'} ({t['measured']})" for t in report["targets"])
     return f"report {pipe.url(step.name)}/report.html" + (f"; {met}" if met else "")
@@ -543,6 +564,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
             detail = _run_eval_tokenizer(pipe, step, work)
         elif step.kind == "report":
             detail = _run_report(pipe, step, work)
+        elif step.kind == "probe":
+            detail = _run_probe(pipe, step)
         else:
             detail = _run_eval(pipe, step, work)
         print(f"[pipeline {i}/{total}] {step.name}: {detail}", flush=True)
