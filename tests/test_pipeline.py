@@ -99,8 +99,11 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert len(report["tokenizers"]) == 2
     for tok in report["tokenizers"]:
         assert all(math.isfinite(tok[k]) for k in ("rfid", "psnr", "ssim")), tok
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True]
-    for name in ("report.md", "report.html", "curves_generator fm_loss.png", "curves_tokenizer l1.png"):
+    # Three targets, each measured: classifier accuracy, gFID against the baseline, the teacher's linear probe.
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True]
+    assert len(report["probes"]) == 1 and report["probes"][0]["teacher"] == "teacher"
+    assert all(0 < r["accuracy"] <= 1 for r in report["probes"][0]["results"].values())
+    for name in ("report.md", "report.html", "curves_generator_fm_loss.png", "curves_tokenizer_l1.png"):
         assert (out / "report" / "report" / name).is_file(), name
     html = (out / "report" / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6  # curves and four grids, inlined: the page stands alone

@@ -109,7 +109,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     probe_header = ["teacher", "representation", "dim", "probe accuracy", "train images", "test images"]
     pngs = {}
     for kind, per_run in curves.items():
-        p = plot_curves(per_run, out / f"curves_{kind}.png", kind)
+        p = plot_curves(per_run, out / f"curves_{kind.replace(' ', '_')}.png", kind)  # no spaces: Markdown links
         if p is not None:
             pngs[kind] = p
 
