@@ -209,8 +209,10 @@ class InputsConfig:
 class SSLConfig:
     """The `teacher` stage: VICReg self-supervised training of the tokenizer's encoder network (docs/method.md)."""
 
+    objective: Literal["vicreg", "simclr"] = "vicreg"
     expander_dim: int = 512
     crop_min: float = 0.25  # smallest random-resized-crop area, as a fraction of the image
+    temperature: float = 0.2  # simclr only: the NT-Xent softmax temperature
     invariance_weight: float = 25.0
     variance_weight: float = 25.0
     covariance_weight: float = 1.0
@@ -503,6 +505,8 @@ def validate(cfg: RunConfig) -> None:
         _need(cfg.reference.gmm_components >= 1 and cfg.reference.gmm_std > 0,
               f"reference.gmm_components/gmm_std: need >= 1 and > 0, got {cfg.reference.gmm_components}, "
               f"{cfg.reference.gmm_std}")
+    if not cfg.ssl.temperature > 0:
+        raise ConfigError(f"ssl.temperature: must be > 0, got {cfg.ssl.temperature}")
     if cfg.ssl.expander_dim < 1 or not 0 < cfg.ssl.crop_min <= 1:
         raise ConfigError(f"ssl: need expander_dim >= 1 and 0 < crop_min <= 1, got {cfg.ssl.expander_dim}, "
                           f"{cfg.ssl.crop_min}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dmvae_scale.data import storage
-from dmvae_scale.train.pipeline import PipelineError, artifact_id, load_pipeline
+from dmvae_scale.train.pipeline import PipelineError, artifact_id, load_pipeline, step_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
@@ -64,6 +64,32 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.unit
+def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_worker_count(tmp_path):
+    store = str(tmp_path / "store")
+    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`
+    gen = pipe.step("generator")
+    assert step_launcher(pipe, gen, pipe.train_config(gen)) == "local"
+    two = load_pipeline(DEMO, store, ["distributed.num_workers=2"])
+    assert step_launcher(two, two.step("generator"), two.train_config(two.step("generator"))) == "ray"
+    ray_all = load_pipeline(DEMO, store, ["*:launcher=ray"])
+    assert all(step_launcher(ray_all, s, ray_all.train_config(s)) == "ray" for s in ray_all.steps if s.kind == "train")
+    forced = load_pipeline(DEMO, store, ["*:launcher=local", "distributed.num_workers=2"])
+    with pytest.raises(PipelineError, match=r"step teacher: launcher local runs one worker .* "
+                                            r"distributed.num_workers=2; use launcher ray or auto"):
+        step_launcher(forced, forced.step("teacher"), forced.train_config(forced.step("teacher")))
+    with pytest.raises(PipelineError, match=r"step teacher: launcher 'slurm' must be one of ray, local, auto"):
+        load_pipeline(DEMO, store, ["teacher:launcher=slurm"])
+    (tmp_path / "pipeline.yaml").write_text("launcher: k8s\nsteps:\n  - {name: shards, kind: shards}\n")
+    with pytest.raises(PipelineError, match=r"launcher 'k8s' must be one of ray, local, auto"):
+        load_pipeline(tmp_path, store)
+    (tmp_path / "pipeline.yaml").write_text("steps:\n  - {name: shards, kind: shards}\n")
+    assert load_pipeline(tmp_path, store).launcher == "ray"  # without the key: Ray Train, as before
+    with pytest.raises(PipelineError, match=r"step samples_half: images=1000 must be a checkpoint of generator before "
+                                            r"its end: a multiple of its ckpt_every_images=25600"):
+        load_pipeline(DEMO, store, ["samples_half:images=1000"])
+
+
+@pytest.mark.unit
 def test_demo_on_an_s3_store_without_credentials_says_so_before_starting_anything(tmp_path, monkeypatch, capsys):
     from dmvae_scale.cli import main
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -99,23 +125,31 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert len(report["tokenizers"]) == 2
     for tok in report["tokenizers"]:
         assert all(math.isfinite(tok[k]) for k in ("rfid", "psnr", "ssim")), tok
-    # Three targets, each measured: classifier accuracy, gFID against the baseline, the teacher's linear probe.
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True]
+    # Four targets, each measured: classifier accuracy, gFID against the baseline, the stretch target (ours at half
+    # the images against the baseline's end), the teacher's linear probe.
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True, True]
+    assert "with at most half the generator's images" in report["targets"][2]["target"]
+    halves = sorted((p["name"], p["images"]) for p in report["points"] if p["images"] < p["total_images"])
+    assert halves == [("generator", 32), ("kl_generator", 32)] and len(report["points"]) == 6
+    assert all(math.isfinite(p["fid"]) for p in report["points"])
     assert len(report["probes"]) == 1 and report["probes"][0]["teacher"] == "teacher"
     assert all(0 < r["accuracy"] <= 1 for r in report["probes"][0]["results"].values())
-    for name in ("report.md", "report.html", "curves_generator_fm_loss.png", "curves_tokenizer_l1.png"):
+    for name in ("report.md", "report.html", "curves_generator_fm_loss.png", "curves_tokenizer_l1.png",
+                 "curves_gfid_over_training.png"):
         assert (out / "report" / "report" / name).is_file(), name
     html = (out / "report" / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 6  # curves and four grids, inlined: the page stands alone
+    assert html.count("data:image/png;base64,") >= 7  # three plots and four grids, inlined: the page stands alone
     assert math.isfinite(summary["metrics"]["fid"]["fid"])
     base = f"{s3_bucket}/demo"
     assert _manifest(f"{base}/runs/generator/artifact")["upstream"]["tokenizer"] == straight["decoder"]
     assert _manifest(f"{base}/runs/tokenizer/artifact")["upstream"]["teacher"] == straight["teacher"]
 
     # 2. The same pipeline run directly, SIGKILLed (with its embedded Ray) between two checkpoints of the dmd stage.
+    # The demo ran its one-worker steps in the job's process (launcher auto); this run sends them through Ray Train,
+    # so the equal hashes below also say the two launchers train the same weights.
     store = f"{s3_bucket}/killed"
     cmd = [sys.executable, "-m", "dmvae_scale.cli", "pipeline", str(DEMO), *QUICK, "distributed.num_workers=1",
-           *LONGER_DMD, "--store", store, "--only", *CHAIN]
+           *LONGER_DMD, "*:launcher=ray", "--store", store, "--only", *CHAIN]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs, _ = storage.filesystem(store)

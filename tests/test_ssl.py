@@ -1,9 +1,11 @@
 """The self-supervised teacher's objective (VICReg), augmentations, network and linear probe."""
+import math
+
 import pytest
 import torch
 
 from dmvae_scale.eval.probe import linear_probe_accuracy
-from dmvae_scale.method.ssl import ViewAugment, vicreg_loss
+from dmvae_scale.method.ssl import ViewAugment, info_nce_loss, vicreg_loss
 from dmvae_scale.models.ssl import SSLEncoder
 from dmvae_scale.models.vit import VisionTransformer
 
@@ -29,6 +31,29 @@ def test_vicreg_terms_are_the_papers_and_catch_collapse():
     assert float(tx["covariance"]) > 1.0 and float(tx["invariance"]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="two \\(B >= 2, E\\) embeddings"):
         vicreg_loss(z, z[:, :8])
+
+
+def test_info_nce_is_simclrs_nt_xent_and_rewards_finding_the_other_view():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    loss, t = info_nce_loss(z1, z2, temperature=0.5)
+    # By hand: row i of the 2B normalised embeddings scores every other row; its positive is its other view.
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    by_hand = 0.0
+    for i in range(16):
+        sims = torch.stack([z[i] @ z[j] / 0.5 for j in range(16) if j != i])
+        pos = (i + 8) % 16
+        by_hand += -(z[i] @ z[pos] / 0.5 - torch.logsumexp(sims, 0))
+    assert float(loss) == pytest.approx(float(by_hand) / 16, rel=1e-5)
+    # Views that agree (the same embedding, well spread) are found: low loss, every positive ranked first.
+    spread = torch.eye(8) * 3
+    good, tg = info_nce_loss(spread, spread, temperature=0.1)
+    assert float(tg["positive_top1"]) == 1.0 and float(good) < 0.01
+    # A collapsed embedding cannot tell its other view from the rest: log(2B - 1).
+    flat, tf = info_nce_loss(torch.ones(8, 5), torch.ones(8, 5), temperature=0.1)
+    assert float(flat) == pytest.approx(math.log(15), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        info_nce_loss(z1, z2, temperature=0.0)
 
 
 def test_views_are_seeded_in_range_and_different():
@@ -140,3 +165,47 @@ def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path
     assert format_probe(probe).splitlines()[-1].startswith("SSL teacher vs raw pixels: ")
     with pytest.raises(UserError, match="train_images must be in 10..60000"):
         probe_teacher(run.artifact, train_images=5)
+
+
+def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_training(tmp_path):
+    from dmvae_scale.artifacts import ArtifactError, load_artifact, read_artifact_info
+    from dmvae_scale.config import load_config
+    from dmvae_scale.train.export import checkpoint_artifact
+    from dmvae_scale.train.launch import run_local
+    cfg = load_config("configs/demo/teacher.yaml", [f"run_dir={tmp_path}/run", "total_images=48", "batch_size=16",
+                                                    "data.limit=64", "optim.warmup_steps=1", "ckpt_every_images=16",
+                                                    "log_every_images=16"])
+    run = run_local(cfg, progress=False)
+    final_info, final = {}, {}
+    for which in ("raw", "ema"):
+        final_info, final[which] = load_artifact(run.artifact, which)
+    # At the last checkpoint: the run's own artifact, tensor for tensor (raw and EMA), with the same config.
+    last = checkpoint_artifact(f"{tmp_path}/run", 48, str(tmp_path / "at48"))
+    for which in ("raw", "ema"):
+        info, w = load_artifact(last, which)
+        assert w["teacher"].keys() == final[which]["teacher"].keys()
+        assert all(torch.equal(w["teacher"][k], final[which]["teacher"][k]) for k in w["teacher"])
+    assert info.extra["images_seen"] == 48 and info.extra["from_artifact"] == final_info.id
+    assert info.config_hash == final_info.config_hash and info.stage == "teacher"
+    # Earlier: other weights, marked with the images they had seen.
+    first_info, first = load_artifact(checkpoint_artifact(f"{tmp_path}/run", 16, str(tmp_path / "at16")), "ema")
+    assert first_info.extra["images_seen"] == 16
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(first["teacher"][key], final["ema"]["teacher"][key])
+    assert read_artifact_info(tmp_path / "at16").content_hash != final_info.content_hash
+    with pytest.raises(ArtifactError, match=r"no complete checkpoint at 8 images; kept: 16, 32, 48"):
+        checkpoint_artifact(f"{tmp_path}/run", 8, str(tmp_path / "at8"))
+
+
+def test_teacher_stage_trains_with_the_simclr_objective_and_refuses_a_bad_temperature(tmp_path):
+    from dmvae_scale.config import ConfigError, load_config
+    from dmvae_scale.train.launch import run_local
+    base = [f"run_dir={tmp_path}/teacher", "total_images=32", "batch_size=16", "data.limit=64", "optim.warmup_steps=1",
+            "ssl.objective=simclr"]
+    run = run_local(load_config("configs/demo/teacher.yaml", base), progress=False)
+    assert set(run.final_metrics) >= {"loss", "positive_top1"} and "variance" not in run.final_metrics
+    assert 0 <= run.final_metrics["positive_top1"] <= 1 and math.isfinite(run.final_metrics["loss"])
+    with pytest.raises(ConfigError, match=r"ssl.temperature: must be > 0, got -0.1"):
+        load_config("configs/demo/teacher.yaml", [*base, "ssl.temperature=-0.1"])
+    with pytest.raises(ConfigError, match=r"ssl.objective"):
+        load_config("configs/demo/teacher.yaml", [*base, "ssl.objective=dino"])

@@ -58,7 +58,38 @@ def check_targets(summary: dict, rows: list[dict], ours: str, baseline: str,
     return targets
 
 
-def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, ylabel: str) -> Optional[Path]:
+def check_half_budget(points: list[dict], ours: str, baseline: str, by: str = "latent_space") -> Optional[dict]:
+    """The stretch target, measured: some checkpoint of ours at no more than half its generator's images has a gFID
+    at or below the baseline's final gFID (mean over its seeds). None without such a checkpoint to judge."""
+    early = [p for p in points if p.get(by) == ours and p["images"] * 2 <= p["total_images"] and p.get("fid")
+             is not None]
+    finals = [float(p["fid"]) for p in points if p.get(by) == baseline and p["images"] == p["total_images"]
+              and p.get("fid") is not None]
+    if not early or not finals:
+        return None
+    best = min(early, key=lambda p: float(p["fid"]))
+    target = float(np.mean(finals))
+    return {"target": f"{ours} reaches {baseline}'s final gFID with at most half the generator's images",
+            "met": bool(float(best["fid"]) <= target),
+            "measured": f"{best['name']} at {best['images']} of {best['total_images']} images: gFID "
+                        f"{float(best['fid']):.2f} vs {baseline} final {target:.2f} (mean of {len(finals)} seeds at "
+                        f"{max(p['total_images'] for p in points if p.get(by) == baseline)} images): "
+                        f"difference {target - float(best['fid']):+.2f}"}
+
+
+def plot_points(points: list[dict], path: Path) -> Optional[Path]:
+    """gFID against generator images seen, one line per generator run (its checkpoints and its end)."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for p in points:
+        if p.get("fid") is not None:
+            runs.setdefault(p["name"], []).append((float(p["images"]), float(p["fid"])))
+    if not any(len(v) > 1 for v in runs.values()):
+        return None
+    return plot_curves({k: sorted(v) for k, v in runs.items()}, path, "gFID", marker="o")
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, ylabel: str,
+                marker: Optional[str] = None) -> Optional[Path]:
     """One line per run (images seen -> loss) in one PNG; None when there is nothing to draw."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
@@ -69,7 +100,7 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, ylabel
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, points in sorted(curves.items()):
         xs, ys = zip(*points)
-        ax.plot(xs, ys, label=name, linewidth=1.4)
+        ax.plot(xs, ys, label=name, linewidth=1.4, marker=marker)
     ax.set_xlabel("images seen")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -88,8 +119,13 @@ def _img_tag(path: Path, alt: str) -> str:
 def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tokenizers: list[dict],
                        curves: dict[str, dict[str, list[tuple[float, float]]]], grids: dict[str, Path],
                        settings: dict[str, Any], group_by: str = "latent_space", ours: str = "dmvae",
-                       baseline: str = "kl_vae", notes: list[str] = (), probes: list[dict] = ()) -> dict:
+                       baseline: str = "kl_vae", notes: list[str] = (), probes: list[dict] = (),
+                       points: list[dict] = ()) -> dict:
     """Write report.md, report.html, the curves' PNGs and report.json; returns what report.json holds.
+
+    `points`: gFID of generators at their end and at earlier checkpoints ({name, tags, images, total_images, fid,
+    classifier_accuracy}); with an earlier checkpoint of ours, they add a gFID-vs-images plot, a table and the
+    stretch target "ours reaches the baseline's final gFID with at most half the images".
 
     `probes`: linear-probe reports of self-supervised teachers (eval/ssl_probe.py, with a "teacher" name); each
     adds a table and the target "the teacher beats raw pixels"."""
@@ -98,12 +134,20 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     metrics = ("fid", "classifier_accuracy", "final_loss")
     summary = group_summary(rows, group_by, metrics) if rows else {}
     targets = check_targets(summary, rows, ours, baseline) if rows else []
+    half = check_half_budget(list(points), ours, baseline, group_by)
+    if half is not None:
+        targets.append(half)
     for p in probes:
         acc = {k: v["accuracy"] for k, v in p["results"].items()}
         targets.append({"target": f"teacher {p['teacher']}: a linear probe on its features beats one on raw pixels",
                         "met": bool(acc["SSL teacher"] > acc["raw pixels"]),
                         "measured": f"{acc['SSL teacher']:.1%} vs {acc['raw pixels']:.1%} "
                                     f"({p['train_images']} training, {p['test_images']} test images)"})
+    point_header = ["generator", group_by, "seed", "images", "fid", "classifier_accuracy"]
+    point_rows = [[p["name"], p.get(group_by, ""), p.get("seed", ""), p["images"], p.get("fid", float("nan")),
+                   p.get("classifier_accuracy", float("nan"))]
+                  for p in sorted(points, key=lambda p: (str(p.get(group_by)), p["name"], p["images"]))] \
+        if any(p["images"] < p["total_images"] for p in points) else []
     probe_rows = [[p["teacher"], name, r["dim"], f"{r['accuracy']:.1%}", p["train_images"], p["test_images"]]
                   for p in probes for name, r in p["results"].items()]
     probe_header = ["teacher", "representation", "dim", "probe accuracy", "train images", "test images"]
@@ -112,6 +156,9 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         p = plot_curves(per_run, out / f"curves_{kind.replace(' ', '_')}.png", kind)  # no spaces: Markdown links
         if p is not None:
             pngs[kind] = p
+    p = plot_points(list(points), out / "curves_gfid_over_training.png") if point_rows else None
+    if p is not None:
+        pngs["gFID over training"] = p
 
     md = [f"# {title}", ""]
     md += ["## Generators", "", "| generator | " + " | ".join(k for k in ("latent_space", "seed", "samples", "fid",
@@ -132,6 +179,11 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         for t in tokenizers:
             md.append(f"| {t['name']} | {_fmt(t.get('rfid', float('nan')))} | {_fmt(t.get('psnr', float('nan')))} | "
                       f"{_fmt(t.get('ssim', float('nan')), 4)} | {t.get('images', '')} |")
+    if point_rows:
+        md += ["", "## gFID over training (checkpoints and ends)", "", "| " + " | ".join(point_header) + " |",
+               "|" + "---|" * len(point_header)]
+        md += ["| " + " | ".join(_fmt(c, 3) if i == 5 else _fmt(c) for i, c in enumerate(row)) + " |"
+               for row in point_rows]
     if probe_rows:
         md += ["", "## Self-supervised teacher (linear probe, Fashion-MNIST test split)", "",
                "| " + " | ".join(probe_header) + " |", "|" + "---|" * len(probe_header)]
@@ -140,7 +192,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         md += ["", "## Targets (measured, never tuned to)", "", "| target | met | measured |", "|---|---|---|"]
         for t in targets:
             md.append(f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['measured']} |")
-    md += ["", "## Loss curves", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()]
+    md += ["", "## Curves", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()]
     md += ["", "## Samples", ""] + [f"**{name}**\n\n![{name}]({p.name})\n" for name, p in grids.items()]
     md += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     md += [f"| {k} | {html.escape(str(v))} |" for k, v in settings.items()]
@@ -149,9 +201,9 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes,
-                                           (probe_header, probe_rows)))
+                                           (probe_header, probe_rows), (point_header, point_rows)))
     report = {"title": title, "rows": rows, "summary": summary, "tokenizers": tokenizers, "targets": targets,
-              "probes": list(probes),
+              "probes": list(probes), "points": list(points),
               "settings": settings, "files": sorted(p.name for p in out.iterdir())}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
@@ -164,7 +216,7 @@ def _table(header: list[str], body: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
-def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table) -> str:
+def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table, point_table) -> str:
     """The same report as one self-contained page (images inlined as data URLs)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
@@ -182,6 +234,8 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
         parts += ["<h2>Tokenizers</h2>", _table(["tokenizer", "rFID", "PSNR", "SSIM", "images"],
                                                 [[t["name"], t.get("rfid", ""), t.get("psnr", ""), t.get("ssim", ""),
                                                   t.get("images", "")] for t in tokenizers])]
+    if point_table[1]:
+        parts += ["<h2>gFID over training (checkpoints and ends)</h2>", _table(*point_table)]
     if probe_table[1]:
         parts += ["<h2>Self-supervised teacher (linear probe, Fashion-MNIST test split)</h2>", _table(*probe_table)]
     if targets:
@@ -189,7 +243,7 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
                   _table(["target", "met", "measured"], [[t["target"], "yes" if t["met"] else "NO", t["measured"]]
                                                          for t in targets])]
     if pngs:
-        parts += ["<h2>Loss curves</h2>"] + [_img_tag(p, k) for k, p in pngs.items()]
+        parts += ["<h2>Curves</h2>"] + [_img_tag(p, k) for k, p in pngs.items()]
     if grids:
         parts += ["<h2>Samples</h2>", "<div class='side'>"] + [
             f"<div><h3>{html.escape(n)}</h3>{_img_tag(p, n)}</div>" for n, p in grids.items()] + ["</div>"]

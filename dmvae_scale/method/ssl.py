@@ -41,6 +41,24 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float = 25.0, va
     return loss, {"invariance": invariance.detach(), "variance": var.detach(), "covariance": cov.detach()}
 
 
+def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """SimCLR's NT-Xent: each of the 2B unit-normalised embeddings must pick its other view out of the 2B - 1 others
+    (cross-entropy over cosine similarities / temperature). Float32 whatever the input dtype."""
+    if z1.shape != z2.shape or z1.ndim != 2 or len(z1) < 2:
+        raise ValueError(f"info_nce_loss needs two (B >= 2, E) embeddings of one shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"info_nce_loss: temperature must be > 0, got {temperature}")
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = len(z1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))  # an embedding is not its own positive
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    loss = F.cross_entropy(logits, target)
+    top1 = (logits.argmax(dim=1) == target).float().mean()  # how often the other view is the nearest: a health gauge
+    return loss, {"positive_top1": top1.detach()}
+
+
 @dataclass(frozen=True)
 class ViewAugment:
     """Random resized crop (area `scale`, aspect `ratio`), horizontal flip, brightness and contrast jitter.

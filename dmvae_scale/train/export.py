@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data import storage
@@ -93,3 +94,40 @@ def export_weights(source: str, out: str, which: str = "raw", models: list[str] 
                                    "models": ",".join(chosen)})
     params = sum(v.numel() for v in flat.values())
     return ExportSummary(out, info.url, which, list(chosen), len(flat), params, os.path.getsize(out))
+
+
+def checkpoint_artifact(run_dir: str, images: int, out_dir: str) -> str:
+    """An artifact of the run's checkpoint at `images` images seen (raw and EMA weights consolidated from its shards),
+    beside the run's final artifact: the same config, stage, latent statistics and upstream, with
+    extra.images_seen = images. What a curve over training (gFID at half the images) samples from. Returns out_dir."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from ..artifacts import ArtifactError, read_artifact_info, save_artifact
+    from ..data.artifact_store import open_artifact
+    from .checkpoint import checkpoint_name
+    final = open_artifact(storage.join(run_dir, "artifact"))
+    if (Path(out_dir) / "artifact.json").is_file():
+        made = read_artifact_info(out_dir)
+        if made.extra.get("from_artifact") == final.info.id and made.extra.get("images_seen") == images:
+            return out_dir  # made before from this very run
+    ckpt = storage.join(run_dir, "checkpoints", checkpoint_name(images))
+    if not storage.exists(storage.join(ckpt, MANIFEST)):
+        kept = CheckpointStore(run_dir).complete()
+        raise ArtifactError(f"{run_dir}: no complete checkpoint at {images} images; kept: "
+                            f"{', '.join(str(c.images_seen) for c in kept) or 'none'} (keep_checkpoints and "
+                            f"ckpt_every_images decide which stay)")
+    info = read_artifact_info(final.directory)
+    weights = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which in ("raw", "ema"):
+            path = os.path.join(tmp, f"{which}.safetensors")
+            export_weights(ckpt, path, which=which, models=list(info.models))
+            flat = load_file(path)
+            weights[which] = {m: {k[len(m) + 1:]: v for k, v in flat.items() if k.startswith(m + ".")}
+                              for m in info.models}
+    info.extra = {**info.extra, "images_seen": images, "from_artifact": final.info.id, "checkpoint": ckpt}
+    config_yaml = (Path(final.directory) / "config.yaml").read_text()
+    save_artifact(out_dir, info, weights["raw"], weights["ema"], config_yaml=config_yaml)
+    return out_dir

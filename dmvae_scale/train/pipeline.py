@@ -16,7 +16,11 @@ A step names the earlier steps it reads (data, latents, tokenizer, real_score, g
 is fixed: data/NAME (shards), runs/NAME (run directory; its artifact at runs/NAME/artifact), latents/NAME,
 samples/NAME, eval/NAME. Overrides: `STEP:key=value` for one step (a train step's config keys, e.g.
 `tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `*:key=value` for every other
-step that has that field (`*:per_class=2`), `key=value` for every train step.
+step that has that field (`*:per_class=2`, `*:launcher=ray`), `key=value` for every train step. `launcher:` (top
+level, or a train step's field) says where a train step runs: ray (Ray Train workers, the default), local (one worker
+in this process) or auto (local for one worker, else ray).
+A sample step with `images: N` samples the generator run's checkpoint at N images seen (it must be kept) instead of its
+final artifact: a point on a gFID-over-training curve.
 
 Rerunning skips what is complete and resumes what is not: a train step whose artifact was made by this exact config
 (the artifact manifest's config hash) from the current upstream artifacts is skipped; otherwise it runs, resuming from
@@ -45,14 +49,17 @@ LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample
 REFERENCES = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
               "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
 FIELDS = {"shards": {"source", "split", "limit", "workers"},
-          "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher"},
+          "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher", "launcher"},
           "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"},
-          "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides"},
+          "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"},
           "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"},
           "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
           "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"},
           "probe": {"teacher", "limit", "weights", "seed"},
           "report": {"title", "group_by", "ours", "baseline"}}
+# How a train step runs: ray = DeepSpeed workers under Ray Train (the given cluster, else an embedded loopback one);
+# local = in the pipeline's own process (one worker); auto = local for a one-worker step, else ray.
+LAUNCHERS = ("ray", "local", "auto")
 
 
 class PipelineError(UserError):
@@ -82,6 +89,7 @@ class Pipeline:
     store: str
     steps: list[Step]
     global_overrides: list[str] = field(default_factory=list)
+    launcher: str = "ray"  # pipeline.yaml's `launcher:`; a train step's own `launcher` field wins
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
@@ -121,7 +129,11 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
     if not path.is_file():
         raise PipelineError(f"{path}: not found; a pipeline directory holds {PIPELINE_FILE} and the stage configs "
                             f"it names (see configs/demo/{PIPELINE_FILE})")
-    raw = read_yaml(path).get("steps")
+    doc = read_yaml(path)
+    raw = doc.get("steps")
+    launcher = str(doc.get("launcher", "ray"))
+    if launcher not in LAUNCHERS:
+        raise PipelineError(f"{path}: launcher {launcher!r} must be one of {', '.join(LAUNCHERS)}")
     if not isinstance(raw, list) or not raw:
         raise PipelineError(f"{path}: 'steps' must be a non-empty list of steps")
     steps: list[Step] = []
@@ -145,20 +157,25 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
                 target = next((s for s in steps if s.name == spec[ref]), None)
                 if target is None or target.kind != want:
                     raise PipelineError(f"{where} ({name}): {ref}={spec[ref]!r} must name an earlier {want} step")
+        if "launcher" in spec and str(spec["launcher"]) not in LAUNCHERS:
+            raise PipelineError(f"{where} ({name}): launcher {spec['launcher']!r} must be one of "
+                                f"{', '.join(LAUNCHERS)}")
         if kind == "train" and "config" not in spec:
             raise PipelineError(f"{where} ({name}): a train step needs 'config' (a YAML file in {config_dir})")
         spec.setdefault("overrides", [])
         steps.append(Step(name, kind, spec))
-    pipe = Pipeline(config_dir, store.rstrip("/") if storage.is_remote(store) else os.path.abspath(store), steps)
+    pipe = Pipeline(config_dir, store.rstrip("/") if storage.is_remote(store) else os.path.abspath(store), steps,
+                    launcher=launcher)
     for text in overrides:
         head, sep, rest = text.partition(":")
         if not sep or "=" in head:
             pipe.global_overrides.append(text)
             continue
-        if head == "*":  # `*:key=value`: every non-train step that has this field (e.g. *:per_class=2)
+        if head == "*":  # `*:key=value`: every step that has this setting (e.g. *:per_class=2, *:launcher=ray)
             from ..config import parse_override
             key, value = rest.split("=", 1) if "=" in rest else (rest, "")
-            targets = [st for st in steps if st.kind != "train" and key in FIELDS[st.kind] and key not in REFERENCES]
+            targets = [st for st in steps if key in FIELDS[st.kind] and key not in REFERENCES
+                       and (st.kind != "train" or key == "launcher")]
             if not targets:
                 raise PipelineError(f"override {text!r}: no step has a setting {key!r}")
             for st in targets:
@@ -167,7 +184,7 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
         if not any(s.name == head for s in steps):
             raise PipelineError(f"override {text!r}: no step named {head!r}; steps: {', '.join(s.name for s in steps)}")
         target = pipe.step(head)
-        if target.kind == "train":
+        if target.kind == "train" and not rest.startswith("launcher="):  # the rest are the stage config's keys
             target.spec["overrides"].append(rest)
         else:
             from ..config import parse_override
@@ -177,11 +194,22 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
                                     f"{sorted(FIELDS[target.kind] - set(REFERENCES))}")
             target.spec[key] = parse_override(f"x={value}")[1]
     for step in steps:  # every stage config loads and validates here, before any resource is used
+        if str(step.spec.get("launcher", launcher)) not in LAUNCHERS:
+            raise PipelineError(f"step {step.name}: launcher {step.spec['launcher']!r} must be one of "
+                                f"{', '.join(LAUNCHERS)}")
         if step.kind == "train":
             try:
                 pipe.train_config(step)
             except ConfigError as exc:
                 raise PipelineError(f"step {step.name} ({step.spec['config']}): {exc}") from None
+    for step in steps:  # a checkpoint to sample from: one the generator's run will have written (and kept)
+        if step.kind == "sample" and step.spec.get("images") is not None:
+            gen = pipe.train_config(pipe.step(step.spec["generator"]))
+            images = step.spec["images"]
+            if not isinstance(images, int) or not 0 < images < gen.total_images or images % gen.ckpt_every_images:
+                raise PipelineError(f"step {step.name}: images={images!r} must be a checkpoint of "
+                                    f"{step.spec['generator']} before its end: a multiple of its ckpt_every_images="
+                                    f"{gen.ckpt_every_images} below its total_images={gen.total_images}")
     return pipe
 
 
@@ -300,9 +328,23 @@ def _run_shards(pipe: Pipeline, step: Step) -> str:
     return summary.line()
 
 
+def step_launcher(pipe: Pipeline, step: Step, cfg: RunConfig) -> str:
+    """'ray' or 'local' for a train step: its `launcher` field, else the pipeline's; auto = local for one worker."""
+    launcher = str(step.spec.get("launcher", pipe.launcher))
+    if launcher == "auto":
+        return "local" if cfg.distributed.num_workers == 1 else "ray"
+    if launcher == "local" and cfg.distributed.num_workers != 1:
+        raise PipelineError(f"step {step.name}: launcher local runs one worker in the pipeline's process, but "
+                            f"distributed.num_workers={cfg.distributed.num_workers}; use launcher ray or auto")
+    return launcher
+
+
 def _run_train(pipe: Pipeline, step: Step, cfg: RunConfig, address: Optional[str]) -> str:
-    from .launch import train
-    res = train(cfg, address=address)
+    from .launch import run_local, train
+    if step_launcher(pipe, step, cfg) == "local":  # a stopped run raises TrainingStoppedError, as under Ray
+        res = run_local(cfg, device="cuda" if cfg.distributed.use_gpu else "cpu", progress=False)
+    else:
+        res = train(cfg, address=address)
     if res.status != "done":
         raise PipelineError(f"step {step.name}: training ended '{res.status}' ({res.message}); rerun the pipeline "
                             f"to resume")
@@ -322,8 +364,15 @@ def _run_sample(pipe: Pipeline, step: Step, work: Path, address: Optional[str]) 
     from ..eval.sample_run import run_sample
     s = step.spec
     # Keyed by the generator's artifact id: a partly sampled set resumes only for the very same generator.
-    local = work / "samples" / f"{step.name}-{_current_artifact(pipe, s['generator'])}"
-    npz = run_sample(pipe.artifact_url(s["generator"]), str(local), num_per_class=s.get("per_class"),
+    made_by = _current_artifact(pipe, s["generator"])
+    local = work / "samples" / f"{step.name}-{made_by}"
+    generator = pipe.artifact_url(s["generator"])
+    if s.get("images") is not None:  # a point on a curve over training: the run's checkpoint at that many images
+        from .export import checkpoint_artifact
+        generator = checkpoint_artifact(pipe.url(s["generator"]), int(s["images"]),
+                                        str(work / "checkpoint_artifacts" / f"{made_by}-{int(s['images'])}"))
+        print(f"step {step.name}: sampling {s['generator']}'s checkpoint at {int(s['images'])} images", flush=True)
+    npz = run_sample(generator, str(local), num_per_class=s.get("per_class"),
                      num_samples=s.get("num_samples"), batch_size=int(s.get("batch_size", 50)),
                      workers=int(s.get("workers", 1)), overrides=list(s.get("overrides", [])), address=address)
     _put_dir(local, pipe.url(step.name), ["sampling.json", "grid.png", Path(npz).name])
@@ -354,13 +403,20 @@ def _run_eval(pipe: Pipeline, step: Step, work: Path) -> str:
     if "classifier" in s:
         metrics.update(_classifier_accuracy(pipe, s["classifier"], samples, local))
     metrics["tags"] = dict(s.get("tags") or {})
-    storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"),
-                        json.dumps({"made_from": made_from}).encode())
-    _put_dir(local / "out", pipe.url(step.name), sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
-    storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
-                        json.dumps(metrics, indent=2, default=str).encode())
+    _finish_eval(pipe, step, made_from, metrics, local / "out")
     fid = metrics.get("fid") if isinstance(metrics, dict) else None
     return f"FID {fid:.2f}" if isinstance(fid, (int, float)) else "evaluated"
+
+
+def _finish_eval(pipe: Pipeline, step: Step, made_from: Optional[str], metrics: dict,
+                 out: Optional[Path] = None) -> None:
+    """An evaluation step's outputs: what it was made from, its files (out/), then metrics.json, written last because
+    its presence marks the step complete."""
+    url = pipe.url(step.name)
+    storage.write_bytes(storage.join(url, "inputs.json"), json.dumps({"made_from": made_from}).encode())
+    if out is not None:
+        _put_dir(out, url, sorted(p.name for p in out.iterdir() if p.is_file()))
+    storage.write_bytes(storage.join(url, "metrics.json"), json.dumps(metrics, indent=2, default=str).encode())
 
 
 def _fetch(url: str, names: list[str], local: Path) -> Path:
@@ -417,10 +473,7 @@ def _run_eval_tokenizer(pipe: Pipeline, step: Step, work: Path) -> str:
                              str(local / "out"), split=str(s.get("split", "test")), limit=s.get("limit"),
                              weights=str(s.get("weights", "ema")), opts=EvalOptions(allow_few_samples=True))
     metrics["tags"] = dict(s.get("tags") or {})
-    storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"), json.dumps({"made_from": made_from}).encode())
-    _put_dir(local / "out", pipe.url(step.name), sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
-    storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
-                        json.dumps(metrics, indent=2, default=str).encode())
+    _finish_eval(pipe, step, made_from, metrics, local / "out")
     return f"rFID {metrics['rfid']:.2f}, PSNR {metrics['psnr']:.2f} dB"
 
 
@@ -432,9 +485,7 @@ def _run_probe(pipe: Pipeline, step: Step) -> str:
     report = probe_teacher(pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
                            weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
     print(format_probe(report), flush=True)
-    storage.write_bytes(storage.join(pipe.url(step.name), "inputs.json"), json.dumps({"made_from": made_from}).encode())
-    storage.write_bytes(storage.join(pipe.url(step.name), "metrics.json"),  # last: marks the step complete
-                        json.dumps({"probe": report, "teacher": s["teacher"]}, indent=2).encode())
+    _finish_eval(pipe, step, made_from, {"probe": report, "teacher": s["teacher"]})
     return f"SSL teacher vs raw pixels: {report['ssl_minus_pixels_points']:+.2f} points"
 
 
@@ -461,7 +512,7 @@ def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
     rows, tokenizers, grids = [], [], {}
     curves: dict[str, dict[str, list]] = {"generator fm_loss": {}, "tokenizer l1": {}}
     settings: dict[str, Any] = {"store": pipe.store, "overrides": " ".join(pipe.global_overrides) or "-"}
-    probes = []
+    probes, points = [], []
     for ev in pipe.steps:
         metrics = _json(storage.join(pipe.url(ev.name), "metrics.json")) \
             if ev.kind in ("eval", "eval_tokenizer", "probe") else None
@@ -479,9 +530,16 @@ def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
             continue
         sample_step = pipe.step(ev.spec["samples"])
         gen = sample_step.spec["generator"]
+        cfg = pipe.train_config(pipe.step(gen))
+        if sample_step.spec.get("images") is not None:  # an earlier checkpoint: a point on the gFID-vs-images curve
+            points.append({"name": gen, **tags, "images": int(sample_step.spec["images"]),
+                           "total_images": cfg.total_images, "fid": metrics.get("fid"),
+                           "classifier_accuracy": metrics.get("classifier_accuracy")})
+            continue
+        points.append({"name": gen, **tags, "images": cfg.total_images, "total_images": cfg.total_images,
+                       "fid": metrics.get("fid"), "classifier_accuracy": metrics.get("classifier_accuracy")})
         curve = _metrics_curve(pipe.url(gen), "fm_loss")
         curves["generator fm_loss"][gen] = curve
-        cfg = pipe.train_config(pipe.step(gen))
         rows.append({"name": gen, **tags, "samples": metrics.get("num_samples"), "fid": metrics.get("fid"),
                      "classifier_accuracy": metrics.get("classifier_accuracy"),
                      "final_loss": curve[-1][1] if curve else None})
@@ -500,7 +558,7 @@ def _run_report(pipe: Pipeline, step: Step, work: Path) -> str:
     report = write_study_report(local, title=str(s.get("title", "dmvae-scale study")), rows=rows,
                                 tokenizers=tokenizers, curves=curves, grids=grids, settings=settings,
                                 group_by=str(s.get("group_by", "latent_space")), ours=str(s.get("ours", "dmvae")),
-                                baseline=str(s.get("baseline", "kl_vae")), probes=probes)
+                                baseline=str(s.get("baseline", "kl_vae")), probes=probes, points=points)
     _put_dir(local, pipe.url(step.name), sorted(p.name for p in local.iterdir() if p.is_file()))
     met = ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'} ({t['measured']})" for t in report["targets"])
     return f"report {pipe.url(step.name)}/report.html" + (f"; {met}" if met else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...config import RunConfig
-from ...method.ssl import ViewAugment, vicreg_loss
+from ...method.ssl import ViewAugment, info_nce_loss, vicreg_loss
 from ...models.ssl import SSLEncoder
 from ..api import ModelSpec, StepOutput
 from .common import _StageBase, _reject_unused, stage_teacher_spec
@@ -36,7 +36,10 @@ class TeacherStage(_StageBase):
         net, s = engines["teacher"], self.cfg.ssl
         with self.autocast():
             z1, z2 = net(views).chunk(2)
-        loss, terms = vicreg_loss(z1, z2, s.invariance_weight, s.variance_weight, s.covariance_weight)
+        if s.objective == "simclr":
+            loss, terms = info_nce_loss(z1, z2, s.temperature)
+        else:
+            loss, terms = vicreg_loss(z1, z2, s.invariance_weight, s.variance_weight, s.covariance_weight)
         net.backward(loss)
         net.step()
         return StepOutput({"loss": loss.detach(), **terms}, images=len(x))

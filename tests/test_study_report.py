@@ -1,0 +1,53 @@
+"""The demo's report: targets judged on the measured numbers as they are, the gFID-over-training points and plot."""
+import json
+
+import pytest
+
+from dmvae_scale.eval.study_report import check_half_budget, write_study_report
+
+pytestmark = pytest.mark.unit
+
+
+def _point(name, space, seed, images, fid, total=1000):
+    return {"name": name, "latent_space": space, "seed": seed, "images": images, "total_images": total, "fid": fid,
+            "classifier_accuracy": 0.8}
+
+
+def test_the_half_budget_target_compares_our_best_early_checkpoint_with_the_baselines_final_mean():
+    points = [_point("ours", "dmvae", 0, 500, 95.0), _point("ours", "dmvae", 0, 1000, 80.0),
+              _point("ours_s1", "dmvae", 1, 1000, 82.0), _point("base", "kl_vae", 0, 500, 120.0),
+              _point("base", "kl_vae", 0, 1000, 90.0), _point("base_s1", "kl_vae", 1, 1000, 100.0)]
+    t = check_half_budget(points, "dmvae", "kl_vae")
+    assert t["met"] is True  # 95 at half the images reaches the baseline's final mean (90 and 100): 95
+    assert "ours at 500 of 1000 images: gFID 95.00 vs kl_vae final 95.00" in t["measured"]
+    points[0]["fid"] = 94.99
+    assert check_half_budget(points, "dmvae", "kl_vae")["met"] is True
+    points[0]["fid"] = 95.01
+    t = check_half_budget(points, "dmvae", "kl_vae")
+    assert t["met"] is False and t["measured"].endswith("difference -0.01")
+    # A checkpoint past half the images does not count; without one there is nothing to judge.
+    assert check_half_budget([p for p in points if p["images"] != 500 or p["name"] != "ours"], "dmvae",
+                             "kl_vae") is None
+    late = [_point("ours", "dmvae", 0, 600, 10.0), *points[1:]]
+    assert check_half_budget(late, "dmvae", "kl_vae") is None
+
+
+def test_the_report_shows_the_points_their_plot_and_the_stretch_target(tmp_path):
+    rows = [{"name": "ours", "latent_space": "dmvae", "seed": 0, "fid": 80.0, "classifier_accuracy": 0.8},
+            {"name": "base", "latent_space": "kl_vae", "seed": 0, "fid": 90.0, "classifier_accuracy": 0.75}]
+    points = [_point("ours", "dmvae", 0, 500, 88.0), _point("ours", "dmvae", 0, 1000, 80.0),
+              _point("base", "kl_vae", 0, 500, 120.0), _point("base", "kl_vae", 0, 1000, 90.0)]
+    report = write_study_report(tmp_path, title="t", rows=rows, tokenizers=[], curves={}, grids={}, settings={},
+                                points=points)
+    assert [t["met"] for t in report["targets"]] == [True, True, True]
+    assert report["targets"][2]["target"] == "dmvae reaches kl_vae's final gFID with at most half the generator's images"
+    assert (tmp_path / "curves_gfid_over_training.png").is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "## gFID over training (checkpoints and ends)" in md and "| ours | dmvae | 0 | 500 | 88.00 | 0.800 |" in md
+    assert "![gFID over training](curves_gfid_over_training.png)" in md
+    assert json.loads((tmp_path / "report.json").read_text())["points"] == points
+    # Without earlier checkpoints: no curve section, no stretch target.
+    plain = write_study_report(tmp_path / "plain", title="t", rows=rows, tokenizers=[], curves={}, grids={},
+                               settings={}, points=[p for p in points if p["images"] == 1000])
+    assert len(plain["targets"]) == 2 and not (tmp_path / "plain" / "curves_gfid_over_training.png").exists()
+    assert "gFID over training" not in (tmp_path / "plain" / "report.md").read_text()
