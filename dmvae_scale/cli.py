@@ -509,13 +509,14 @@ def _add_pipeline(sub):
 
     def run(args):
         import os
-        from .train.pipeline import load_pipeline, run_pipeline, step_complete
+        from .train.pipeline import load_pipeline, run_pipeline, step_complete, step_launcher
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
             for i, step in enumerate(pipe.steps, 1):
                 cfg = pipe.train_config(step) if step.kind == "train" else None
                 done = "complete" if step_complete(pipe, step, cfg, clean=False) else "to run"
-                print(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}")
+                where = f" ({step_launcher(pipe, step, cfg)} launcher)" if cfg is not None else ""
+                print(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}{where}")
             return 0
         from .train.launch import connect
         import ray

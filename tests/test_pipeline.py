@@ -90,6 +90,18 @@ def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_work
 
 
 @pytest.mark.unit
+def test_the_plan_names_each_steps_state_and_where_its_training_runs(tmp_path, capsys):
+    from dmvae_scale.cli import main
+    assert main(["pipeline", str(DEMO), "--store", str(tmp_path / "store"), "--check", "generator:launcher=ray"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert len(plan) == len(load_pipeline(DEMO, str(tmp_path / "store")).steps) and all(" to run " in ln for ln in plan)
+    assert plan[0].startswith("1. shards") and not plan[0].endswith("launcher)")
+    by_name = {ln.split()[1]: ln for ln in plan}
+    assert by_name["teacher"].endswith("runs/teacher (local launcher)")
+    assert by_name["generator"].endswith("runs/generator (ray launcher)")
+
+
+@pytest.mark.unit
 def test_demo_on_an_s3_store_without_credentials_says_so_before_starting_anything(tmp_path, monkeypatch, capsys):
     from dmvae_scale.cli import main
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):

@@ -167,7 +167,7 @@ def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path
         probe_teacher(run.artifact, train_images=5)
 
 
-def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_training(tmp_path):
+def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_training(tmp_path, capsys):
     from dmvae_scale.artifacts import ArtifactError, load_artifact, read_artifact_info
     from dmvae_scale.config import load_config
     from dmvae_scale.train.export import checkpoint_artifact
@@ -176,6 +176,10 @@ def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_traini
                                                     "data.limit=64", "optim.warmup_steps=1", "ckpt_every_images=16",
                                                     "log_every_images=16"])
     run = run_local(cfg, progress=False)
+    # Without a progress bar (a pipeline's in-process step, `train --no-progress`): one line per log interval.
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("teacher ") and " images: " in ln]
+    assert [ln.split(" images:")[0] for ln in lines] == ["teacher 16/48", "teacher 32/48", "teacher 48/48"]
+    assert all("loss " in ln and "images_per_second " in ln for ln in lines)
     final_info, final = {}, {}
     for which in ("raw", "ema"):
         final_info, final[which] = load_artifact(run.artifact, which)

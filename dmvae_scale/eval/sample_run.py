@@ -90,20 +90,6 @@ class _SamplerActor:
         return self.sampler.batch(batch)
 
 
-def _connect(address: Optional[str], num_cpus: int) -> bool:
-    """Attach to Ray; True when we started an embedded loopback instance (and must shut it down)."""
-    import ray
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False,
-                 configure_logging=False)
-        return True
-    ray.init(address=address)
-    return False
-
-
 def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
     """GPUs per sampling worker, decided from the CLUSTER's resources (a CPU laptop submitting to a GPU cluster must
     still get GPU actors): one each when the cluster has GPUs and none was asked for; a request the cluster cannot
@@ -123,7 +109,8 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
     import ray
     from ray.exceptions import RayTaskError
 
-    started = _connect(address, max(1, workers))
+    from ..train.launch import connect
+    started = connect(address, max(1, workers), log_to_driver=False)
     actors = []
     try:
         gpus_per_worker = gpus_for_workers(gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0)))

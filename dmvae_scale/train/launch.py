@@ -137,8 +137,10 @@ def _save_resolved_config(cfg: RunConfig) -> None:
 JOB_STOP_WAIT_S = "300"
 
 
-def connect(address: Optional[str], num_cpus: int) -> bool:
-    """Connect this driver to Ray; returns True when we started an embedded instance (and must shut it down)."""
+def connect(address: Optional[str], num_cpus: int, log_to_driver: bool = True) -> bool:
+    """Connect this driver to Ray (`address`, else the job's cluster inside a Ray job, else an embedded loopback
+    instance); returns True when we started an embedded instance (and must shut it down). log_to_driver=False keeps
+    the workers' output out of this process's (the sampler's actors print progress bars of their own)."""
     import ray
     if ray.is_initialized():
         return False
@@ -148,9 +150,9 @@ def connect(address: Optional[str], num_cpus: int) -> bool:
     if address is None:
         os.environ.setdefault("RAY_JOB_STOP_WAIT_TIME_S", JOB_STOP_WAIT_S)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=log_to_driver, configure_logging=False)
         return True
-    ray.init(address=address, log_to_driver=True)
+    ray.init(address=address, log_to_driver=log_to_driver)
     return False
 
 

@@ -172,7 +172,8 @@ class Worker:
                               if flops.flops_per_step else None}
         log = LogHook(start_images=loop.images_seen, per_rank_batch=self.per_rank_batch, world=self.world,
                       device=self.device, precision=self.engine_set.precision, flops=flops, sinks=sinks,
-                      report=self.report, summary_lines=self.job.control is not None, total_images=cfg.total_images,
+                      report=self.report, total_images=cfg.total_images,
+                      summary_lines=self.job.control is not None or not self.job.progress,  # no bar: a line each
                       analytic_per_image=analytic_flops_per_image(cfg))
         grid = ImageGrid(cfg.log_images_every_images, self.stage, self.device, sinks, loop.images_seen)
         loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log, grid]
