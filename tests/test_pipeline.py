@@ -194,3 +194,31 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"pipeline: 0 steps run, {len(CHAIN)} complete and skipped" in again.stdout
+
+
+@pytest.mark.integration
+def test_a_terminated_pipeline_checkpoints_its_in_process_step_and_the_rerun_resumes_it(tmp_path):
+    # What `dmvae-scale jobs stop` (or a preempted node's SIGTERM) does to a pipeline whose step trains in its process.
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "dmvae_scale.cli", "pipeline", str(DEMO), "--store", str(store), "--only", "shards",
+           "teacher", "shards:limit=256", "teacher:total_images=1024", "teacher:batch_size=16",
+           "teacher:ckpt_every_images=64", "teacher:log_every_images=64"]
+    log = open(tmp_path / "stopped.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = store / "runs" / "teacher" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and not list(checkpoints.glob("*/manifest.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    log.close()
+    out = (tmp_path / "stopped.log").read_text()
+    assert rc == 2, out[-3000:]
+    assert "stopped on request at " in out and "run the same command again to resume" in out, out[-3000:]
+    stopped_at = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("*/manifest.json"))
+    assert 0 < stopped_at < 1024 and not (store / "runs" / "teacher" / "artifact" / "artifact.json").exists()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert "resumed from" in rerun.stdout + rerun.stderr and "shards (shards): complete, skipped" in rerun.stdout
+    assert "teacher: train done: 1024 images" in rerun.stdout
