@@ -305,3 +305,28 @@ def test_checkpoint_files_are_flushed_while_written_and_a_flush_error_fails_the_
     with pytest.raises(FileNotFoundError, match="gone.pt"):
         with durable.writing_checkpoint(remote=False):
             durable.file_written(str(tmp_path / "gone.pt"))
+
+
+def test_an_in_process_run_takes_ctrl_c_as_a_stop_request_and_a_second_one_as_abort(capsys):
+    import os
+    import signal
+
+    from dmvae_scale.train.collectives import NO_STOP, STOP, StopSignal
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop = StopSignal(control=None, under_ray=False)
+    try:
+        assert stop.agreed(torch.device("cpu")) == NO_STOP
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs in the main thread, here
+        assert stop.agreed(torch.device("cpu")) == STOP
+        assert "Ctrl-C: checkpointing and stopping" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.close()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    term = StopSignal(control=None, under_ray=False)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert term.agreed(torch.device("cpu")) == STOP
+    finally:
+        term.close()

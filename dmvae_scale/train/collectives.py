@@ -65,22 +65,31 @@ def single_process_env() -> Iterator[None]:
 
 
 class StopSignal:
-    """Why the workers should pause: a stop request (SIGTERM when we own the main thread, the launcher's control
-    actor) or a Ray preemption notice (checkpoint now, then keep training until the node goes)."""
+    """Why the workers should pause: a stop request (SIGTERM or a first Ctrl-C when we own the main thread, as an
+    in-process run does; the launcher's control actor) or a Ray preemption notice (checkpoint now, then keep training
+    until the node goes). A second Ctrl-C aborts at once, without the checkpoint."""
 
     def __init__(self, control: Any, under_ray: bool):
         self.control = control
         self.under_ray = under_ray
         self.local = threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         self._preempt_seen = False
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.local.set())
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.local.set())
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.local.is_set():
+            raise KeyboardInterrupt
+        print("Ctrl-C: checkpointing and stopping at the next stop check (Ctrl-C again aborts without it)",
+              flush=True)
+        self.local.set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _local(self) -> int:
         notice = False
