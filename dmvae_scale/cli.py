@@ -506,10 +506,21 @@ def _add_pipeline(sub):
                                                     "~/.cache/dmvae-scale/pipeline)")
     p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
     p.add_argument("--check", action="store_true", help="load and check every config, print the plan, run nothing")
+    p.add_argument("--threads", default=None, help="CPU threads for this process's torch work (in-process train "
+                                                   "steps, evaluation): a number, or auto = this node's cores; "
+                                                   "default: as the environment says (OMP_NUM_THREADS). A submitted "
+                                                   "pipeline passes auto: Ray gives a job's driver one thread")
 
     def run(args):
         import os
         from .train.pipeline import load_pipeline, run_pipeline, step_complete, step_launcher
+        if args.threads is not None:
+            if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+                raise UserError(f"--threads {args.threads}: give a positive number or auto")
+            import torch
+            n = (os.cpu_count() or 1) if args.threads == "auto" else int(args.threads)
+            os.environ["OMP_NUM_THREADS"] = str(n)  # for the processes it starts
+            torch.set_num_threads(n)
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
             for i, step in enumerate(pipe.steps, 1):

@@ -125,6 +125,8 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
                           text=True, timeout=1500)
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-3000:]
     assert "[demo] submitted job raysubmit_" in demo.stdout and "demo done in" in demo.stdout
+    # The job's driver trains and evaluates on every core (Ray starts a job's driver with OMP_NUM_THREADS=1).
+    assert f"torch CPU threads: {os.cpu_count()}" in demo.stdout
     summary = json.loads((out / "summary.json").read_text())
     straight = {k: v for k, v in summary["artifacts"].items() if k in CHAIN}
     assert sorted(straight) == sorted(k for k in CHAIN if k in TRAINED)

@@ -198,7 +198,9 @@ def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "chec
                               entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                               extra_env: Optional[dict[str, str]] = None) -> Submission:
     """A checked pipeline (train.pipeline.load_pipeline) as one job: its directory travels as the working directory
-    and the job's driver runs `dmvae-scale pipeline pipeline --store URL [overrides]` on the job's cluster."""
+    and the job's driver runs `dmvae-scale pipeline pipeline --store URL --threads auto [overrides]` on the job's
+    cluster. --threads auto: Ray starts a job's driver with OMP_NUM_THREADS=1 (measured: torch then uses one thread),
+    and the driver is where in-process train steps and the evaluation run."""
     from ..train.pipeline import copy_config_dir
     if code not in ("checkout", "installed"):
         raise UserError(f"--code: expected checkout or installed, got {code!r}")
@@ -209,7 +211,8 @@ def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "chec
     copy_config_dir(pipe.config_dir, staging / "pipeline")
     runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
     head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
-    entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store])
+    entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store,
+                                                                                  "--threads", "auto"])
     first = RunConfig()
     return Submission(entrypoint, runtime_env, first, entrypoint_num_cpus, entrypoint_num_gpus,
                       metadata={"run": f"pipeline {pipe.config_dir.name}", "store": pipe.store},

@@ -598,6 +598,8 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
                         pipe, needed, pipe.train_config(needed) if needed.kind == "train" else None, clean=False):
                     raise PipelineError(f"--only: step {step.name} reads step {needed.name} ({ref}), which is not "
                                         f"complete and not selected; add {needed.name} to --only")
+    import torch
+    print(f"[pipeline] {total} steps -> {pipe.store}; torch CPU threads: {torch.get_num_threads()}", flush=True)
     began = time.perf_counter()
     for i, step in enumerate(pipe.steps, 1):
         if only and step.name not in only:
