@@ -9,7 +9,8 @@ from dmvae_scale.config import (DecoderConfig, DiscriminatorConfig, EncoderConfi
 from dmvae_scale.errors import UserError
 from dmvae_scale.models.discriminator import DiffAugment, PatchDiscriminator, consistency_term
 from dmvae_scale.models.perceptual import PerceptualDistance
-from dmvae_scale.models.tokenizer import Tokenizer, upsampling_plan
+from dmvae_scale.models.conv import upsampling_plan
+from dmvae_scale.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
 

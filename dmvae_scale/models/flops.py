@@ -112,8 +112,8 @@ def _resnet(side: int, c_in: int, c_out: int) -> int:
 
 def decoder_forward_flops(cfg: DecoderConfig, latent_channels: int, out_channels: int, factor: int,
                           latent_side: int) -> int:
-    """Forward FLOPs per image of tokenizer.ConvDecoder (same layer plan as its constructor)."""
-    from .tokenizer import upsampling_plan  # torch-only import, kept local: tokenizer pulls the ViT loader
+    """Forward FLOPs per image of conv.ConvDecoder (same layer plan as its constructor)."""
+    from .conv import upsampling_plan
     on_latent, after_level = upsampling_plan(tuple(cfg.channel_mult), factor)
     widths = [cfg.base_channels * m for m in reversed(cfg.channel_mult)]
     side, ch, total = latent_side, widths[0], 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import TokenizerConfig
 from ..errors import UserError
-from .tokenizer import AttentionBlock, ConvDecoder, ResnetBlock, _EncoderDecoder, _group_norm
+from .conv import AttentionBlock, ConvDecoder, EncoderDecoder, ResnetBlock, group_norm
 
 
 class Downsample(nn.Module):
@@ -60,7 +60,7 @@ class ConvEncoder(nn.Module):
             mid.append(AttentionBlock(ch))
         mid.append(ResnetBlock(ch, ch))
         self.mid = nn.Sequential(*mid)
-        self.norm_out = _group_norm(ch)
+        self.norm_out = group_norm(ch)
         self.width = ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class ConvEncoder(nn.Module):
         return F.silu(self.norm_out(self.mid(h)))
 
 
-class KLTokenizer(_EncoderDecoder):
+class KLTokenizer(EncoderDecoder):
     """Encoder -> diagonal Gaussian posterior over the latent grid -> DMVAE's decoder."""
 
     LOGVAR_RANGE = (-30.0, 20.0)  # SD-VAE's clamp: keeps exp(logvar) finite in low precision
