@@ -166,10 +166,6 @@ def _ray_cluster_mode() -> bool:
 @contextlib.contextmanager
 def connected(cluster: LocalRayCluster, **init_kwargs) -> Iterator[None]:
     """`ray.init` this process as a driver of `cluster` for the duration of the block."""
-    import ray
-    with client_of(cluster):
-        ray.init(address=cluster.gcs_address, **init_kwargs)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    from .ray_session import ray_session
+    with client_of(cluster), ray_session(cluster.gcs_address, **init_kwargs):
+        yield

@@ -255,12 +255,10 @@ def teacher_service(spec: TeacherSpec, options: ServiceOptions = ServiceOptions(
     """The service for `spec` for the duration of a block: joined when it already runs under options.name, else
     started here. On exit it stops only what it started: the actors, and the Ray connection when this process was
     not connected yet (then it connects to `address`: None means RAY_ADDRESS or a Ray started in this process)."""
-    import ray
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        # A fixed namespace: another run on the same cluster finds (and shares) the service by name.
-        ray.init(address=address, namespace="dmvae-scale", log_to_driver=False)
-    try:
+    from .ray_session import ray_session
+    # A fixed namespace for a connection of our own: another run on the same cluster finds (and shares) the
+    # service by name.
+    with ray_session(address, namespace="dmvae-scale", log_to_driver=False):
         joined = _running(options)
         pool = start_teacher_service(spec, options, ready_timeout_s)
         log.info("teacher service '%s' %s", options.name, "joined" if joined else "started")
@@ -269,9 +267,6 @@ def teacher_service(spec: TeacherSpec, options: ServiceOptions = ServiceOptions(
         finally:
             if not joined:
                 stop_teacher_service(pool)
-    finally:
-        if own_ray:
-            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ which the driver writes as PNGs (workers need no shared filesystem). Finally sam
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict
@@ -109,10 +110,10 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
     import ray
     from ray.exceptions import RayTaskError
 
-    from ..train.launch import connect
-    started = connect(address, max(1, workers), log_to_driver=False)
+    from ..distributed.ray_session import ray_session
     actors = []
-    try:
+    with ray_session(address, num_cpus=max(1, workers), log_to_driver=False), contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: [ray.kill(actor) for actor in actors])
         gpus_per_worker = gpus_for_workers(gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0)))
         print(f"sample: {min(workers, len(pending))} Ray workers, {gpus_per_worker:g} GPU each", flush=True)
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_SamplerActor)
@@ -131,11 +132,6 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
                 raise (cause if isinstance(cause, UserError) else exc) from None
             if queue:
                 inflight[actor.batch.remote(queue.pop(0))] = actor
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
 
 
 def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, num_samples: Optional[int] = None,
