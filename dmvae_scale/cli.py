@@ -194,14 +194,11 @@ def _add_train(sub):
 
     def run(args):
         from .config import load_config
+        from .train.launch import choose_launcher, run_local, train
         cfg = load_config(args.config, args.overrides)
-        use_ray = args.launcher == "ray" or (args.launcher == "auto" and (
-            args.address is not None or cfg.distributed.address is not None or cfg.distributed.num_workers > 1))
-        if use_ray:
-            from .train.launch import train
+        if choose_launcher(args.launcher, cfg, args.address) == "ray":
             train(cfg, address=args.address)
         else:
-            from .train.launch import run_local
             run_local(cfg, device=args.device, progress=not args.no_progress)
     p.set_defaults(func=run)
 
@@ -304,7 +301,7 @@ def _submit_pipeline(args) -> int:
     """`submit pipeline DIR --store URL [overrides]`: checked here, then one Ray job runs `dmvae-scale pipeline`."""
     from .distributed.jobs import build_pipeline_submission
     from .errors import UserError
-    from .train.pipeline import load_pipeline
+    from .pipeline import load_pipeline
     if not args.overrides:
         raise UserError("submit pipeline: name the pipeline directory, e.g. `dmvae-scale submit pipeline configs/demo "
                         "--store s3://bucket/prefix`")
@@ -513,7 +510,7 @@ def _add_pipeline(sub):
 
     def run(args):
         import os
-        from .train.pipeline import load_pipeline, run_pipeline, step_complete, step_launcher
+        from .pipeline import load_pipeline, plan, run_pipeline
         if args.threads is not None:
             if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
                 raise UserError(f"--threads {args.threads}: give a positive number or auto")
@@ -523,20 +520,11 @@ def _add_pipeline(sub):
             torch.set_num_threads(n)
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
-            for i, step in enumerate(pipe.steps, 1):
-                cfg = pipe.train_config(step) if step.kind == "train" else None
-                done = "complete" if step_complete(pipe, step, cfg, clean=False) else "to run"
-                where = f" ({step_launcher(pipe, step, cfg)} launcher)" if cfg is not None else ""
-                print(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}{where}")
+            print("\n".join(plan(pipe, args.address)))
             return 0
-        from .train.launch import connect
-        import ray
-        started = connect(args.address, num_cpus=max(2, os.cpu_count() or 1))
-        try:
+        from .distributed.ray_session import ray_session
+        with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):
             run_pipeline(pipe, address=args.address, work_dir=args.work_dir, only=args.only)
-        finally:
-            if started:
-                ray.shutdown()
     p.set_defaults(func=run)
 
 

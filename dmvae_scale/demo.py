@@ -69,7 +69,7 @@ def _copy_report(store_url: str, dest: Path) -> dict:
 def _artifact_ids(pipe) -> dict[str, str]:
     """step -> artifact id of every train step (what the next steps were made from)."""
     from .data import storage
-    from .train.pipeline import artifact_id
+    from .pipeline import artifact_id
     out = {}
     for step in pipe.steps:
         if step.kind == "train":
@@ -89,7 +89,7 @@ def _check_s3_credentials(store_url: str) -> None:
 def run_demo(o: DemoOptions) -> dict:
     from .distributed import jobs
     from .distributed.ray_local import start_local_cluster
-    from .train.pipeline import load_pipeline
+    from .pipeline import load_pipeline
 
     config_dir = Path(o.config_dir)
     if not (config_dir / "pipeline.yaml").is_file():

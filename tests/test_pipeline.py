@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dmvae_scale.data import storage
-from dmvae_scale.train.pipeline import PipelineError, artifact_id, load_pipeline, step_launcher
+from dmvae_scale.pipeline import PipelineError, artifact_id, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
@@ -68,15 +68,15 @@ def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_work
     store = str(tmp_path / "store")
     pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`
     gen = pipe.step("generator")
-    assert step_launcher(pipe, gen, pipe.train_config(gen)) == "local"
+    assert pipe.launcher_of(gen, pipe.train_config(gen)) == "local"
     two = load_pipeline(DEMO, store, ["distributed.num_workers=2"])
-    assert step_launcher(two, two.step("generator"), two.train_config(two.step("generator"))) == "ray"
+    assert two.launcher_of(two.step("generator"), two.train_config(two.step("generator"))) == "ray"
     ray_all = load_pipeline(DEMO, store, ["*:launcher=ray"])
-    assert all(step_launcher(ray_all, s, ray_all.train_config(s)) == "ray" for s in ray_all.steps if s.kind == "train")
-    forced = load_pipeline(DEMO, store, ["*:launcher=local", "distributed.num_workers=2"])
+    assert all(ray_all.launcher_of(s, ray_all.train_config(s)) == "ray" for s in ray_all.steps if s.kind == "train")
+    # refused where the pipeline is loaded (on the submitting machine), not when the step comes to run
     with pytest.raises(PipelineError, match=r"step teacher: launcher local runs one worker .* "
                                             r"distributed.num_workers=2; use launcher ray or auto"):
-        step_launcher(forced, forced.step("teacher"), forced.train_config(forced.step("teacher")))
+        load_pipeline(DEMO, store, ["*:launcher=local", "distributed.num_workers=2"])
     with pytest.raises(PipelineError, match=r"step teacher: launcher 'slurm' must be one of ray, local, auto"):
         load_pipeline(DEMO, store, ["teacher:launcher=slurm"])
     (tmp_path / "pipeline.yaml").write_text("launcher: k8s\nsteps:\n  - {name: shards, kind: shards}\n")

@@ -129,7 +129,7 @@ def test_killed_sweep_reruns_only_the_missing_points(sweep_inputs, tmp_path):
                        overrides=["distributed.num_workers=1", "batch_size=32",
                                   f"data.source={sweep_inputs / 'shards'}", "data.limit=null"],
                        eval={"num_samples": 20, "batch_size": 20, "sampler": {"method": "ode_euler", "steps": 2},
-                             "reference": {"limit": 100}})
+                             "real_images": {"limit": 100}})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     first_state = out / "points/rnd_a_64/state.json"
     with open(tmp_path / "run1.log", "w") as log:

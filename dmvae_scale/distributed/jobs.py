@@ -197,18 +197,19 @@ def _runtime_env(staging: Path, code: str, pass_credentials: bool,
 def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout", pass_credentials: bool = True,
                               entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                               extra_env: Optional[dict[str, str]] = None) -> Submission:
-    """A checked pipeline (train.pipeline.load_pipeline) as one job: its directory travels as the working directory
+    """A checked pipeline (pipeline.load_pipeline) as one job: its directory travels as the working directory
     and the job's driver runs `dmvae-scale pipeline pipeline --store URL --threads auto [overrides]` on the job's
     cluster. --threads auto: Ray starts a job's driver with OMP_NUM_THREADS=1 (measured: torch then uses one thread),
     and the driver is where in-process train steps and the evaluation run."""
-    from ..train.pipeline import copy_config_dir
     if code not in ("checkout", "installed"):
         raise UserError(f"--code: expected checkout or installed, got {code!r}")
     if not _storage_is_shared(pipe.store):
         raise UserError(f"--store {pipe.store}: a job's steps run on the cluster's nodes; give a store they all "
                         f"reach (s3://bucket/prefix) or an absolute path on a shared filesystem")
     staging = Path(tempfile.mkdtemp(prefix="dmvae-job-"))
-    copy_config_dir(pipe.config_dir, staging / "pipeline")
+    (staging / "pipeline").mkdir(parents=True)
+    for path in pipe.config_files():  # pipeline.yaml and the stage configs beside it
+        shutil.copy2(path, staging / "pipeline" / path.name)
     runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
     head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
     entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store,

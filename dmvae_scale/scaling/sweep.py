@@ -3,7 +3,7 @@
 Each point is an ordinary generator run (`train.launch.train`, DeepSpeed workers under Ray Train) in its own run
 directory OUT/points/<point>/run, at most `max_concurrent` at once on one Ray cluster (embedded on loopback unless
 --address names one), then evaluated at the sweep's fixed sampler settings (gFID on a small sample count against
-reference statistics computed once per sweep). Rerunning the sweep:
+real-image statistics computed once per sweep). Rerunning the sweep:
   - skips a point whose OUT/points/<point>/result.json says done (written last, after its artifact manifest and
     evaluation exist);
   - resumes a point that has checkpoints but no artifact (train() resumes from the latest complete checkpoint);
@@ -14,6 +14,7 @@ results.parquet when pyarrow imports), rewritten as each point finishes, then re
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -29,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from ..config import ConfigError, RunConfig, SamplerConfig, from_dict, load_config, read_yaml
 from ..errors import UserError
+from ..eval.score import RealImages
 from ..models.dit import param_count, resolve_shape
 from ..models.flops import dit_flops
 
@@ -46,23 +48,14 @@ class SweepStopped(UserError):
 
 
 @dataclass
-class ReferenceSpec:
-    """The real images gFID is measured against (statistics computed once per sweep, OUT/eval/reference.npz)."""
-
-    source: str = "fashion-mnist"
-    split: str = "test"
-    image_size: Optional[int] = 32
-    limit: Optional[int] = 500
-
-
-@dataclass
 class SweepEval:
     enabled: bool = True
     num_samples: int = 100  # small on purpose: a relative gFID to compare points, not a publishable number
     batch_size: int = 50
     device: str = "cpu"
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(method="ode_heun", steps=10))
-    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    # The real images gFID is measured against (their statistics computed once per sweep, under OUT/eval/real).
+    real_images: RealImages = field(default_factory=lambda: RealImages(image_size=32, limit=500))
     # An evaluator classifier's directory (classifier.json + classifier.safetensors, trained on real images only,
     # e.g. a pipeline's eval/classifier): the share of each point's class-conditional samples it labels as their
     # class goes beside gFID. None: no accuracy column values.
@@ -256,21 +249,16 @@ class SweepRunner:
             write_table([self.rows.get(p.id) or point_row(p, self._state(p)) for p in self.points], self.out)
 
     # -- evaluation --------------------------------------------------------------------------------------------------
-    def reference_stats(self) -> Path:
-        from ..eval.commands import eval_ref
+    def real_stats(self) -> Path:
         from ..eval.evaluate import EvalOptions
-        ref = self.sweep.eval.reference
-        path = self.out / "eval" / "reference.npz"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            eval_ref(ref.source, str(path), split=ref.split, image_size=ref.image_size, limit=ref.limit,
-                     device=self.sweep.eval.device, opts=EvalOptions(allow_few_samples=True, progress=False))
-        return path
+        from ..eval.score import real_statistics
+        return real_statistics(self.sweep.eval.real_images, self.out / "eval" / "real", device=self.sweep.eval.device,
+                               opts=EvalOptions(allow_few_samples=True, progress=False))
 
-    def evaluate(self, point: Point, reference: Path) -> dict:
-        from ..eval.commands import eval_samples
+    def evaluate(self, point: Point, real_stats: Path) -> dict:
         from ..eval.evaluate import EvalOptions
         from ..eval.sample_run import run_sample
+        from ..eval.score import score_samples
         ev = self.sweep.eval
         s = ev.sampler
         overrides = [f"sampler.method={s.method}", f"sampler.steps={s.steps}", f"sampler.cfg_scale={s.cfg_scale}",
@@ -279,20 +267,15 @@ class SweepRunner:
             overrides.append(f"sampler.guidance_interval=[{s.guidance_interval[0]},{s.guidance_interval[1]}]")
         run_sample(str(Path(point.cfg.run_dir) / "artifact"), str(point.dir / "samples"), num_samples=ev.num_samples,
                    batch_size=ev.batch_size, overrides=overrides, use_ray=False, device=ev.device, progress=False)
-        metrics = eval_samples(str(point.dir / "samples"), str(reference), str(point.dir / "eval"),
-                               device=ev.device, opts=EvalOptions(allow_few_samples=True, progress=False))
+        metrics = score_samples(point.dir / "samples", real_stats, point.dir / "eval", classifier=ev.classifier,
+                                device=ev.device, opts=EvalOptions(allow_few_samples=True, progress=False))
         out = {"gfid": float(metrics["fid"])}
-        if ev.classifier:
-            import numpy as np
-
-            from ..eval.classifier import accuracy, load_classifier
-            model, _ = load_classifier(ev.classifier)
-            with np.load(point.dir / "samples" / "samples.npz") as z:
-                out["classifier_accuracy"] = accuracy(model, z["arr_0"], z["arr_1"])
+        if "classifier_accuracy" in metrics:
+            out["classifier_accuracy"] = metrics["classifier_accuracy"]
         return out
 
     # -- one point ---------------------------------------------------------------------------------------------------
-    def run_point(self, point: Point, reference: Optional[Path]) -> dict:
+    def run_point(self, point: Point, real_stats: Optional[Path]) -> dict:
         from ..train.launch import TrainingStoppedError, train
         train = self.train_fn or train
         state = self._state(point)
@@ -339,10 +322,10 @@ class SweepRunner:
                 raise SweepStopped(f"point {point.id} was stopped at {result.images_seen} images; rerun the sweep "
                                    "to resume it from its checkpoint")
         self._save_state(point, state)
-        if reference is not None and state.get("gfid") is None:
+        if real_stats is not None and state.get("gfid") is None:
             began = time.perf_counter()
             try:
-                state.update(self.evaluate(point, reference))
+                state.update(self.evaluate(point, real_stats))
             except Exception as exc:  # noqa: BLE001 - a failed evaluation is reported; the run itself is kept
                 state["error"] = f"evaluation: {type(exc).__name__}: {exc}"[:300]
             state["eval_s"] = state.get("eval_s", 0.0) + time.perf_counter() - began
@@ -358,29 +341,25 @@ class SweepRunner:
 
     # -- the grid ----------------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        from ..train.launch import connect
+        from ..distributed.ray_session import ray_session
         self.out.mkdir(parents=True, exist_ok=True)
         todo = [p for p in self.points if self._state(p).get("status") != "done"]
         print(f"[sweep] {self.sweep.name}: {len(self.points)} points, {len(self.points) - len(todo)} finished "
               f"earlier; up to {self.sweep.max_concurrent} at once -> {self.out}", flush=True)
-        reference = self.reference_stats() if self.sweep.eval.enabled else None
+        real_stats = self.real_stats() if self.sweep.eval.enabled else None
         workers = max(p.cfg.distributed.num_workers for p in self.points)
         needs_ray = self.train_fn is None and any(
             not (Path(p.cfg.run_dir) / "artifact" / "artifact.json").is_file() for p in todo)
-        started = connect(self.address, num_cpus=max(os.cpu_count() or 1, workers * self.sweep.max_concurrent)) \
-            if needs_ray else False
-        try:
+        session = ray_session(self.address, num_cpus=max(os.cpu_count() or 1, workers * self.sweep.max_concurrent)) \
+            if needs_ray else contextlib.nullcontext()
+        with session:
             if self.sweep.max_concurrent == 1:
                 for point in self.points:  # main thread: train() forwards SIGTERM to the workers
-                    self.run_point(point, reference)
+                    self.run_point(point, real_stats)
             else:
                 with ThreadPoolExecutor(self.sweep.max_concurrent) as pool:
-                    for future in [pool.submit(self.run_point, p, reference) for p in self.points]:
+                    for future in [pool.submit(self.run_point, p, real_stats) for p in self.points]:
                         future.result()
-        finally:
-            if started:
-                import ray
-                ray.shutdown()
         rows = [self.rows.get(p.id) or point_row(p, self._state(p)) for p in self.points]
         write_table(rows, self.out)
         return rows

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from ..config import RunConfig, dump_yaml
 from ..data import storage
+from ..distributed.ray_session import ray_session
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .api import WorkerJob, WorkerResult
@@ -82,6 +83,24 @@ class TrainResult:
                 f"{'; artifact ' + self.artifact if self.artifact else ''}")
 
 
+# Where a run trains: ray = DeepSpeed workers under Ray Train (the given cluster, else an embedded loopback Ray);
+# local = one worker in this process; auto = ray when the run has several workers or names a cluster, else local.
+LAUNCHERS = ("ray", "local", "auto")
+
+
+def choose_launcher(launcher: str, cfg: RunConfig, address: Optional[str] = None) -> str:
+    """'ray' or 'local': the one rule the CLI's `train --launcher` and a pipeline's train steps follow."""
+    if launcher not in LAUNCHERS:
+        raise UserError(f"launcher {launcher!r} must be one of {', '.join(LAUNCHERS)}")
+    workers = cfg.distributed.num_workers
+    if launcher == "auto":
+        return "ray" if workers > 1 or address is not None or cfg.distributed.address is not None else "local"
+    if launcher == "local" and workers != 1:
+        raise UserError(f"launcher local runs one worker in this process, but distributed.num_workers={workers}; "
+                        f"use launcher ray or auto")
+    return launcher
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Driver-side preparation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,30 +151,6 @@ def _save_resolved_config(cfg: RunConfig) -> None:
 # Ray
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Ray kills a job's driver this long after `ray job stop` sends it SIGTERM (default 3 s): long enough here for the
-# workers to write their stop checkpoint. Read by the Ray head's job manager (cluster files and the embedded Ray).
-JOB_STOP_WAIT_S = "300"
-
-
-def connect(address: Optional[str], num_cpus: int, log_to_driver: bool = True) -> bool:
-    """Connect this driver to Ray (`address`, else the job's cluster inside a Ray job, else an embedded loopback
-    instance); returns True when we started an embedded instance (and must shut it down). log_to_driver=False keeps
-    the workers' output out of this process's (the sampler's actors print progress bars of their own)."""
-    import ray
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if address is None and os.environ.get("RAY_ADDRESS"):  # inside a Ray job: its cluster
-        address = "auto"
-    if address is None:
-        os.environ.setdefault("RAY_JOB_STOP_WAIT_TIME_S", JOB_STOP_WAIT_S)
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=log_to_driver, configure_logging=False)
-        return True
-    ray.init(address=address, log_to_driver=log_to_driver)
-    return False
-
-
 def _control_actor():
     import ray
 
@@ -178,6 +173,31 @@ def _control_actor():
             return self.stop, self.preempt
 
     return RunControl.remote()
+
+
+@contextlib.contextmanager
+def _forwarded_stop_signals():
+    """SIGTERM / SIGINT call the functions appended to the yielded list (ask the workers to checkpoint and stop)
+    instead of killing the driver; the previous handlers come back after the block. Off the main thread the caller
+    handles signals."""
+    calls: list[Callable[[], Any]] = []
+
+    def forward_stop(signum, frame):
+        print(f"received signal {signum}: asking the workers to checkpoint and stop", flush=True)
+        for call in calls:
+            call()
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, forward_stop)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield calls
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -273,7 +293,6 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
           cpus_per_worker: float = 1.0, control_hook: Optional[Callable] = None) -> TrainResult:
     """Train cfg.stage on cfg.distributed.num_workers Ray Train workers; resume automatically from cfg.run_dir.
     control_hook(control_actor) is called once the run's control actor exists (tests send notices through it)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -281,22 +300,12 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
     address = address if address is not None else cfg.distributed.address
     dcfg = cfg.distributed
     cfg, wandb_project = _prepare(cfg)
-    started = connect(address, num_cpus=max(os.cpu_count() or 1, int(dcfg.num_workers * cpus_per_worker + 0.999)))
-    previous = {}
-    try:
+    num_cpus = max(os.cpu_count() or 1, int(dcfg.num_workers * cpus_per_worker + 0.999))
+    with ray_session(address, num_cpus=num_cpus), _forwarded_stop_signals() as on_stop:
         control = _control_actor()
         if control_hook is not None:
             control_hook(control)
-
-        def forward_stop(signum, frame):
-            print(f"received signal {signum}: asking the workers to checkpoint and stop", flush=True)
-            control.request_stop.remote()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, forward_stop)
-            except ValueError:  # not the main thread: the caller handles signals
-                pass
+        on_stop.append(control.request_stop.remote)
         job = WorkerJob(cfg, stage_factory=stage_factory, dataset_factory=dataset_factory,
                         shard_frozen_above_bytes=shard_frozen_above_bytes, control=control,
                         wandb_project=wandb_project)
@@ -322,9 +331,4 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
         out: WorkerResult = result.return_value
         if out is None:
             raise TrainingStoppedError(f"the workers returned no result (Ray Train error: {result.error})")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if started:
-            ray.shutdown()
     return _finish(out, began, cfg, getattr(result, "metrics", None))
