@@ -15,7 +15,8 @@ from dmvae_scale.cli import main
 from dmvae_scale.config import load_config
 from dmvae_scale.data import storage
 from dmvae_scale.data.artifact_store import artifact_info, cache_root, open_artifact, open_tokenizer, upload_artifact
-from dmvae_scale.train.batches import build_dataset, stats_batches
+from dmvae_scale.data.datasets import in_memory_dataset
+from dmvae_scale.train.batches import stats_batches
 from dmvae_scale.train.stages import AutoencoderStage, save_stage_artifact
 from plain_reference import EMA
 
@@ -121,7 +122,7 @@ def test_reference_stage_trains_from_an_s3_tokenizer_into_an_s3_run_directory(to
     tok, _ = open_tokenizer(tok_url, "ema")
     cfg = load_config(DEMO / "reference.yaml", SMALL)
     with torch.no_grad():
-        zs = [tok.encode(b["image"]) for b in stats_batches(build_dataset(cfg), cfg.batch_size,
+        zs = [tok.encode(b["image"]) for b in stats_batches(in_memory_dataset(cfg), cfg.batch_size,
                                                             cfg.data.stats_images)]
     assert made.latent.mean == pytest.approx(float(torch.stack([z.mean() for z in zs]).mean()), rel=1e-4, abs=1e-6)
     assert made.latent.scale == pytest.approx(float(torch.stack([1 / z.std() for z in zs]).mean()), rel=1e-4)

@@ -78,12 +78,10 @@ def test_adm_crop_and_random_crop():
 
 
 def test_dataset_from_run_config():
-    from dmvae_scale.config import DataConfig
-    from dmvae_scale.data.datasets import build_image_dataset, build_latent_dataset
-    ds = build_image_dataset(DataConfig(source="fashion-mnist", split="test", image_size=32, limit=10),
-                             batch_size=4, seed=0)
+    from dmvae_scale.config import load_config
+    from dmvae_scale.data.datasets import in_memory_dataset, latent_dataset
+    cfg = load_config(None, ["data.split=test", "data.image_size=32", "tokenizer.image_size=32", "data.limit=10"])
+    ds = in_memory_dataset(cfg)
     assert len(ds) == 10 and ds[0]["image"].shape == (3, 32, 32)
-    with pytest.raises(UserError, match="data.limit=10 applies to built-in sets only"):
-        build_image_dataset(DataConfig(source="s3://bucket/imagenet", limit=10), batch_size=4, seed=0)
     with pytest.raises(UserError, match="data.latents: not set"):
-        build_latent_dataset(DataConfig(), batch_size=4, seed=0)
+        latent_dataset(cfg, 4)

@@ -15,7 +15,8 @@ from dmvae_scale.data.builtin import ImageArrayDataset
 from dmvae_scale.errors import UserError
 from dmvae_scale.method.toy import sliced_wasserstein
 from dmvae_scale.train.api import ModelSpec, StepOutput
-from dmvae_scale.train.batches import build_dataset, stats_batches, stream_batches
+from dmvae_scale.data.datasets import in_memory_dataset
+from dmvae_scale.train.batches import stats_batches, stream_batches
 from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.loop import TrainingDivergedError, TrainLoop
 from plain_reference import EMA, PlainEngine
@@ -322,13 +323,13 @@ def test_stream_batches_restart_at_any_image_count_and_cross_epochs():
 def test_local_runner_reads_an_imagenet_style_folder(imagenet_folder):
     root, _ = imagenet_folder
     cfg = demo("tokenizer", f"data.source={root}", "data.split=train")
-    dataset = build_dataset(cfg)
+    dataset = in_memory_dataset(cfg)
     assert len(dataset) == 15  # 3 classes x 5 images; the truncated JPEG is skipped
     item = dataset[0]
     assert item["image"].shape == (3, 32, 32) and -1.0 <= float(item["image"].min()) <= float(item["image"].max()) <= 1
     assert sorted(set(dataset.labels.tolist())) == [0, 1, 2]
     with pytest.raises(UserError, match=r"data.image_size=16 differs from tokenizer.image_size=32"):
-        build_dataset(demo("tokenizer", "data.image_size=16"))
+        in_memory_dataset(demo("tokenizer", "data.image_size=16"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_five_stages_run_end_to_end_on_fashion_mnist_each_from_the_previous_arti
     tok = AutoencoderStage(demo("tokenizer")).tokenizer
     tok.load_state_dict(tok_ema["tokenizer"])
     with torch.no_grad():
-        batches = stats_batches(build_dataset(cfg), cfg.batch_size, cfg.data.stats_images)
+        batches = stats_batches(in_memory_dataset(cfg), cfg.batch_size, cfg.data.stats_images)
         zs = [tok.eval().encode(b["image"]) for b in batches]
     mean = float(torch.stack([z.mean() for z in zs]).mean())
     scale = float(torch.stack([1 / z.std() for z in zs]).mean())
@@ -406,7 +407,7 @@ def test_a_short_dmd_run_moves_encoder_latents_toward_the_reference(tmp_path):
     run_local(cfg, progress=False)
 
     spec = read_artifact_info(ref.artifact).latent
-    images = next(stats_batches(build_dataset(cfg), 256, cfg.data.stats_images))["image"]
+    images = next(stats_batches(in_memory_dataset(cfg), 256, cfg.data.stats_images))["image"]
     reference = torch.randn(256 * 64, 4, generator=torch.Generator().manual_seed(0))
 
     def distance(artifact: Path) -> float:

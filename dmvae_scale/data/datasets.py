@@ -1,42 +1,90 @@
-"""From a run's DataConfig to the dataset a stage reads (the batch contract: "image" in [-1, 1] CHW, "label" long;
-or "latent" + "label" from a latent cache).
+"""From a run's config to the dataset its stage reads (the batch contract: "image" in [-1, 1] CHW, "label" long; or
+"latent" + "label" from a latent cache). train/batches.py only batches what this returns.
 
-    data.source = fashion-mnist          -> ImageArrayDataset, in memory (demo; no Streaming state to resume)
+    data.source = fashion-mnist          -> ImageArrayDataset, in memory (no Streaming state to resume)
+    data.source = an image folder        -> ImageArrayDataset: decoded once, short side resized, centre-cropped
     data.source = /dir or s3://...       -> ImageStreamDataset over shards from `dmvae-scale data shards`
     data.latents = /dir or s3://...      -> LatentStreamDataset over `dmvae-scale data cache-latents` output
-Training crops randomly when data.random_crop, else takes the ADM center crop; evaluation always the ADM crop.
+Training crops randomly when data.random_crop (shards only), else takes the centre crop; evaluation always takes the
+ADM crop (eval/sources.py).
 """
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+import os
+from pathlib import Path
 
-from dmvae_scale.config import DataConfig
-from dmvae_scale.errors import UserError
+import numpy as np
+from tqdm import tqdm
 
-from .sources import BUILTIN_SETS
+from ..config import RunConfig
+from ..errors import UserError
+from . import storage
+from .builtin import ImageArrayDataset, load_fashion_mnist
+from .sources import open_source
+from .transforms import decode_image, resize_short_side
 
 
-def build_image_dataset(cfg: DataConfig, batch_size: int, seed: int, train: bool = True,
-                        cache_dir: str | None = None) -> Dataset:
-    """`batch_size` is the per-rank batch; `seed` fixes shuffling and augmentation."""
-    hflip = cfg.hflip and train
-    if cfg.source in BUILTIN_SETS:
-        from .builtin import ImageArrayDataset, load_fashion_mnist
-        images, labels = load_fashion_mnist(cfg.split)
-        if cfg.limit is not None:
-            images, labels = images[:cfg.limit], labels[:cfg.limit]
-        return ImageArrayDataset(images, labels, cfg.image_size, hflip=hflip, seed=seed)
-    if cfg.limit is not None:
-        raise UserError(f"data.limit={cfg.limit} applies to built-in sets only; for shards at {cfg.source} "
-                        f"convert fewer samples instead (`dmvae-scale data shards --limit N`)")
+def is_shard_dataset(source: str) -> bool:
+    return storage.is_remote(source) or os.path.isfile(os.path.join(source, "index.json"))
+
+
+def load_image_folder(root: str, split: str, image_size: int, limit: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode a folder tree into uint8 (N, S, S, 3) and labels; undecodable files are skipped and counted.
+    Returns (images, labels, number of classes)."""
+    source = open_source(root, split)
+    samples = source.samples[:limit] if limit else source.samples
+    images, labels, corrupt = [], [], 0
+    for s in tqdm(samples, desc=f"decode {root}", unit="img", leave=False):
+        try:
+            with open(s.locator, "rb") as f:
+                img = resize_short_side(decode_image(f.read()), image_size)
+        except Exception:  # a truncated or foreign file: count it, keep going
+            corrupt += 1
+            continue
+        left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
+        images.append(np.asarray(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8))
+        labels.append(s.label)
+    if not images:
+        raise UserError(f"data.source: no decodable images under {root}")
+    if corrupt:
+        print(f"data: skipped {corrupt} undecodable files under {root}")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), len(source.classes)
+
+
+def in_memory_dataset(cfg: RunConfig) -> ImageArrayDataset:
+    """A built-in set or an image folder, decoded once into memory (centre crop at data.image_size)."""
+    d = cfg.data
+    if d.random_crop:
+        raise UserError(f"data.random_crop: {d.source!r} is decoded once into memory, centre-cropped; set it false "
+                        f"or train from shards (dmvae-scale data shards)")
+    if d.source == "fashion-mnist":
+        images, labels = load_fashion_mnist(d.split)
+        num_classes = 10
+        if d.limit:
+            images, labels = images[:d.limit], labels[:d.limit]
+    elif Path(d.source).is_dir():
+        images, labels, num_classes = load_image_folder(d.source, d.split, d.image_size, d.limit)
+    else:
+        raise UserError(f"data.source: {d.source!r} is neither 'fashion-mnist', a local image folder, nor a shard "
+                        f"dataset (a directory with index.json, or s3://...)")
+    if cfg.stage in ("reference", "dmd", "generator") and num_classes > cfg.score.num_classes:
+        raise UserError(f"score.num_classes={cfg.score.num_classes} but data.source {d.source!r} has "
+                        f"{num_classes} classes; set score.num_classes={num_classes}")
+    return ImageArrayDataset(images, labels, d.image_size, hflip=d.hflip, seed=cfg.seed)
+
+
+def shard_dataset(cfg: RunConfig, per_rank_batch: int):
+    """Image shards (local or s3://) through the streaming reader, which keeps its own position."""
     from .stream import ImageStreamDataset
-    crop = "random" if (cfg.random_crop and train) else "adm"
-    return ImageStreamDataset(cfg.source, batch_size=batch_size, image_size=cfg.image_size, crop=crop, hflip=hflip,
-                              seed=seed, shuffle=train, cache_dir=cache_dir)
+    d = cfg.data
+    return ImageStreamDataset(d.source, batch_size=per_rank_batch, image_size=d.image_size,
+                              crop="random" if d.random_crop else "center", hflip=d.hflip, seed=cfg.seed)
 
 
-def build_latent_dataset(cfg: DataConfig, batch_size: int, seed: int, cache_dir: str | None = None):
-    if not cfg.latents:
+def latent_dataset(cfg: RunConfig, per_rank_batch: int):
+    """A latent cache (data.latents) through the same streaming reader; the flip is the cache's stored mirror."""
+    if not cfg.data.latents:
         raise UserError("data.latents: not set; point it at the output of `dmvae-scale data cache-latents`")
     from .latents import LatentStreamDataset
-    return LatentStreamDataset(cfg.latents, batch_size=batch_size, hflip=cfg.hflip, seed=seed, cache_dir=cache_dir)
+    return LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip, seed=cfg.seed)

@@ -1,16 +1,12 @@
 """Where a run's batches come from, by global stream position, the same for any number of workers.
 
-Data: Fashion-MNIST from Debian's package, or an ImageNet-style folder (`root/<split>/<class>/<image>` or
-`root/<class>/<image>`) decoded once into memory, resized by the short side and centre-cropped to data.image_size;
-or MDS shards (a local directory with index.json, or s3://) through the streaming reader, whose own state carries the
-position. In memory, position p of the stream is image perm_e[p mod N] of epoch e = p div N, so a run restarted at
-images_seen, with any number of workers, continues the same sequence.
+The datasets come from data/datasets.py (config -> dataset); this module only batches them. In memory, position p of
+the stream is image perm_e[p mod N] of epoch e = p div N, so a run restarted at images_seen, with any number of
+workers, continues the same sequence; a streaming dataset's reader carries its own position.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -18,56 +14,10 @@ import torch
 from tqdm import tqdm
 
 from ..config import RunConfig
-from ..data import storage
-from ..data.builtin import ImageArrayDataset, load_fashion_mnist
+from ..data.builtin import ImageArrayDataset
+from ..data.datasets import in_memory_dataset, is_shard_dataset, latent_dataset, shard_dataset
 from ..errors import UserError
 from .checkpoint import CheckpointError
-
-def load_image_folder(root: str, split: str, image_size: int, limit: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Decode a folder tree into uint8 (N, S, S, 3) and labels; undecodable files are skipped and counted.
-    Returns (images, labels, number of classes)."""
-    from ..data.sources import open_source
-    from ..data.transforms import decode_image, resize_short_side
-    source = open_source(root, split)
-    samples = source.samples[:limit] if limit else source.samples
-    images, labels, corrupt = [], [], 0
-    for s in tqdm(samples, desc=f"decode {root}", unit="img", leave=False):
-        try:
-            with open(s.locator, "rb") as f:
-                img = resize_short_side(decode_image(f.read()), image_size)
-        except Exception:  # a truncated or foreign file: count it, keep going
-            corrupt += 1
-            continue
-        left, top = (img.size[0] - image_size) // 2, (img.size[1] - image_size) // 2
-        images.append(np.asarray(img.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8))
-        labels.append(s.label)
-    if not images:
-        raise UserError(f"data.source: no decodable images under {root}")
-    if corrupt:
-        print(f"data: skipped {corrupt} undecodable files under {root}")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), len(source.classes)
-
-
-def build_dataset(cfg: RunConfig) -> ImageArrayDataset:
-    d = cfg.data
-    if d.random_crop:
-        raise UserError(f"data.random_crop: {d.source!r} is decoded once into memory, centre-cropped; set it false "
-                        f"or train from shards (dmvae-scale data shards)")
-    if d.source == "fashion-mnist":
-        images, labels = load_fashion_mnist(d.split)
-        num_classes = 10
-        if d.limit:
-            images, labels = images[:d.limit], labels[:d.limit]
-    elif Path(d.source).is_dir():
-        images, labels, num_classes = load_image_folder(d.source, d.split, d.image_size, d.limit)
-    else:
-        raise UserError(f"data.source: {d.source!r} is neither 'fashion-mnist', a local image folder, nor a shard "
-                        f"dataset (a directory with index.json, or s3://...)")
-    if cfg.stage in ("reference", "dmd", "generator") and num_classes > cfg.score.num_classes:
-        raise UserError(f"score.num_classes={cfg.score.num_classes} but data.source {d.source!r} has "
-                        f"{num_classes} classes; set score.num_classes={num_classes}")
-    return ImageArrayDataset(images, labels, d.image_size, hflip=d.hflip, seed=cfg.seed)
 
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -174,14 +124,13 @@ class PositionalBatches:
 
 
 class StreamingBatches:
-    """Shard datasets (local or s3://) through the streaming reader; its own state carries the position."""
+    """A streaming dataset (image shards, or a latent cache of {"latent", "label"}; local or s3://) through a
+    loader; the reader's own state carries the position (exact mid-epoch resume, any number of workers)."""
 
-    def __init__(self, cfg: RunConfig, per_rank_batch: int):
-        from ..data.stream import ImageStreamDataset, make_loader
-        d = cfg.data
-        self.dataset = ImageStreamDataset(d.source, batch_size=per_rank_batch, image_size=d.image_size,
-                                          crop="random" if d.random_crop else "center", hflip=d.hflip, seed=cfg.seed)
-        self.loader = make_loader(self.dataset, num_workers=d.num_workers)
+    def __init__(self, dataset, num_workers: int):
+        from ..data.stream import make_loader
+        self.dataset = dataset
+        self.loader = make_loader(self.dataset, num_workers=num_workers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # epochs repeat; the reader advances its epoch itself
@@ -196,20 +145,6 @@ class StreamingBatches:
         self.loader.load_state_dict(state)
 
 
-class LatentBatches(StreamingBatches):
-    """A latent cache (data.latents, written by `data cache-latents`): {"latent", "label"} batches through the same
-    streaming reader, with the same exact mid-epoch resume; the flip is the cache's stored latent of the mirror."""
-
-    def __init__(self, cfg: RunConfig, per_rank_batch: int):
-        from ..data.latents import LatentStreamDataset
-        from ..data.stream import make_loader
-        self.dataset = LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip,
-                                           seed=cfg.seed)
-        self.loader = make_loader(self.dataset, num_workers=cfg.data.num_workers)
-
-
-def is_shard_dataset(source: str) -> bool:
-    return storage.is_remote(source) or os.path.isfile(os.path.join(source, "index.json"))
 
 
 def make_batches(cfg: RunConfig, per_rank_batch: int, rank: int, world: int,
@@ -218,10 +153,10 @@ def make_batches(cfg: RunConfig, per_rank_batch: int, rank: int, world: int,
     if dataset_factory is not None:
         return PositionalBatches(dataset_factory(cfg), per_rank_batch, cfg.seed, rank, world)
     if cfg.data.latents is not None:
-        return LatentBatches(cfg, per_rank_batch)
+        return StreamingBatches(latent_dataset(cfg, per_rank_batch), cfg.data.num_workers)
     if is_shard_dataset(cfg.data.source):
-        return StreamingBatches(cfg, per_rank_batch)
-    return PositionalBatches(build_dataset(cfg), per_rank_batch, cfg.seed, rank, world)
+        return StreamingBatches(shard_dataset(cfg, per_rank_batch), cfg.data.num_workers)
+    return PositionalBatches(in_memory_dataset(cfg), per_rank_batch, cfg.seed, rank, world)
 
 
 def statistics_batches(batches, per_rank_batch: int, images: int) -> Iterator[dict[str, torch.Tensor]]:
