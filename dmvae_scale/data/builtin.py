@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dmvae_scale.errors import UserError
+from dmvae_scale.seeds import sample_seed
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -57,7 +58,7 @@ def load_fashion_mnist(split: str = "train", root: Path | str = FASHION_MNIST_DI
 
 def flip_decision(seed: int, epoch: int, index: int) -> bool:
     """Whether sample `index` is mirrored in `epoch`: a hash of the three, so any worker layout agrees."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
     return bool(torch.rand((), generator=g) < 0.5)
 
 

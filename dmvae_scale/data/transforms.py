@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dmvae_scale.seeds import sample_seed
+
 CROP_MODES = ("random", "center", "adm")
 
 
@@ -50,7 +52,8 @@ def to_model_range(img: Image.Image) -> torch.Tensor:
 
 
 def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(epoch), int(sample_id)])
+    """One sample's augmentation draws in an epoch (seeds.sample_seed): the same on any worker, at any time."""
+    return np.random.default_rng(sample_seed(seed, epoch, sample_id))
 
 
 @dataclass(frozen=True)
