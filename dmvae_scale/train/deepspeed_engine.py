@@ -11,8 +11,8 @@ The wrapper adds what DeepSpeed leaves to the caller:
   - forwards run the plain module (DeepSpeed's engine forward hooks its outputs, so a discriminator inside the
     generator's loss or an autograd.grad for an adaptive weight would run the wrong engine's gradient reduction);
     backward goes through DeepSpeed with the prologue the output hook would have run (pinned DeepSpeed 0.19.8);
-  - a non-finite guard: a loss that is not finite on ANY worker skips backward and step on every worker together
-    (one 4-byte all-reduce per backward, the only per-step host sync of the engine); the shared loop counts skips;
+  - `save` / `load` of its own ZeRO shards, as one of the parts a checkpoint holds (checkpoint/manager.py);
+The non-finite guard wraps these engines (guard.py).
 Activation checkpointing is the models' own (DiTConfig.grad_checkpointing: torch non-reentrant checkpointing, which
 works under ZeRO 1-3); gradient accumulation is DeepSpeed's (distributed.grad_accum micro-batches per step).
 """
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import DistributedConfig, OptimConfig
@@ -134,16 +133,15 @@ def _adamw(optim: OptimConfig, device: torch.device):
 # ----------------------------------------------------------------------------------------------------------------------
 
 class DeepSpeedEngine:
-    """A DeepSpeed engine with the stage contract's calling convention and a non-finite guard that all workers agree
-    on: when the loss is not finite on any worker, backward and step are skipped on every worker."""
+    """A DeepSpeed engine with the stage contract's calling convention (`engine(x)`, `backward`, `step`, `module`);
+    the non-finite guard (guard.py) wraps it. As a part of a checkpoint it writes and reads its own ZeRO shards
+    (`save` / `load`)."""
 
     def __init__(self, name: str, ds_engine, world: int):
         self.name = name
         self.ds = ds_engine
         self.module = ds_engine.module
         self.world = world
-        self.skipped = 0
-        self._skip_pending = False
         self._stepped = False
         self._zero = ds_engine.zero_optimization()
 
@@ -158,37 +156,37 @@ class DeepSpeedEngine:
         return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).all().to(torch.float32)
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1.0:  # every worker sees the same value, so all skip together
-            self._skip_pending = True
-            self.skipped += 1
-            return
         if self._zero:  # the engine forward's output hook would run this when the gradient reaches the outputs
             self.ds._backward_prologue()
         self.ds.backward(loss)
 
-    def all_finite(self, local_ok: bool = True) -> bool:
-        """The workers' joint verdict on the last backward's loss (decided there, with one all-reduce)."""
-        return local_ok and not self._skip_pending
-
     def step(self) -> None:
-        if self._skip_pending:
-            self.skip_step()
-            return
         boundary = self.ds.is_gradient_accumulation_boundary()  # the optimiser steps only on a boundary
         self.ds.step()
         self._stepped = boundary
 
-    def skip_step(self) -> None:
-        """Drop this iteration's update (its backward never ran, so there are no gradients to clear)."""
-        self._skip_pending = False
-        self._stepped = False
-
     def stepped_optimizer(self) -> bool:
-        """Whether the last step() changed the weights (False inside a gradient-accumulation window or on a skip)."""
+        """Whether the last step() changed the weights (False inside a gradient-accumulation window)."""
         return self._stepped
+
+    # -- a part of a checkpoint: its DeepSpeed state (module, optimiser, schedule, counters) as ZeRO shards --------
+    def save(self, directory: str) -> None:
+        """Every rank writes its ZeRO shards under directory/zero/ (collective)."""
+        self.ds.save_checkpoint(directory, tag=DS_CHECKPOINT_TAG, client_state={}, save_latest=False)
+
+    def load(self, directory: str, universal: bool = False) -> None:
+        """Read this engine's state back (from the universal conversion when the world or ZeRO stage changed);
+        raises if anything is missing."""
+        tag = f"{DS_CHECKPOINT_TAG}_universal" if universal else DS_CHECKPOINT_TAG
+        try:
+            path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        finally:
+            forget = getattr(self.ds.checkpoint_engine, "forget", None)
+            if forget is not None:
+                forget()
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint of engine '{self.name}' under {directory}/{tag}")
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
@@ -335,29 +333,6 @@ def _use_reusing_loads(ds_engine, on_saved: Callable[[str], None] | None = None)
     if type(ds_engine.checkpoint_engine) is TorchCheckpointEngine:
         ds_engine.checkpoint_engine = _reusing_checkpoint_engine_class()(ds_engine._config)
         ds_engine.checkpoint_engine.on_saved = on_saved
-
-
-def load_engines(engines: dict[str, DeepSpeedEngine], directory: str, universal: bool) -> None:
-    """Load every engine (module, optimiser, scheduler, step counters); raises if anything is missing."""
-    tag = f"{DS_CHECKPOINT_TAG}_universal" if universal else DS_CHECKPOINT_TAG
-    for name, eng in engines.items():
-        try:
-            path, _ = eng.ds.load_checkpoint(os.path.join(directory, "engines", name), tag=tag,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
-        finally:
-            forget = getattr(eng.ds.checkpoint_engine, "forget", None)
-            if forget is not None:
-                forget()
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint of engine '{name}' under "
-                                    f"{directory}/engines/{name}/{tag}")
-
-
-def save_engines(engines: dict[str, DeepSpeedEngine], directory: str) -> None:
-    """Every rank writes its ZeRO shards of every engine under directory/engines/<name>/zero/."""
-    for name, eng in engines.items():
-        eng.ds.save_checkpoint(os.path.join(directory, "engines", name), tag=DS_CHECKPOINT_TAG, client_state={},
-                               save_latest=False)
 
 
 def convert_to_universal(directory: str, names: Iterable[str]) -> None:

@@ -1,11 +1,12 @@
 """The training loop shared by every stage and every driver (one process, or each DeepSpeed worker).
 
 Progress is counted in images seen. The loop owns the side concerns so the stage's step stays pure training:
-a guard that skips optimiser steps whose loss is not finite (and stops after too many in a row), EMA updates after
-each real optimiser step, metrics kept as tensors and reduced only at the log interval, a tqdm bar, and a closing
-summary line. Drivers extend it through hooks: `on_log` (metrics sinks, at the log interval), then `after_step`
-(cadence work such as checkpoints, keyed on images_seen), and `on_end`; `TrainLoop.state_dict()` is what a checkpoint
-must hold beyond the engines' own state (counters, EMA shadows, the stage's own state).
+the non-finite guard (guard.py: skips optimiser steps whose loss is not finite on any worker, stops after too many in
+a row), EMA updates after each real optimiser step, metrics kept as tensors and reduced only at the log interval, a
+tqdm bar, and a closing summary line. Drivers extend it through hooks: `on_log` (metrics sinks, at the log interval),
+then `after_step` (cadence work such as checkpoints, keyed on images_seen), and `on_end`. The loop is one of the parts
+a checkpoint holds (its counters: `state_dict` / `load_state_dict`); the engines, the EMAs, the stage, the data
+reader and the RNG are parts of their own (checkpoint/manager.py).
 """
 from __future__ import annotations
 
@@ -19,48 +20,8 @@ from tqdm import tqdm
 from ..config import RunConfig
 from ..errors import UserError
 from .api import Engine, Stage
-
-
-class TrainingDivergedError(UserError):
-    """Too many consecutive optimiser steps had a non-finite loss."""
-
-
-class GuardedEngine:
-    """Wraps an engine: remembers whether the last backward's loss was finite and skips the step when it was not.
-
-    The finiteness check syncs once per optimiser step, at step() time, after the backward has been queued.
-    A skipped step calls the engine's `skip_step()` when it has one (a DeepSpeed wrapper must keep its own counters),
-    else drops the gradients.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.module = engine.module
-        self._finite: torch.Tensor | None = None
-        self.stepped = False  # an optimiser step happened in the current iteration
-        self.skipped = False
-
-    def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).all()
-        self._finite = finite if self._finite is None else (self._finite & finite)
-        self.engine.backward(loss)
-
-    def step(self) -> None:
-        ok = True if self._finite is None else bool(self._finite)
-        self._finite = None
-        if ok:
-            self.engine.step()
-            self.stepped = True
-        else:
-            skip = getattr(self.engine, "skip_step", None)
-            if skip is not None:
-                skip()
-            else:
-                self.engine.zero_grad()
-            self.skipped = True
+from .guard import GuardedEngine, NonFiniteGuard, TrainingDivergedError  # noqa: F401 (TrainingDivergedError: re-export)
+from .rng import seed_step
 
 
 @dataclass
@@ -108,63 +69,52 @@ class TrainLoop:
 
     def __init__(self, stage: Stage, engines: dict[str, Engine], cfg: RunConfig,
                  emas: dict | None = None, hooks: Iterable[LoopHook] = (), device: torch.device | str = "cpu",
-                 world_size: int = 1, is_main: bool = True, progress: bool = True,
+                 world_size: int = 1, rank: int = 0, is_main: bool = True, progress: bool = True,
                  reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         self.stage = stage
         self.cfg = cfg
-        self.engines = {name: GuardedEngine(e) for name, e in engines.items()}
+        self.guard = NonFiniteGuard(world_size, device, cfg.max_nonfinite_steps)
+        self.engines = {name: GuardedEngine(e, self.guard) for name, e in engines.items()}
         self.emas = emas or {}
         self.hooks = list(hooks)
         self.device = torch.device(device)
         self.world_size = world_size
+        self.rank = rank
         self.is_main = is_main
         self.progress = progress and is_main
         self.reduce_metrics = reduce_metrics
         self.images_seen = 0
         self.steps = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    # -- what a checkpoint must hold beside the engines' own state ---------------------------------------------------
+    # -- the loop's part of a checkpoint: its counters (the guard's included) ---------------------------------------
     def state_dict(self) -> dict:
-        state = {"images_seen": self.images_seen, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                 "ema": {name: ema.state_dict() for name, ema in self.emas.items()}}
-        stage_state = getattr(self.stage, "state_dict", None)
-        if stage_state is not None:
-            state["stage"] = stage_state()
-        return state
+        return {"images_seen": self.images_seen, "steps": self.steps, **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.images_seen = int(state["images_seen"])
         self.steps = int(state["steps"])
-        self.skipped_steps = int(state["skipped_steps"])
-        for name, ema in self.emas.items():
-            ema.load_state_dict(state["ema"][name])
-        if "stage" in state:
-            self.stage.load_state_dict(state["stage"])
+        self.guard.load_state_dict(state)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        return self.guard.consecutive_skips
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _after_optimizer_steps(self) -> None:
-        skipped = any(e.skipped for e in self.engines.values())
         for name, engine in self.engines.items():
             if engine.stepped and name in self.emas:
                 self.emas[name].update(engine.module)
-            engine.stepped = engine.skipped = False
-        if skipped:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips > self.cfg.max_nonfinite_steps:
-                raise TrainingDivergedError(
-                    f"training diverged: {self.consecutive_skips} consecutive steps with a non-finite loss at "
-                    f"{self.images_seen} images; lower optim.lr, or raise max_nonfinite_steps "
-                    f"(now {self.cfg.max_nonfinite_steps})")
-        else:
-            self.consecutive_skips = 0
+            engine.stepped = False
+        self.guard.end_iteration(self.images_seen)
 
     def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
@@ -197,6 +147,9 @@ class TrainLoop:
                 except StopIteration:
                     raise UserError(f"the data ran out after {self.images_seen} of total_images={total} images; "
                                     f"the batch source must repeat epochs") from None
+                # Every random draw of the step is a function of (seed, rank, images seen): a resumed run continues
+                # the same trajectory whatever ran between two steps (checkpoints, image grids).
+                seed_step(cfg.seed, self.rank, self.images_seen)
                 out = self.stage.step(self._to_device(batch), self.steps, self.engines)
                 self._after_optimizer_steps()
                 self.steps += 1

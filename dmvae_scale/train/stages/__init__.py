@@ -23,7 +23,8 @@ their tokenizer artifact, so both sources give the same bits. DMD trains the enc
 Every declared input is used or the stage refuses to start; a missing artifact, a latent shape or statistics mismatch,
 or weights that do not load stop with an error naming the file and the config key. Stages build on the CPU; the
 driver moves models to the device, wraps trainable ones in engines and calls prepare(), then step() per batch.
-Random draws come from generators seeded by (seed, rank, step), so a resumed run continues the same noise.
+Random draws come from generators seeded by the step's seed, a function of (seed, rank, images seen) that the
+loop sets before every step, so a resumed run continues the same noise.
 
 One module per stage family: common.py (input checks, upstream artifacts, seeded step generators, latent statistics,
 the teacher a stage names, the stage base class), teacher.py, autoencoder.py (tokenizer, decoder), flow_matching.py

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ...artifacts import LatentSpec
-from ...config import OptimConfig, RunConfig
+from ...config import OptimConfig, RunConfig, check_stage_inputs
 from ...data.artifact_store import artifact_info
 from ...distributed.teacher_service import FEATURES_KEY
 from ...method.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
@@ -17,7 +17,7 @@ from ...models.kl_vae import KLTokenizer
 from ...models.tokenizer import build_tokenizer
 from ..api import Engine, ModelSpec, StepOutput
 from ..precision import ForwardPrecision
-from .common import (StageInputError, _MeasuresLatentStats, _StageBase, _device_of, _image_channels, _reject_unused,
+from .common import (_MeasuresLatentStats, _StageBase, _device_of, _image_channels,
                      _seeded_encoder_weights, _tokenizer_from, measure_latent_stats, no_param_grads, open_upstream,
                      stage_teacher_spec)
 
@@ -103,19 +103,15 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         self.discriminator = PatchDiscriminator(cfg.discriminator, in_channels=cfg.tokenizer.in_channels)
         self.latent: Optional[LatentSpec] = None
         if cfg.stage == "tokenizer":
-            _reject_unused(cfg, {"tokenizer.encoder.weights"})
+            check_stage_inputs(cfg)
             self.teacher_spec = stage_teacher_spec(cfg)
             self.tokenizer = build_tokenizer(cfg.tokenizer)
-            if cfg.tokenizer.kind == "kl_vae":
-                if cfg.tokenizer.encoder.frozen:
-                    raise StageInputError("tokenizer.encoder.frozen: the KL-VAE baseline trains its encoder from "
-                                          "scratch; set it false")
-            elif cfg.teacher.name in ("random_vit", "ssl"):
+            if cfg.tokenizer.kind == "dmvae" and cfg.teacher.name in ("random_vit", "ssl"):
                 _seeded_encoder_weights(cfg, self.tokenizer)
             if cfg.teacher.name == "ssl":
                 self.upstream = {"teacher": artifact_info(cfg.teacher.artifact).id}
         else:
-            _reject_unused(cfg, {"inputs.tokenizer"})
+            check_stage_inputs(cfg)
             self.teacher_spec = stage_teacher_spec(cfg)
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
             self.tokenizer = _tokenizer_from(cfg, up)

@@ -25,26 +25,6 @@ class StageInputError(UserError):
     """A stage's inputs (upstream artifacts, reference files) are missing, unused, or do not fit its config."""
 
 
-def _reject_unused(cfg: RunConfig, used: set[str]) -> None:
-    """Every input given must be used: name the first one this stage would ignore."""
-    given = {"inputs.tokenizer": cfg.inputs.tokenizer, "inputs.real_score": cfg.inputs.real_score,
-             "inputs.generator": cfg.inputs.generator, "reference.path": cfg.reference.path,
-             "tokenizer.encoder.weights": cfg.tokenizer.encoder.weights}
-    for key, value in given.items():
-        if value is not None and key not in used:
-            why = " (the tokenizer's weights come from inputs.tokenizer)" if key == "tokenizer.encoder.weights" \
-                and cfg.stage != "tokenizer" else ""
-            raise StageInputError(f"{key}: stage '{cfg.stage}' does not use it{why}; remove it (got {value!r})")
-    for key in sorted(used):
-        if key.startswith("inputs.") and given[key] is None:
-            raise StageInputError(f"{key}: stage '{cfg.stage}' needs it: the artifact directory of "
-                                  f"{_PRODUCER[key]}")
-
-
-_PRODUCER = {"inputs.tokenizer": "a tokenizer-producing stage (tokenizer, dmd or decoder)",
-             "inputs.real_score": "the reference stage (its real_score)", "inputs.generator": "a generator stage"}
-
-
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out = {}
@@ -123,9 +103,11 @@ def _check_score_shape(cfg: RunConfig, shape: tuple[int, ...], source: str) -> N
                               f"set score.input_size={h}")
 
 
-def step_generators(seed: int, rank: int, step: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """(generator on `device` for noise, CPU generator for augmentation), both functions of (seed, rank, step)."""
-    value = ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (2 ** 63)
+def step_generators(device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(generator on `device` for noise, CPU generator for augmentation) of the current training step: seeded from
+    the step's seed, which the loop sets before every step from (seed, rank, images seen) (seeds.step_seed; torch
+    keeps it as torch.initial_seed())."""
+    value = torch.initial_seed()
     cpu = torch.Generator().manual_seed(value)
     dev = cpu if device.type == "cpu" else torch.Generator(device=device).manual_seed(value)
     return dev, cpu
@@ -244,7 +226,7 @@ class _StageBase:
         return self._models
 
     def _rng(self, step: int, x: torch.Tensor) -> tuple[torch.Generator, torch.Generator]:
-        return step_generators(self.cfg.seed, self.rank, step, x.device)
+        return step_generators(x.device)
 
     def prepare(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Work before training (latent statistics). Every rank must be given the same batches."""

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from ...config import RunConfig
+from ...config import RunConfig, check_stage_inputs
 from ...method.dm_loss import annealed_t_range, dm_loss
 from ...method.flow import drop_labels, flow_matching_loss
 from ...models.discriminator import PatchDiscriminator
@@ -13,7 +13,7 @@ from ...models.dit import LightningDiT
 from ..api import ModelSpec, StepOutput
 from .autoencoder import AutoencoderLosses, discriminator_optim
 from .common import (StageInputError, _SCORE_SETTINGS, _StageBase, _check_same, _check_score_shape, _image_channels,
-                     _reject_unused, _tokenizer_from, open_upstream, stage_teacher_spec)
+                     _tokenizer_from, open_upstream, stage_teacher_spec)
 
 
 class DMDStage(_StageBase):
@@ -27,7 +27,7 @@ class DMDStage(_StageBase):
     def __init__(self, cfg: RunConfig, rank: int = 0):
         super().__init__(cfg, rank)
         stage_teacher_spec(cfg)  # none: refuses teacher.remote
-        _reject_unused(cfg, {"inputs.tokenizer", "inputs.real_score"})
+        check_stage_inputs(cfg)
         up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
         self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ...artifacts import LatentSpec
-from ...config import RunConfig
+from ...config import RunConfig, check_stage_inputs
 from ...distributed.teacher_service import FEATURES_KEY
 from ...method.flow import drop_labels, flow_matching_loss
 from ...method.references import (FileSamples, GaussianMixture, NoisyTokenizerLatents, ReferenceSource,
@@ -17,7 +17,7 @@ from ...models.dit import LightningDiT
 from ...models.tokenizer import Tokenizer
 from ..api import ModelSpec, StepOutput
 from .common import (CACHED_LATENTS_KEY, StageInputError, Upstream, _MeasuresLatentStats, _StageBase,
-                     _check_score_shape, _device_of, _image_channels, _reject_unused, _tokenizer_from,
+                     _check_score_shape, _device_of, _image_channels, _tokenizer_from,
                      measure_latent_stats, open_upstream, stage_teacher_spec)
 
 
@@ -126,14 +126,8 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
         self.tokenizer: Optional[Tokenizer] = None
         self.latent: Optional[LatentSpec] = None
         uses_tokenizer = cfg.stage == "generator" or cfg.reference.kind in ("tokenizer", "noisy_tokenizer")
-        used = {"inputs.tokenizer"} if uses_tokenizer else set()
-        if cfg.stage == "reference" and cfg.reference.kind == "file":
-            used.add("reference.path")
-        _reject_unused(cfg, used)
+        check_stage_inputs(cfg)  # config.validate refuses data.latents where no tokenizer's latents are trained on
         self.cached = cfg.data.latents is not None  # batches carry cached latents: no encoder runs here
-        if self.cached and not (cfg.stage == "generator" or cfg.reference.kind == "tokenizer"):
-            raise StageInputError(f"data.latents: reference.kind={cfg.reference.kind} does not train on a tokenizer's "
-                                  f"latents; remove data.latents")
         self.teacher_spec = None if self.cached else stage_teacher_spec(cfg)
         if uses_tokenizer:
             up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ...config import RunConfig
+from ...config import RunConfig, check_stage_inputs
 from ...method.ssl import ViewAugment, info_nce_loss, vicreg_loss
 from ...models.ssl import SSLEncoder
 from ..api import ModelSpec, StepOutput
-from .common import _StageBase, _reject_unused, stage_teacher_spec
+from .common import _StageBase, stage_teacher_spec
 
 
 class TeacherStage(_StageBase):
@@ -20,7 +20,7 @@ class TeacherStage(_StageBase):
     def __init__(self, cfg: RunConfig, rank: int = 0):
         super().__init__(cfg, rank)
         self.name = cfg.stage
-        _reject_unused(cfg, set())
+        check_stage_inputs(cfg)
         self.teacher_spec = stage_teacher_spec(cfg)  # None; refuses teacher.remote
         enc = cfg.tokenizer.encoder
         self.network = SSLEncoder(enc.arch, cfg.tokenizer.image_size, enc.patch_size, cfg.ssl.expander_dim)
