@@ -15,7 +15,7 @@ from torch import nn
 from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
 from dmvae_scale.config import ConfigError, dump_yaml, load_config
 from dmvae_scale.train import checkpoint as ckpt
-from dmvae_scale.train import durable
+from dmvae_scale.train.checkpoint import durable
 from dmvae_scale.train.deepspeed_engine import deepspeed_config, resolve_precision
 from dmvae_scale.train.ema import ShardedEMA, consolidate_ema_shards
 from dmvae_scale.train.launch import check_run_dir
@@ -130,7 +130,7 @@ def test_background_prune_finishes_before_the_next_save_and_warns_on_errors(tmp_
     _fake_checkpoint(store, 24)
     monkeypatch.setattr(store, "remove", failing_remove)
     store.prune(background=True)
-    with caplog.at_level("WARNING", logger="dmvae_scale.train.checkpoint"):
+    with caplog.at_level("WARNING", logger="dmvae_scale.train.checkpoint.store"):
         message = store.wait()
     assert re.search(r"deleting old checkpoints under .* failed: read-only: img-\d+; the next save retries", message)
     assert message in caplog.text
@@ -173,7 +173,7 @@ def test_a_resume_that_changes_the_meaning_is_refused_naming_the_key(tmp_path):
     base = [f"run_dir={tmp_path}/run", "stage=generator", f"inputs.tokenizer={tmp_path}/tok", "score.depth=2"]
     cfg = load_config(None, base)
     store = ckpt.CheckpointStore(cfg.run_dir)
-    from dmvae_scale.train.checkpointer import upstream_latents
+    from dmvae_scale.train.checkpoint import upstream_latents
     _fake_checkpoint(store, 64, meaning=ckpt.meaning_of(cfg, upstream_latents(cfg)))
 
     # What may change: length, cadence, workers, learning rate.
@@ -259,7 +259,7 @@ def test_wandb_requested_without_wandb_installed_fails_before_any_worker_starts(
     from dmvae_scale.train.launch import train
     monkeypatch.setenv("WANDB_PROJECT", "dmvae")
     with pytest.raises(UserError, match=r"WANDB_PROJECT is set but wandb is not installed"):
-        train(load_config(None, [f"run_dir={tmp_path}/run"]))
+        train(load_config("configs/demo/tokenizer.yaml", [f"run_dir={tmp_path}/run"]))
     assert not (tmp_path / "run").exists()
 
 

@@ -4,7 +4,7 @@
    non-finite guard) against plain PyTorch (tests/plain_reference.py PlainEngine: the same AdamW, clipping, schedule)
    for the same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
 2. checkpoint throughput: saving and restoring the engine through the real checkpoint path (ZeRO shards + worker
-   state + manifest, train/checkpointer.write_checkpoint; restore through load_engines) against writing and reading
+   state + manifest, train/checkpoint/manager.write_checkpoint; restore through each engine's load) against writing and reading
    the same number of bytes raw to the same storage (local directory, or an s3:// URL with --s3). Goal: >= 0.8.
    Measured for the step-time model (~80 MB with AdamW state) and, by default, a 32M-parameter DiT (~0.5 GB):
    per-call fixed costs (file creation, fsyncs, the manifest) weigh on the small one far more than on real
@@ -86,7 +86,7 @@ def bench_step_time(args, device) -> dict:
     from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
-    from dmvae_scale.train.durable import file_written
+    from dmvae_scale.train.checkpoint.durable import file_written
     engines = build_engines({"dit": ModelSpec(copy.deepcopy(model), True, cfg.optim)}, cfg.distributed,
                             micro_batch=args.batch, rank=0, world_size=1, device=device,
                             on_file_saved=file_written)  # the worker's early flush of each checkpoint file
@@ -160,8 +160,11 @@ def _raw_read(url: str) -> float:
 def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
     from dmvae_scale.data import storage
     from dmvae_scale.train import checkpoint as ckpt
-    from dmvae_scale.train.deepspeed_engine import load_engines
-    from dmvae_scale.train.checkpointer import write_checkpoint
+    from dmvae_scale.train.checkpoint import write_checkpoint
+
+    def load_engines(engines, directory):
+        for name, engine in engines.items():
+            engine.load(os.path.join(directory, "engines", name))
     # one fresh root per measured model: two stores under one prefix would prune each other's checkpoints
     root = (f"{args.s3.rstrip('/')}/{label}-{os.getpid()}" if args.s3 else
             tempfile.mkdtemp(prefix="bench-engine-", dir=args.local_dir))
@@ -173,7 +176,7 @@ def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
         config_yaml="bench: true\n", manifest=dict(images_seen=0, step=0, world_size=1, zero_stage=args.zero,
                                                     engines=list(engine_set.engines), meaning={},
                                                     config_hash="bench"))
-    load_engines(engine_set.engines, store.local_view(warm), universal=False)
+    load_engines(engine_set.engines, store.local_view(warm))
     sizes.append(sum(warm.files.values()))
     for i in range(args.ckpt_rounds):
         raw_url = storage.join(root, f"raw-{i}.bin")
@@ -192,7 +195,7 @@ def bench_checkpoint(args, device, engine_set, label: str = "step") -> dict:
         def restore():
             _settle(store.remote, sizes[-1])
             t0 = time.perf_counter()
-            load_engines(engine_set.engines, store.local_view(box["info"]), universal=False)
+            load_engines(engine_set.engines, store.local_view(box["info"]))
             load_t.append(time.perf_counter() - t0)
 
         # The order within a round alternates, so a drift of the shared machine or of the host's disk cache
@@ -244,7 +247,7 @@ def checkpoint_engine_set(args, device, size: str, step_engines):
     except ValueError:
         raise SystemExit(f"--ckpt-sizes: {size!r} is neither 'step' nor WIDTHxDEPTH such as 384x12")
     cfg, model, batch = build(args, device, hidden=hidden, depth=depth)
-    from dmvae_scale.train.durable import file_written
+    from dmvae_scale.train.checkpoint.durable import file_written
     engines = build_engines({"dit": ModelSpec(model, True, cfg.optim)}, cfg.distributed, micro_batch=args.batch,
                             rank=0, world_size=1, device=device, on_file_saved=file_written)
     train_steps(engines.engines["dit"], batch, 1, device, ForwardPrecision(engines.precision, device.type))

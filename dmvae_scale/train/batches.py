@@ -7,6 +7,7 @@ workers, continues the same sequence; a streaming dataset's reader carries its o
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -17,7 +18,9 @@ from ..config import RunConfig
 from ..data.builtin import ImageArrayDataset
 from ..data.datasets import in_memory_dataset, is_shard_dataset, latent_dataset, shard_dataset
 from ..errors import UserError
-from .checkpoint import CheckpointError
+from ..seeds import epoch_seed, stats_seed
+from .checkpoint.store import CheckpointError
+from .loop import LoopHook
 
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -34,7 +37,7 @@ def stream_batches(dataset: ImageArrayDataset, batch_size: int, seed: int, start
         epoch = pos // n
         if epoch not in perms:
             perms.clear()
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         return epoch, int(perms[epoch][pos % n])
 
     pos = start_images
@@ -78,7 +81,7 @@ def stats_indices(total: int, images: int, seed: int, labels: np.ndarray | None 
     With labels: a random permutation within each class, dealt round-robin across the classes (classes in random
     order), so any prefix is class-balanced. Without: a uniform random sample without replacement."""
     count = min(images, total)
-    g = torch.Generator().manual_seed(seed * 7_919 + 17)
+    g = torch.Generator().manual_seed(stats_seed(seed))
     if labels is None:
         return torch.randperm(total, generator=g)[:count].tolist()
     labels = np.asarray(labels)
@@ -105,46 +108,78 @@ def _indexed_images(dataset, batch_size: int, images: int, seed: int) -> Iterato
                         for i in indices[start:start + batch_size]])
 
 
-class PositionalBatches:
-    """Batches of a map-style dataset by global stream position (stream_batches): resuming at images_seen with any
-    number of workers continues the same global order. Its state is the position."""
+class _TrackedBatches(LoopHook):
+    """A batch source that is a part of a checkpoint: its state is the reader's position after the batches the loop
+    has CONSUMED, not after those handed out (a prefetching feature source takes the next batch before the loop
+    steps on this one). It records the position after each batch it hands out, and the loop's after_step (one per
+    batch taken) moves the consumed mark forward."""
 
-    def __init__(self, dataset, per_rank_batch: int, seed: int, rank: int, world: int):
-        self.dataset, self.batch, self.seed, self.rank, self.world = dataset, per_rank_batch, seed, rank, world
-        self.start = 0
+    def __init__(self):
+        self._pending: deque = deque()
+        self._consumed: Optional[dict] = None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return stream_batches(self.dataset, self.batch, self.seed, self.start, self.rank, self.world)
+        self._pending.clear()
+        for batch in self._batches():
+            self._pending.append(self._position())
+            yield batch
 
-    def state_dict(self) -> None:
-        return None
+    def after_step(self, loop) -> None:
+        if self._pending:
+            self._consumed = self._pending.popleft()
 
-    def resume_at(self, images_seen: int, state: Optional[dict]) -> None:
-        self.start = images_seen
+    def state_dict(self) -> dict:
+        if self._consumed is None:
+            raise CheckpointError("the data reader has no position to save yet (no batch was consumed)")
+        return self._consumed
 
 
-class StreamingBatches:
+class PositionalBatches(_TrackedBatches):
+    """Batches of a map-style dataset by global stream position (stream_batches): resuming at the saved position
+    with any number of workers continues the same global order."""
+
+    def __init__(self, dataset, per_rank_batch: int, seed: int, rank: int, world: int):
+        super().__init__()
+        self.dataset, self.batch, self.seed, self.rank, self.world = dataset, per_rank_batch, seed, rank, world
+        self.start = self._at = 0
+        self._consumed = {"position": 0}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._at = self.start
+        for batch in stream_batches(self.dataset, self.batch, self.seed, self.start, self.rank, self.world):
+            self._at += self.batch * self.world
+            yield batch
+
+    def _position(self) -> dict:
+        return {"position": self._at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = int(state["position"])
+        self._consumed = {"position": self.start}
+
+
+class StreamingBatches(_TrackedBatches):
     """A streaming dataset (image shards, or a latent cache of {"latent", "label"}; local or s3://) through a
     loader; the reader's own state carries the position (exact mid-epoch resume, any number of workers)."""
 
     def __init__(self, dataset, num_workers: int):
         from ..data.stream import make_loader
+        super().__init__()
         self.dataset = dataset
         self.loader = make_loader(self.dataset, num_workers=num_workers)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # epochs repeat; the reader advances its epoch itself
             yield from self.loader
 
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
+    def _position(self) -> dict:
+        return {"reader": self.loader.state_dict()}
 
-    def resume_at(self, images_seen: int, state: Optional[dict]) -> None:
-        if state is None:
-            raise CheckpointError(f"the checkpoint at {images_seen} images holds no data-reader state")
-        self.loader.load_state_dict(state)
-
-
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("reader") is None:
+            raise CheckpointError("the checkpoint holds no data-reader state for this shard dataset")
+        self.loader.load_state_dict(state["reader"])
+        self._consumed = dict(state)
 
 
 def make_batches(cfg: RunConfig, per_rank_batch: int, rank: int, world: int,

@@ -15,8 +15,6 @@ from ..errors import UserError
 from .loop import LoopHook
 
 
-# Peak dense bf16 tensor-core FLOP/s per device, for MFU. Matched as substrings of the CUDA device name.
-
 def import_wandb():
     try:
         import wandb
@@ -104,9 +102,18 @@ class FlopCounter:
     the batch iterator so the count covers exactly one stage.step: it starts when batch 1 is handed out and stops
     when batch 2 is asked for (or at close())."""
 
-    def __init__(self):
+    def __init__(self, per_rank_batch: int = 1):
+        self.per_rank_batch = per_rank_batch
         self.flops_per_step: Optional[float] = None
         self._gen = None
+
+    # -- a part of a checkpoint: a resumed run logs the count of its first run's first step, without recounting --
+    def state_dict(self) -> dict:
+        return {"flops_per_image": self.flops_per_step / self.per_rank_batch if self.flops_per_step else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_image = state.get("flops_per_image")
+        self.flops_per_step = per_image * self.per_rank_batch if per_image else None
 
     def wrap(self, batches: Iterator) -> Iterator:
         self._gen = self._counted(iter(batches))

@@ -2,12 +2,13 @@
 1, gloo on loopback). Every worker (any process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set) calls
 `run_worker(job)`:
   1. joins the process group (gloo on CPU, NCCL on GPU) and builds the stage, seeded alike on every rank;
-  2. asks the Checkpointer for the latest complete checkpoint (refused when the config changes what it means);
-  3. wraps the stage's models in DeepSpeed engines (deepspeed_engine.build_engines) and restores engines, counters,
-     EMA partitions, stage state, data position and RNG through the Checkpointer;
-  4. runs the shared TrainLoop (loop.py) with hooks: reseed from (seed, rank, images seen) (rng.py), checkpoints
-     every cfg.ckpt_every_images (checkpointer.py), the stop request and Ray's preemption notice (collectives.py),
-     metrics at the log interval (metrics.py; with `ray.train.report` under Ray Train);
+  2. asks the CheckpointManager for the latest complete checkpoint (refused when the config changes what it means);
+  3. wraps the stage's models in DeepSpeed engines (deepspeed_engine.build_engines) and restores the parts of a
+     checkpoint through the manager: engines, loop counters, EMA partitions, the stage's state, the data position,
+     the RNG states, the FLOP count (each part saves and loads its own state);
+  4. runs the shared TrainLoop (loop.py, which seeds every step from (seed, rank, images seen)) with hooks:
+     checkpoints every cfg.ckpt_every_images (checkpoint/manager.py), the stop request and Ray's preemption notice
+     (collectives.py), metrics at the log interval (metrics.py; with `ray.train.report` under Ray Train);
   5. at the end writes a final checkpoint and the stage artifact (<run_dir>/artifact).
 A run that stops itself (non-finite losses, a user error such as a missing artifact or a refused resume, a stop
 request) returns a WorkerResult with a status instead of raising, so Ray Train never retries what a retry cannot fix.
@@ -27,26 +28,16 @@ from ..data.artifact_store import upload_artifact
 from ..errors import UserError
 from .api import WorkerJob, WorkerResult
 from .batches import make_batches, statistics_batches
-from .checkpoint import MANIFEST, ResumeRefusedError
-from .checkpointer import Checkpointer
+from .checkpoint import MANIFEST, CheckpointManager, ResumeRefusedError
+from .checkpoint.durable import file_written
 from .collectives import PREEMPTED, STOP, STOP_CHECK_EVERY, StopSignal, dist_env, mean_over_workers
 from .deepspeed_engine import build_engines, device_for, init_distributed
-from .durable import file_written
 from .ema import FullEMAView, ShardedEMA
-from .loop import GuardedEngine, LoopHook, TrainingDivergedError, TrainLoop
+from .guard import TrainingDivergedError
+from .loop import LoopHook, TrainLoop
 from .metrics import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
 from .precision import compute_paths, describe_paths
-from .rng import Reseed, seed_everything
-
-
-class AgreedGuard(GuardedEngine):
-    """The loop's non-finite guard, deciding with the verdict all workers agreed on in backward (a loss that is
-    finite here but not on another worker must skip here too, or the workers' weights and skip counts diverge)."""
-
-    def step(self) -> None:
-        local = True if self._finite is None else bool(self._finite)
-        self._finite = torch.tensor(self.engine.all_finite(local))
-        super().step()
+from .rng import RNGState, seed_everything, seed_step
 
 
 class StopRequested(Exception):
@@ -57,7 +48,7 @@ class StopHook(LoopHook):
     """Every few steps the workers agree on the stop request: a stop checkpoints and ends the run; a preemption
     notice checkpoints at once and training goes on (the node may be reclaimed any moment; the restart resumes)."""
 
-    def __init__(self, signal: StopSignal, checkpointer: Checkpointer, device: torch.device, rank: int):
+    def __init__(self, signal: StopSignal, checkpointer: CheckpointManager, device: torch.device, rank: int):
         self.signal, self.checkpointer, self.device, self.rank = signal, checkpointer, device, rank
 
     def after_step(self, loop) -> None:
@@ -85,8 +76,8 @@ class Worker:
             raise UserError(f"batch_size: {self.cfg.batch_size} is not divisible by {self.world} workers x "
                             f"distributed.grad_accum={dcfg.grad_accum}")
         self.per_rank_batch = self.cfg.batch_size // (self.world * dcfg.grad_accum)
-        self.checkpointer = Checkpointer(self.cfg, rank=self.rank, world=self.world, local_rank=self.local_rank,
-                                         device=self.device)
+        self.checkpointer = CheckpointManager(self.cfg, rank=self.rank, world=self.world,
+                                              local_rank=self.local_rank, device=self.device)
         self.stop = StopSignal(job.control, under_ray=job.control is not None)
 
     def build(self) -> None:
@@ -112,15 +103,20 @@ class Worker:
         if self.local_rank == 0:
             print(f"worker {self.rank}: {describe_paths(self._compute_paths(models))}", flush=True)
         engines = self.engine_set.engines
-        self.emas = {name: ShardedEMA(engines[name].module, spec.optim.ema_decay, self.rank, self.world,
-                                      should_update=engines[name].stepped_optimizer)
+        self.emas = {name: ShardedEMA(engines[name].module, spec.optim.ema_decay, self.rank, self.world)
                      for name, spec in models.items() if spec.trainable and spec.ema}
         self.batches = make_batches(cfg, self.per_rank_batch, self.rank, self.world, self.job.dataset_factory)
         self.loop = TrainLoop(self.stage, engines, cfg, emas=self.emas, device=self.device, world_size=self.world,
-                              is_main=self.rank == 0, progress=self.job.progress and self.job.control is None,
+                              rank=self.rank, is_main=self.rank == 0,
+                              progress=self.job.progress and self.job.control is None,
                               reduce_metrics=lambda m: mean_over_workers(m, self.world, self.device))
-        self.loop.engines = {name: AgreedGuard(eng) for name, eng in engines.items()}
-        self.checkpointer.bind(self.stage, engines, self.loop, self.batches)
+        self.flops = FlopCounter(self.per_rank_batch)
+        # What a checkpoint holds: parts that save and load their own state (checkpoint/manager.py).
+        parts = {"loop": self.loop, "data": self.batches, "rng": RNGState(), "flops": self.flops,
+                 **{f"ema.{name}": ema for name, ema in self.emas.items()}}
+        if callable(getattr(self.stage, "state_dict", None)):
+            parts["stage"] = self.stage
+        self.checkpointer.track(engines, parts, upstream=getattr(self.stage, "upstream", {}))
 
     def _compute_paths(self, models: dict) -> dict[str, str]:
         paths = compute_paths(self.device, self.engine_set.precision)
@@ -145,8 +141,8 @@ class Worker:
                                                   share_encoder=self.cfg.distributed.zero_stage < 3)
             return self._run(stack)
 
-    def _prepare_fresh(self, reseed: Reseed) -> None:
-        reseed.seed_for(0)
+    def _prepare_fresh(self) -> None:
+        seed_step(self.cfg.seed, self.rank, 0)
         prepare = getattr(self.stage, "needs_prepare", None)
         if prepare is not None and prepare():
             self.stage.prepare(self.attach(statistics_batches(self.batches, self.per_rank_batch,
@@ -154,29 +150,24 @@ class Worker:
 
     def _run(self, stack: contextlib.ExitStack) -> WorkerResult:
         cfg, loop, ckpt = self.cfg, self.loop, self.checkpointer
-        reseed = Reseed(cfg.seed, self.rank)
-        loop.hooks = [reseed]
         fresh = not ckpt.restore()
         if fresh:
-            self._prepare_fresh(reseed)
-        else:
-            reseed.seed_for(loop.images_seen)
+            self._prepare_fresh()
         sinks = MetricSinks(cfg, ckpt.store.cache_dir, self.job.wandb_project) if self.rank == 0 else None
         if sinks is not None:
             stack.callback(sinks.close)
         # FLOPs are counted on a run's very first step only (counting runs that step under a dispatch mode, whose
-        # numerics differ in the last bits: a resumed run must not take a different step than an uninterrupted one).
-        flops, per_image = FlopCounter(), ckpt.restored_extra.get("flops_per_image")
-        flops.flops_per_step = per_image * self.per_rank_batch if per_image else None
-        ckpt.extra = lambda: {"flops_per_image": flops.flops_per_step / self.per_rank_batch
-                              if flops.flops_per_step else None}
+        # numerics differ in the last bits: a resumed run must not take a different step than an uninterrupted one);
+        # a resumed run has the count from its checkpoint.
+        flops = self.flops
         log = LogHook(start_images=loop.images_seen, per_rank_batch=self.per_rank_batch, world=self.world,
                       device=self.device, precision=self.engine_set.precision, flops=flops, sinks=sinks,
                       report=self.report, total_images=cfg.total_images,
                       summary_lines=self.job.control is not None or not self.job.progress,  # no bar: a line each
                       analytic_per_image=analytic_flops_per_image(cfg))
         grid = ImageGrid(cfg.log_images_every_images, self.stage, self.device, sinks, loop.images_seen)
-        loop.hooks += [ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log, grid]
+        # The data reader first: it marks the batch consumed before a checkpoint can be taken.
+        loop.hooks = [self.batches, ckpt, StopHook(self.stop, ckpt, self.device, self.rank), log, grid]
         status, message = "done", ""
         try:
             # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
@@ -244,7 +235,7 @@ def run_worker(job: WorkerJob, make_report: Optional[Callable] = None) -> Worker
         return WorkerResult("error", str(exc))
 
 
-def ray_report(checkpointer: Checkpointer, rank: int) -> Callable:
+def ray_report(checkpointer: CheckpointManager, rank: int) -> Callable:
     """`ray.train.report` at each log interval: the metrics, and (rank 0, when a newer checkpoint exists) a pointer
     checkpoint: a directory holding latest.json with the manifest URL of the latest complete checkpoint."""
     import ray.train

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import storage
-from .checkpoint import MANIFEST, CheckpointError, CheckpointStore, rank_state_file
-from .ema import consolidate_ema_shards
+from ...data import storage
+from ..ema import consolidate_ema_shards
+from .manager import read_rank_parts
+from .store import MANIFEST, CheckpointError, CheckpointStore, checkpoint_name
 
 
 @dataclass
@@ -42,14 +43,8 @@ def _engine_weights(local: str, name: str) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(zero_dir, tag="zero")
 
 
-def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:
-    """Write `<model>.<name>` -> fp32 tensor for the trained models of a checkpoint (a checkpoint directory, or a run
-    directory whose latest complete checkpoint is taken). which="ema" takes the EMA average for the parameters of
-    models that keep one (buffers from the raw weights)."""
-    import torch
-    from safetensors.torch import save_file
-    if which not in ("raw", "ema"):
-        raise CheckpointError(f"--weights must be raw or ema, got {which!r}")
+def _open_checkpoint(source: str) -> tuple[CheckpointStore, Any]:
+    """(store, info) of a checkpoint directory, or of a run directory's latest complete checkpoint."""
     if storage.exists(storage.join(source, MANIFEST)):
         parent, name = source.rstrip("/").rsplit("/", 1)
         store = CheckpointStore(parent.rsplit("/checkpoints", 1)[0])
@@ -57,23 +52,35 @@ def export_weights(source: str, out: str, which: str = "raw", models: list[str] 
         problem = "unreadable manifest" if info is None else store.verify(info)
         if problem:
             raise CheckpointError(f"{source}: not a complete checkpoint ({problem})")
-    else:
-        store = CheckpointStore(source)
-        info = store.latest()
-        if info is None:
-            raise CheckpointError(f"{source}: no complete checkpoint (expected a run directory with "
-                                  f"checkpoints/img-*/manifest.json, or a checkpoint directory)")
-    chosen = models or info.engines
+        return store, info
+    store = CheckpointStore(source)
+    info = store.latest()
+    if info is None:
+        raise CheckpointError(f"{source}: no complete checkpoint (expected a run directory with "
+                              f"checkpoints/img-*/manifest.json, or a checkpoint directory)")
+    return store, info
+
+
+def consolidated_weights(source: str, kinds: tuple[str, ...] = ("raw",), models: list[str] | None = None
+                         ) -> tuple[Any, dict[str, dict[str, dict[str, Any]]]]:
+    """(checkpoint info, {kind: {model: fp32 state dict}}) for kinds "raw" and/or "ema", reading each engine's ZeRO
+    shards once whatever the kinds (an XL checkpoint's consolidation is the slow part). "ema" takes the EMA average
+    for the parameters of models that keep one (buffers from the raw weights); models=None: every trained model
+    (with "ema": every one that keeps an average)."""
+    bad = [k for k in kinds if k not in ("raw", "ema")]
+    if bad or not kinds:
+        raise CheckpointError(f"--weights must be raw or ema, got {', '.join(bad) or 'nothing'}")
+    store, info = _open_checkpoint(source)
+    chosen = list(models or info.engines)
     unknown = sorted(set(chosen) - set(info.engines))
     if unknown:
         raise CheckpointError(f"--models {','.join(unknown)}: not in checkpoint {info.url} (it holds "
                               f"{', '.join(info.engines)})")
     local = store.local_view(info)
     ema_shards = None
-    if which == "ema":
-        ranks = [torch.load(rank_state_file(local, r), map_location="cpu", weights_only=True)
-                 for r in range(info.world_size)]
-        ema_shards = {n: [r["loop"]["ema"][n] for r in ranks] for n in ranks[0]["loop"].get("ema", {})}
+    if "ema" in kinds:
+        ranks = [read_rank_parts(local, r) for r in range(info.world_size)]
+        ema_shards = {n[len("ema."):]: [r[n] for r in ranks] for n in ranks[0] if n.startswith("ema.")}
         if models is None:  # every model that keeps an average
             chosen = [m for m in chosen if m in ema_shards]
         missing = [m for m in chosen if m not in ema_shards]
@@ -81,32 +88,40 @@ def export_weights(source: str, out: str, which: str = "raw", models: list[str] 
             raise CheckpointError(f"--weights ema: models {', '.join(missing) or 'of this stage'} keep no EMA in "
                                   f"{info.url}; "
                                   f"use --weights raw or --models with {', '.join(sorted(ema_shards)) or 'none'}")
-    flat: dict[str, Any] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in kinds}
     for name in chosen:
-        state = _engine_weights(local, name)
+        raw = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in _engine_weights(local, name).items()}
+        if "raw" in kinds:
+            out["raw"][name] = raw
         if ema_shards is not None:
+            ema = dict(raw)
             for pname, avg in consolidate_ema_shards(ema_shards[name]).items():
-                state[pname] = avg.reshape(state[pname].shape)
-        for k, v in state.items():
-            flat[f"{name}.{k}"] = v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+                ema[pname] = avg.reshape(raw[pname].shape).float().contiguous()
+            out["ema"][name] = ema
+    return info, out
+
+
+def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:
+    """Write `<model>.<name>` -> fp32 tensor for the trained models of a checkpoint (a checkpoint directory, or a run
+    directory whose latest complete checkpoint is taken). which="ema" takes the EMA averages (consolidated_weights)."""
+    from safetensors.torch import save_file
+    info, weights = consolidated_weights(source, (which,), models)
+    chosen = list(weights[which])
+    flat = {f"{name}.{k}": v for name, state in weights[which].items() for k, v in state.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     save_file(flat, out, metadata={"checkpoint": info.url, "images_seen": str(info.images_seen), "which": which,
                                    "models": ",".join(chosen)})
     params = sum(v.numel() for v in flat.values())
-    return ExportSummary(out, info.url, which, list(chosen), len(flat), params, os.path.getsize(out))
+    return ExportSummary(out, info.url, which, chosen, len(flat), params, os.path.getsize(out))
 
 
 def checkpoint_artifact(run_dir: str, images: int, out_dir: str) -> str:
     """An artifact of the run's checkpoint at `images` images seen (raw and EMA weights consolidated from its shards),
     beside the run's final artifact: the same config, stage, latent statistics and upstream, with
     extra.images_seen = images. What a curve over training (gFID at half the images) samples from. Returns out_dir."""
-    import tempfile
-
-    from safetensors.torch import load_file
-
-    from ..artifacts import ArtifactError, read_artifact_info, save_artifact
-    from ..data.artifact_store import open_artifact
-    from .checkpoint import checkpoint_name
+    from ...artifacts import ArtifactError, read_artifact_info, save_artifact
+    from ...data.artifact_store import open_artifact
     final = open_artifact(storage.join(run_dir, "artifact"))
     if (Path(out_dir) / "artifact.json").is_file():
         made = read_artifact_info(out_dir)
@@ -119,14 +134,7 @@ def checkpoint_artifact(run_dir: str, images: int, out_dir: str) -> str:
                             f"{', '.join(str(c.images_seen) for c in kept) or 'none'} (keep_checkpoints and "
                             f"ckpt_every_images decide which stay)")
     info = read_artifact_info(final.directory)
-    weights = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for which in ("raw", "ema"):
-            path = os.path.join(tmp, f"{which}.safetensors")
-            export_weights(ckpt, path, which=which, models=list(info.models))
-            flat = load_file(path)
-            weights[which] = {m: {k[len(m) + 1:]: v for k, v in flat.items() if k.startswith(m + ".")}
-                              for m in info.models}
+    _, weights = consolidated_weights(ckpt, ("raw", "ema"), list(info.models))
     info.extra = {**info.extra, "images_seen": images, "from_artifact": final.info.id, "checkpoint": ckpt}
     config_yaml = (Path(final.directory) / "config.yaml").read_text()
     save_artifact(out_dir, info, weights["raw"], weights["ema"], config_yaml=config_yaml)

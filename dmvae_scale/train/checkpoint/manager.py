@@ -1,91 +1,113 @@
-"""The one owner of a run's checkpoints (after torchtitan's CheckpointManager): cadence, the state a checkpoint
-holds, the collective write, restore (through DeepSpeed's universal checkpoint when the number of workers or the ZeRO
-stage changed), keep-last-k, and the refusal of a checkpoint whose meaning the config changes.
+"""The one owner of a run's checkpoints (after torchtitan's CheckpointManager): cadence, the collective write,
+restore (through DeepSpeed's universal checkpoint when the number of workers or the ZeRO stage changed), keep-last-k,
+and the refusal of a checkpoint whose meaning the config changes.
 
-The worker calls three methods: `find_resume` (collective: the latest complete checkpoint, or a ResumeRefusedError
-naming the key), `restore` (engines, loop counters, EMA partitions, stage state, data position, RNG) and `save`. As a
-loop hook it saves every cfg.ckpt_every_images images. The store (layout, manifest written last, "latest complete",
-pruning) is checkpoint.py; durable writes are durable.py.
+What a checkpoint holds is a set of parts that checkpoint themselves; the manager stores and restores them without
+reaching inside:
+  - engines: `save(directory)` / `load(directory, universal)` (DeepSpeed writes its own ZeRO shards);
+  - every other part: `state_dict()` / `load_state_dict(state)`, kept per rank in ranks/rank-NNNNN.pt: the loop's
+    counters (the non-finite guard's included), each EMA's partition, the data reader's position, the RNG states,
+    the stage's own state (measured latent statistics), the FLOP count.
+After a change of world size a part is resharded by what it declares: `SHARDED = True` (the EMA partitions) is
+handed the states of every rank of the saving run; `RANK_LOCAL = True` (the RNG states: the loop reseeds them from
+(seed, rank, images seen) anyway) keeps its own; any other part is replicated and takes rank 0's state.
+
+The worker calls `find_resume` (collective: the latest complete checkpoint, or a ResumeRefusedError naming the key),
+`track` (the engines and parts), `restore` and `save`; as a loop hook the manager saves every cfg.ckpt_every_images
+images. The files are the store's (store.py); what a checkpoint means is meaning.py; durable writes are durable.py.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..data.artifact_store import artifact_info
-from ..config import RunConfig, config_hash, dump_yaml
-from . import checkpoint as ckpt
-from .collectives import all_ok, broadcast
-from .deepspeed_engine import convert_to_universal, load_engines, save_engines
+from ...config import RunConfig, config_hash, dump_yaml
+from ..collectives import all_ok, broadcast
+from ..deepspeed_engine import convert_to_universal
+from ..loop import LoopHook
 from .durable import file_written, writing_checkpoint
-from .loop import LoopHook, TrainLoop
-from .rng import rng_state, set_rng_state
+from .meaning import meaning_of, param_shapes, refuse_changed_meaning, upstream_latents
+from .store import CheckpointError, CheckpointInfo, CheckpointStore, checkpoint_name, rank_state_file
 
-RANK_STATE_FORMAT = 1
-
-
-def upstream_latents(cfg: RunConfig) -> dict[str, dict[str, float]]:
-    """Latent shape and statistics of every upstream artifact the config names (part of what a checkpoint means)."""
-    out = {}
-    for role in ("tokenizer", "real_score", "generator"):
-        path = getattr(cfg.inputs, role)
-        if path is None:
-            continue
-        info = artifact_info(path)  # local or s3://
-        if info.latent is not None:
-            out[role] = {"mean": info.latent.mean, "scale": info.latent.scale, "channels": info.latent.channels,
-                         "height": info.latent.height, "width": info.latent.width}
-    return out
+RANK_STATE_FORMAT = 2
 
 
-def param_shapes(models: dict) -> dict[str, dict[str, list[int]]]:
-    return {name: {n: list(p.shape) for n, p in spec.module.named_parameters()} for name, spec in models.items()}
+def read_rank_parts(directory: str, rank: int) -> dict[str, Any]:
+    """{part name: state} of one rank of a checkpoint (format 2, or the format-1 layout converted)."""
+    path = rank_state_file(directory, rank)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; the checkpoint has no state for rank {rank}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") == RANK_STATE_FORMAT:
+        return state["parts"]
+    if state.get("format") == 1:  # before the parts: the loop held the EMA and the stage's state
+        loop = state["loop"]
+        parts = {"loop": {"images_seen": loop["images_seen"], "steps": loop["steps"],
+                          "skipped_steps": loop["skipped_steps"],
+                          "consecutive_skips": state.get("consecutive_skips", 0)},
+                 "rng": state["rng"], "flops": dict(state.get("extra") or {}),
+                 "data": {"reader": state["reader"]} if state.get("reader") is not None
+                 else {"position": loop["images_seen"]}}
+        if "stage" in loop:
+            parts["stage"] = loop["stage"]
+        parts.update({f"ema.{name}": shard for name, shard in loop.get("ema", {}).items()})
+        return parts
+    raise CheckpointError(f"{path}: rank-state format {state.get('format')!r}; this version reads 1 and "
+                          f"{RANK_STATE_FORMAT}")
 
 
-class Checkpointer(LoopHook):
+def _reshard(part: Any, name: str, states: list[dict[str, Any]]) -> Optional[Any]:
+    """The state a part takes after the world size changed (None: keep its own)."""
+    if getattr(part, "SHARDED", False):
+        return [s[name] for s in states]
+    if getattr(part, "RANK_LOCAL", False):
+        return None
+    return states[0][name]
+
+
+class CheckpointManager(LoopHook):
     def __init__(self, cfg: RunConfig, *, rank: int, world: int, local_rank: int, device: torch.device):
         self.cfg, self.rank, self.world, self.local_rank, self.device = cfg, rank, world, local_rank, device
-        self.store = ckpt.CheckpointStore(cfg.run_dir, keep=cfg.keep_checkpoints)
+        self.store = CheckpointStore(cfg.run_dir, keep=cfg.keep_checkpoints)
         self.every = cfg.ckpt_every_images
-        self.latest: Optional[ckpt.CheckpointInfo] = None
-        self.last_saved: Optional[ckpt.CheckpointInfo] = None
+        self.latest: Optional[CheckpointInfo] = None
+        self.last_saved: Optional[CheckpointInfo] = None
         self.universal = False
         self.meaning: dict[str, Any] = {}
         self.start_images = 0
         self._next: Optional[int] = None
         self.engines: dict = {}
-        self.loop: Optional[TrainLoop] = None
-        self.batches: Any = None
-        self.stage: Any = None
-        self.extra: Callable[[], dict] = dict  # more of this worker's state to save (its FLOP count)
-        self.restored_extra: dict = {}
+        self.parts: dict[str, Any] = {}
+        self.upstream: dict[str, str] = {}
 
     # -- 1. what to resume from ----------------------------------------------------------------------------------------
-    def find_resume(self, models: dict) -> Optional[ckpt.CheckpointInfo]:
+    def find_resume(self, models: dict) -> Optional[CheckpointInfo]:
         """Collective: the run directory's latest complete checkpoint (None: a fresh run). Raises ResumeRefusedError
         when the config changes what it means (config keys, upstream latent statistics, parameter shapes)."""
         cfg = self.cfg
-        self.meaning = ckpt.meaning_of(cfg, upstream_latents(cfg), param_shapes(models))
+        self.meaning = meaning_of(cfg, upstream_latents(cfg), param_shapes(models))
         latest = broadcast(self.store.latest() if self.rank == 0 else None)
         if latest is not None:
-            ckpt.check_resume(latest.meaning, self.meaning, f"checkpoint {latest.url}")
-            ckpt.check_zero_stage(latest.zero_stage, cfg.distributed.zero_stage, f"checkpoint {latest.url}")
+            refuse_changed_meaning(latest, self.meaning, cfg.distributed.zero_stage)
         self.latest = latest
         self.universal = latest is not None and latest.zero_stage > 0 and (
             latest.world_size != self.world or latest.zero_stage != cfg.distributed.zero_stage)
         return latest
 
-    def bind(self, stage, engines: dict, loop: TrainLoop, batches) -> None:
-        """What a checkpoint holds: the engines' state, the loop's (counters, EMA, the stage's own), the reader's."""
-        self.stage, self.engines, self.loop, self.batches = stage, engines, loop, batches
+    def track(self, engines: dict, parts: dict[str, Any], upstream: Optional[dict[str, str]] = None) -> None:
+        """What a checkpoint holds: the engines, the parts (one of them named "loop": its state has images_seen,
+        steps and skipped_steps), and the upstream artifact ids the manifest records."""
+        if "loop" not in parts:
+            raise ValueError("a checkpoint's parts must include the loop (its counters date the checkpoint)")
+        self.engines, self.parts, self.upstream = engines, parts, dict(upstream or {})
 
     # -- 2. restore ----------------------------------------------------------------------------------------------------
     def restore(self) -> bool:
-        """Load the checkpoint find_resume chose into everything bound; False when there is none (fresh run)."""
-        latest, loop = self.latest, self.loop
+        """Load the checkpoint find_resume chose into the engines and every part; False when there is none."""
+        latest = self.latest
         if latest is None:
             return False
         # Remote stores: one download per node (local rank 0), the others wait.
@@ -96,25 +118,21 @@ class Checkpointer(LoopHook):
             if (self.rank == 0) if not self.store.remote else (self.local_rank == 0):
                 convert_to_universal(local, latest.engines)
             dist.barrier()
-        load_engines(self.engines, local, self.universal)
-        same_world = latest.world_size == self.world
-        state = torch.load(ckpt.rank_state_file(local, self.rank if same_world else 0), map_location="cpu",
-                           weights_only=True)
-        loop_state = state["loop"]
-        if loop.emas:
-            if same_world:
-                loop_state["ema"] = {n: [s] for n, s in loop_state["ema"].items()}
-            else:
-                ranks = [torch.load(ckpt.rank_state_file(local, r), map_location="cpu", weights_only=True)
-                         for r in range(latest.world_size)]
-                loop_state["ema"] = {n: [r["loop"]["ema"][n] for r in ranks] for n in loop.emas}
-        loop.load_state_dict(loop_state)
-        loop.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self.restored_extra = dict(state.get("extra") or {})
-        if same_world:
-            set_rng_state(state["rng"])
-        self.batches.resume_at(loop.images_seen, state.get("reader"))
-        self.start_images = loop.images_seen
+        for name, engine in self.engines.items():
+            engine.load(os.path.join(local, "engines", name), self.universal)
+        if latest.world_size == self.world:
+            own = read_rank_parts(local, self.rank)
+            chosen = {name: own[name] for name in self.parts if name in own}
+        else:
+            states = [read_rank_parts(local, r) for r in range(latest.world_size)]
+            chosen = {name: _reshard(part, name, states) for name, part in self.parts.items() if name in states[0]}
+        missing = sorted(set(self.parts) - set(chosen) - {"stage"})
+        if missing:
+            raise CheckpointError(f"checkpoint {latest.url} holds no state for {', '.join(missing)}")
+        for name, state in chosen.items():
+            if state is not None:
+                self.parts[name].load_state_dict(state)
+        self.start_images = self.parts["loop"].state_dict()["images_seen"]
         self.last_saved = latest
         if self.rank == 0:
             how = " through a universal checkpoint" if self.universal else ""
@@ -123,28 +141,21 @@ class Checkpointer(LoopHook):
         return True
 
     # -- 3. save -------------------------------------------------------------------------------------------------------
-    def _rank_state(self) -> dict[str, Any]:
-        loop = self.loop
-        return {"format": RANK_STATE_FORMAT, "rank": self.rank, "world": self.world, "loop": loop.state_dict(),
-                "consecutive_skips": loop.consecutive_skips, "rng": rng_state(),
-                "reader": self.batches.state_dict(), "extra": self.extra()}
-
-    def save(self) -> ckpt.CheckpointInfo:
+    def save(self) -> CheckpointInfo:
         """Collective: a checkpoint at the loop's images seen (the existing one when already taken there)."""
-        loop = self.loop
-        name = ckpt.checkpoint_name(loop.images_seen)
+        loop = self.parts["loop"].state_dict()
+        name = checkpoint_name(loop["images_seen"])
         if self.last_saved is not None and self.last_saved.name == name:
             return self.last_saved
-        self.last_saved = self._write(name, dict(
-            images_seen=loop.images_seen, step=loop.steps, world_size=self.world,
-            zero_stage=self.cfg.distributed.zero_stage, engines=list(self.engines), meaning=self.meaning,
-            config_hash=config_hash(self.cfg), upstream=dict(getattr(self.stage, "upstream", {})),
-            counters={"skipped_steps": loop.skipped_steps}))
+        rank_state = {"format": RANK_STATE_FORMAT, "rank": self.rank, "world": self.world,
+                      "parts": {part_name: part.state_dict() for part_name, part in self.parts.items()}}
+        manifest = dict(images_seen=loop["images_seen"], step=loop["steps"], world_size=self.world,
+                        zero_stage=self.cfg.distributed.zero_stage, engines=list(self.engines), meaning=self.meaning,
+                        config_hash=config_hash(self.cfg), upstream=self.upstream,
+                        counters={"skipped_steps": loop["skipped_steps"]})
+        self.last_saved = write_checkpoint(self.store, name, self.engines, rank_state, rank=self.rank,
+                                           device=self.device, config_yaml=dump_yaml(self.cfg), manifest=manifest)
         return self.last_saved
-
-    def _write(self, name: str, manifest: dict) -> ckpt.CheckpointInfo:
-        return write_checkpoint(self.store, name, self.engines, self._rank_state(), rank=self.rank,
-                                device=self.device, config_yaml=dump_yaml(self.cfg), manifest=manifest)
 
     # -- cadence -------------------------------------------------------------------------------------------------------
     def after_step(self, loop) -> None:
@@ -164,12 +175,12 @@ class Checkpointer(LoopHook):
         self.store.wait()
 
 
-def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank_state: dict, *, rank: int,
-                     device: torch.device, config_yaml: str, manifest: dict) -> ckpt.CheckpointInfo:
-    """The collective write. Every worker writes its ZeRO shards and its state, uploads them (remote stores), and
-    agrees that all succeeded; only then rank 0 lists the files and writes the manifest, then prunes to keep-last-k.
-    A failure on any worker raises on every worker and leaves the directory without a manifest, so it is never
-    resumed from."""
+def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_state: dict, *, rank: int,
+                     device: torch.device, config_yaml: str, manifest: dict) -> CheckpointInfo:
+    """The collective write. Every worker writes its engines' ZeRO shards and its parts' state, uploads them (remote
+    stores), and agrees that all succeeded; only then rank 0 lists the files and writes the manifest, then prunes to
+    keep-last-k. A failure on any worker raises on every worker and leaves the directory without a manifest, so it
+    is never resumed from."""
     if rank == 0:
         store.prepare(name)
     dist.barrier()
@@ -177,8 +188,9 @@ def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank
     error = None
     try:
         with writing_checkpoint(store.remote):
-            save_engines(engines, local)
-            path = ckpt.rank_state_file(local, rank)
+            for engine_name, engine in engines.items():
+                engine.save(os.path.join(local, "engines", engine_name))
+            path = rank_state_file(local, rank)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(rank_state, path)
             file_written(path)
@@ -189,9 +201,9 @@ def write_checkpoint(store: ckpt.CheckpointStore, name: str, engines: dict, rank
     except Exception as exc:  # every rank learns that the save failed; nobody writes a manifest
         error = exc
     if not all_ok(error is None, device):
-        raise ckpt.CheckpointError(f"checkpoint {store.url(name)} failed on a worker"
-                                   f"{f': {error}' if error else ''}; it stays incomplete and is never "
-                                   f"resumed from") from error
+        raise CheckpointError(f"checkpoint {store.url(name)} failed on a worker"
+                              f"{f': {error}' if error else ''}; it stays incomplete and is never "
+                              f"resumed from") from error
     info = None
     if rank == 0:
         store.sync(name)

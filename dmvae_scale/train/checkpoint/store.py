@@ -1,9 +1,11 @@
-"""The checkpoint store of a run: layout, manifest written last, "latest complete", keep-last-k, what a checkpoint
-means and the refusal of a resume that changes it.
+"""The checkpoint store of a run (the files): layout, manifest written last, "latest complete", keep-last-k,
+staging and upload to an object store, the local view of a remote checkpoint. What a checkpoint means is meaning.py;
+what goes into one, and when, is the manager's (manager.py).
 
     <run_dir>/checkpoints/img-000000012800/
         engines/<model>/zero/...      each engine's DeepSpeed ZeRO shards (every worker writes its own)
-        ranks/rank-00000.pt           per worker: counters, RNG states, data-loader state, EMA partition
+        ranks/rank-00000.pt           per worker: the state of every part (loop counters, EMA partition, data
+                                      reader, RNG, the stage's own state)
         config.yaml                   the resolved config of the run
         manifest.json                 written LAST, by rank 0, once every worker's files are in place: lists
                                       every file with its size, the counters and what the checkpoint means
@@ -27,9 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import RunConfig, to_dict
-from ..data import storage
-from ..errors import UserError
+from ...data import storage
+from ...errors import UserError
 from .durable import fsync_path, parallel
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,10 @@ CHECKPOINT_FORMAT = 1
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^img-(\d{12})$")
 
-# Config keys that may change between a checkpoint and its resume: how long/how often, where, on what hardware.
-# Everything else under these sections defines what the saved tensors are (shapes, the trained objective).
-MEANING_SECTIONS = ("stage", "tokenizer", "score", "discriminator", "reference", "ssl")
-RUNTIME_ONLY_KEYS = {
-    "score.grad_checkpointing", "score.attention", "tokenizer.encoder.weights", "tokenizer.encoder.sha256",
-    "reference.path",
-}
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be written or read; names the checkpoint and the file."""
-
-
-class ResumeRefusedError(UserError):
-    """The run directory holds checkpoints of something else than this config describes; names the key."""
 
 
 @dataclass
@@ -75,54 +65,6 @@ class CheckpointInfo:
 
 def checkpoint_name(images_seen: int) -> str:
     return f"img-{images_seen:012d}"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# What a checkpoint means
-# ----------------------------------------------------------------------------------------------------------------------
-
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
-    else:
-        out[prefix] = value
-
-
-def meaning_of(cfg: RunConfig, upstream_latents: dict[str, dict[str, float]] | None = None,
-               param_shapes: dict[str, dict[str, list[int]]] | None = None) -> dict[str, Any]:
-    """Flat {key: value} of everything a resume must not change, in the order keys are reported."""
-    flat: dict[str, Any] = {}
-    data = to_dict(cfg)
-    for section in MEANING_SECTIONS:
-        _flatten(section, data[section], flat)
-    out = {k: v for k, v in flat.items() if k not in RUNTIME_ONLY_KEYS}
-    for role, latent in sorted((upstream_latents or {}).items()):
-        for stat, v in latent.items():
-            out[f"inputs.{role}.latent.{stat}"] = v
-    for model, shapes in sorted((param_shapes or {}).items()):
-        for pname, shape in shapes.items():
-            out[f"model.{model}.{pname}"] = list(shape)
-    return out
-
-
-def check_zero_stage(saved_stage: int, stage: int, where: str) -> None:
-    """Other worker counts and ZeRO stages 1-3 convert through the universal checkpoint; stage 0 saves none."""
-    if saved_stage != stage and 0 in (saved_stage, stage):
-        raise ResumeRefusedError(f"{where} was saved with distributed.zero_stage={saved_stage}; resuming it with "
-                                 f"distributed.zero_stage={stage} is not supported (stage 0 has no universal "
-                                 f"checkpoint): use distributed.zero_stage={saved_stage} or a new run_dir")
-
-
-def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    """Refuse, naming the first key whose value differs (or that exists on one side only)."""
-    for key in list(saved) + [k for k in current if k not in saved]:
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if old != new:
-            what = "a parameter shape" if key.startswith("model.") else "what the checkpoint means"
-            raise ResumeRefusedError(
-                f"{where} was saved with {key}={old!r} but this config gives {key}={new!r}; that changes "
-                f"{what}, so it cannot resume: restore {key}={old!r} or use a new run_dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
