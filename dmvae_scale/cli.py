@@ -384,7 +384,7 @@ def _add_export(sub):
     p.add_argument("--models", default=None, help="comma-separated model names (default: every trained model)")
 
     def run(args):
-        from .train.export import export_weights
+        from .train.checkpoint.export import export_weights
         models = [m for m in args.models.split(",") if m] if args.models else None
         print(export_weights(args.source, args.out, which=args.weights, models=models).line())
     p.set_defaults(func=run)

@@ -58,6 +58,56 @@ class DiTConfig:
     attention: Literal["auto", "sdpa", "flash", "math"] = "auto"
 
 
+@dataclass(frozen=True)
+class DiTShape:
+    depth: int
+    hidden_size: int
+    num_heads: int
+
+
+# (depth, width, heads). S..XL are the DiT/LightningDiT family; XXL and 3B continue it for scaling studies
+# (head_dim 128; about 1.54B and 3.04B parameters at patch 1 on 16x16x32 latents, see `dmvae-scale models`).
+DIT_SIZES: dict[str, DiTShape] = {
+    "S": DiTShape(12, 384, 6),
+    "B": DiTShape(12, 768, 12),
+    "L": DiTShape(24, 1024, 16),
+    "XL": DiTShape(28, 1152, 16),
+    "XXL": DiTShape(36, 1536, 12),
+    "3B": DiTShape(40, 2048, 16),
+}
+
+
+def resolve_shape(cfg: DiTConfig, section: str = "") -> DiTShape:
+    """(depth, width, heads) from cfg.size, each overridden by cfg.depth / hidden_size / num_heads when given; a
+    shape the model cannot be built with is a ConfigError naming the key (prefixed with `section`, e.g. "score.")."""
+    explicit = (cfg.depth, cfg.hidden_size, cfg.num_heads)
+    if cfg.size in DIT_SIZES:
+        base = DIT_SIZES[cfg.size]
+    elif None in explicit:
+        raise ConfigError(f"{section}size: unknown DiT size {cfg.size!r}; valid sizes: {', '.join(DIT_SIZES)} "
+                          "(or give depth, hidden_size and num_heads all explicitly)")
+    else:
+        base = DiTShape(*explicit)
+    shape = DiTShape(cfg.depth or base.depth, cfg.hidden_size or base.hidden_size, cfg.num_heads or base.num_heads)
+    if min(shape.depth, shape.hidden_size, shape.num_heads) <= 0:
+        raise ConfigError(f"{section}depth/hidden_size/num_heads: must be positive, got {shape.depth}, "
+                          f"{shape.hidden_size}, {shape.num_heads}")
+    if shape.hidden_size % shape.num_heads:
+        raise ConfigError(f"{section}hidden_size: {shape.hidden_size} is not divisible by "
+                          f"{section}num_heads={shape.num_heads}")
+    if shape.hidden_size % 4:
+        raise ConfigError(f"{section}hidden_size: the 2-D sin-cos position embedding needs a multiple of 4, "
+                          f"got {shape.hidden_size}")
+    head_dim = shape.hidden_size // shape.num_heads
+    if cfg.rope and head_dim % 4:
+        raise ConfigError(f"{section}hidden_size/{section}num_heads: 2-D rotary embedding needs a head dimension "
+                          f"divisible by 4, got {shape.hidden_size}/{shape.num_heads}={head_dim}")
+    if cfg.patch_size <= 0 or cfg.input_size % cfg.patch_size:
+        raise ConfigError(f"{section}input_size: {cfg.input_size} is not a multiple of "
+                          f"{section}patch_size={cfg.patch_size}")
+    return shape
+
+
 @dataclass
 class EncoderConfig:
     """The SSL vision transformer in front of the bottleneck (DINOv2-compatible)."""
@@ -476,8 +526,7 @@ def validate(cfg: RunConfig) -> None:
     _need(d.image_size == cfg.tokenizer.image_size,
           f"data.image_size={d.image_size} differs from tokenizer.image_size={cfg.tokenizer.image_size}; the "
           f"tokenizer accepts only its own size: set data.image_size={cfg.tokenizer.image_size}")
-    _need(cfg.score.input_size % cfg.score.patch_size == 0,
-          f"score.input_size: {cfg.score.input_size} is not a multiple of score.patch_size={cfg.score.patch_size}")
+    resolve_shape(cfg.score, "score.")  # the DiT's shape arithmetic (every stage has a score/generator section)
     _need(0.0 <= dm.t_min < dm.t_max <= 1.0,
           f"dm.t_min/dm.t_max: need 0 <= t_min < t_max <= 1, got {dm.t_min}, {dm.t_max}")
     _need(dm.tokenizer_every >= 1, f"dm.tokenizer_every: must be >= 1, got {dm.tokenizer_every}")
@@ -518,11 +567,116 @@ def validate(cfg: RunConfig) -> None:
     if cfg.loss.kl_weight > 0 and cfg.tokenizer.kind != "kl_vae":
         raise ConfigError(f"loss.kl_weight={cfg.loss.kl_weight} applies to tokenizer.kind=kl_vae only; this run's "
                           f"tokenizer is '{cfg.tokenizer.kind}' (deterministic, no KL): set loss.kl_weight=0")
+    _validate_inputs(cfg)
+    validate_teacher(cfg)
+    if cfg.stage == "tokenizer" and cfg.tokenizer.kind == "kl_vae":
+        _need(not cfg.tokenizer.encoder.frozen,
+              "tokenizer.encoder.frozen: the KL-VAE baseline trains its encoder from scratch; set it false")
+    if cfg.data.latents is not None:
+        _need(cfg.stage == "generator" or (cfg.stage == "reference" and cfg.reference.kind == "tokenizer"),
+              f"data.latents: stage '{cfg.stage}'"
+              f"{f' with reference.kind={cfg.reference.kind}' if cfg.stage == 'reference' else ''} does not train "
+              f"on a tokenizer's cached latents; remove data.latents")
+    _need(cfg.teacher.chunk >= 0, f"teacher.chunk: must be >= 0 (0: the per-worker micro-batch), got "
+                                  f"{cfg.teacher.chunk}")
     if not cfg.sampler.time_shift > 0:
         raise ConfigError(f"sampler.time_shift: must be > 0, got {cfg.sampler.time_shift}")
     if cfg.sampler.time_shift != 1.0 and not cfg.sampler.method.startswith("ode_"):
         raise ConfigError(f"sampler.time_shift={cfg.sampler.time_shift} applies to the ode_* samplers only; "
                           f"set sampler.time_shift=1.0 or sampler.method=ode_euler / ode_heun")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a stage reads: every input given must be used, and every input a stage needs must be given
+# ----------------------------------------------------------------------------------------------------------------------
+
+INPUT_KEYS = ("inputs.tokenizer", "inputs.real_score", "inputs.generator", "reference.path",
+              "tokenizer.encoder.weights", "teacher.artifact")
+_PRODUCER = {"inputs.tokenizer": "a tokenizer-producing stage (tokenizer, dmd or decoder)",
+             "inputs.real_score": "the reference stage (its real_score)", "inputs.generator": "a generator stage",
+             "reference.path": "a file of reference samples (.pt, .npy, .npz or .safetensors)",
+             "teacher.artifact": "a `teacher` stage"}
+
+
+def _input_value(cfg: RunConfig, key: str) -> Any:
+    section, name = key.rsplit(".", 1)
+    node: Any = cfg
+    for part in section.split("."):
+        node = getattr(node, part)
+    return getattr(node, name)
+
+
+def inputs_used(cfg: RunConfig) -> set[str]:
+    """The input keys (INPUT_KEYS) this run's stage reads."""
+    if cfg.stage == "teacher":
+        return set()
+    if cfg.stage == "tokenizer":
+        if cfg.tokenizer.kind == "kl_vae":
+            return set()
+        return {"tokenizer.encoder.weights"} if cfg.teacher.name == "dinov2" else \
+            {"teacher.artifact"} if cfg.teacher.name == "ssl" else set()
+    if cfg.stage == "reference":
+        used = {"inputs.tokenizer"} if cfg.reference.kind in ("tokenizer", "noisy_tokenizer") else set()
+        return used | ({"reference.path"} if cfg.reference.kind == "file" else set())
+    if cfg.stage == "dmd":
+        return {"inputs.tokenizer", "inputs.real_score"}
+    return {"inputs.tokenizer"}  # decoder, generator
+
+
+def _validate_inputs(cfg: RunConfig) -> None:
+    """Every input given must be used: name the first one this stage would ignore."""
+    used = inputs_used(cfg)
+    for key in INPUT_KEYS:
+        value = _input_value(cfg, key)
+        if value is not None and key not in used:
+            why = ""
+            if key == "tokenizer.encoder.weights":
+                why = " (the tokenizer's weights come from inputs.tokenizer)" if cfg.stage != "tokenizer" else \
+                    " (only teacher.name=dinov2 reads a weights file)" if cfg.tokenizer.kind == "dmvae" else \
+                    " (the KL-VAE baseline trains its encoder from scratch)"
+            elif key == "teacher.artifact" and cfg.stage == "tokenizer":
+                why = " (only teacher.name=ssl reads a teacher stage's artifact)"
+            raise ConfigError(f"{key}: stage '{cfg.stage}' does not use it{why}; remove it (got {value!r})")
+
+
+def check_stage_inputs(cfg: RunConfig) -> None:
+    """Both input rules: none given that the stage ignores, none missing that it needs."""
+    _validate_inputs(cfg)
+    require_inputs(cfg)
+
+
+def require_inputs(cfg: RunConfig) -> None:
+    """Every input this stage needs is given (checked where a run starts or is submitted; `config show` of a stage
+    file whose inputs a pipeline fills in still works)."""
+    for key in sorted(inputs_used(cfg)):
+        if key.startswith("inputs.") and _input_value(cfg, key) is None:
+            raise ConfigError(f"{key}: stage '{cfg.stage}' needs it: the artifact of {_PRODUCER[key]}")
+        if key == "reference.path" and cfg.reference.path is None:
+            raise ConfigError(f"reference.path: reference.kind=file needs it: {_PRODUCER[key]}")
+    validate_teacher(cfg, complete=True)
+
+
+VIT_ARCHS_WITH_DINOV2 = ("vit_s", "vit_b", "vit_l", "vit_g")
+
+
+def validate_teacher(cfg: RunConfig, complete: bool = False) -> None:
+    """The teacher a tokenizer stage builds its frozen encoder from (the other stages take theirs from
+    inputs.tokenizer). `complete`: its weight source must also be given (where a run starts or is submitted)."""
+    if cfg.stage != "tokenizer" or cfg.tokenizer.kind != "dmvae":
+        return
+    enc, name = cfg.tokenizer.encoder, cfg.teacher.name
+    if name == "dinov2":
+        _need(enc.arch in VIT_ARCHS_WITH_DINOV2,
+              f"tokenizer.encoder.arch: '{enc.arch}' has no official DINOv2 weights; use vit_s, vit_b, vit_l or "
+              f"vit_g, or set teacher.name=random_vit for a random plumbing encoder")
+        if complete:
+            _need(bool(enc.weights), "tokenizer.encoder.weights: teacher.name=dinov2 needs the path of an official "
+                                     "dinov2_vit*14_pretrain.pth (or set teacher.name=random_vit / ssl)")
+            _need(bool(enc.sha256), f"tokenizer.encoder.sha256: required with teacher.name=dinov2 so a wrong or "
+                                    f"corrupt weights file is refused; compute it with `sha256sum {enc.weights}`")
+    if name == "ssl" and complete:
+        _need(bool(cfg.teacher.artifact), "teacher.artifact: teacher.name=ssl needs the artifact of a `teacher` "
+                                          "stage (e.g. runs/demo/teacher/artifact)")
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -57,8 +57,12 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
     assert cfg.data.latents == "s3://bucket/demo/latents/latents"
     assert pipe.train_config(pipe.step("tokenizer")).total_images == 64
     assert pipe.step("samples").spec["per_class"] == 3
-    # The shipped ImageNet recipe loads as a pipeline too: only the store and the weight files are the user's.
-    imagenet = load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256")
+    # The shipped ImageNet recipe loads as a pipeline too: only the store and the weight files are the user's,
+    # and the DINOv2 file's hash is demanded before anything runs.
+    with pytest.raises(PipelineError, match=r"step tokenizer \(tokenizer.yaml\): tokenizer.encoder.sha256: required"):
+        load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256")
+    imagenet = load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256",
+                             ["tokenizer:tokenizer.encoder.sha256=" + "ab" * 32])
     dmd = imagenet.train_config(imagenet.step("dmd"))
     assert dmd.run_dir == "s3://bucket/in256/runs/dmd" and dmd.inputs.tokenizer == "s3://bucket/in256/runs/tokenizer/artifact"
 

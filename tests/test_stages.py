@@ -10,7 +10,7 @@ from torch import nn
 
 from dmvae_scale.artifacts import ArtifactInfo, load_artifact, read_artifact_info, save_artifact
 from dmvae_scale.cli import main
-from dmvae_scale.config import OptimConfig, load_config
+from dmvae_scale.config import ConfigError, OptimConfig, load_config
 from dmvae_scale.data.builtin import ImageArrayDataset
 from dmvae_scale.errors import UserError
 from dmvae_scale.method.toy import sliced_wasserstein
@@ -58,19 +58,20 @@ def _dmd(tiny, *overrides):
 
 @pytest.mark.unit
 def test_an_input_the_stage_does_not_use_is_refused(tiny):
-    with pytest.raises(StageInputError, match=r"inputs.real_score: stage 'tokenizer' does not use it"):
-        build_stage(demo("tokenizer", f"inputs.real_score={tiny}/reference"))
-    with pytest.raises(StageInputError, match=r"tokenizer.encoder.weights: stage 'reference' does not use it"):
-        build_stage(demo("reference", f"inputs.tokenizer={tiny}/tokenizer", "tokenizer.encoder.weights=/w.pth"))
-    with pytest.raises(StageInputError, match=r"inputs.tokenizer: stage 'reference' does not use it"):
-        build_stage(demo("reference", "reference.kind=gaussian", f"inputs.tokenizer={tiny}/tokenizer"))
+    # Refused when the config loads, so `submit` and the pipeline refuse it before anything starts.
+    with pytest.raises(ConfigError, match=r"inputs.real_score: stage 'tokenizer' does not use it"):
+        demo("tokenizer", f"inputs.real_score={tiny}/reference")
+    with pytest.raises(ConfigError, match=r"tokenizer.encoder.weights: stage 'reference' does not use it"):
+        demo("reference", f"inputs.tokenizer={tiny}/tokenizer", "tokenizer.encoder.weights=/w.pth")
+    with pytest.raises(ConfigError, match=r"inputs.tokenizer: stage 'reference' does not use it"):
+        demo("reference", "reference.kind=gaussian", f"inputs.tokenizer={tiny}/tokenizer")
 
 
 @pytest.mark.unit
 def test_a_missing_artifact_names_the_key_and_the_path(tiny):
     with pytest.raises(StageInputError, match=r"inputs.tokenizer: artifact not found: /nowhere/artifact"):
         build_stage(demo("reference", "inputs.tokenizer=/nowhere/artifact"))
-    with pytest.raises(StageInputError, match=r"inputs.real_score: stage 'dmd' needs it"):
+    with pytest.raises(ConfigError, match=r"inputs.real_score: stage 'dmd' needs it"):
         build_stage(_dmd(tiny, "inputs.real_score=null"))
 
 
@@ -293,12 +294,15 @@ def test_resume_from_loop_and_engine_state_continues_the_same_trajectory():
     first_stage = RegressionStage()
     first, engines = _loop(first_stage, total_images=64)
     first.run(stream_batches(data, 16, seed=3))
-    loop_state, engine_state = first.state_dict(), engines["model"].state_dict()
+    # The parts a checkpoint holds, each saving its own state: the loop's counters, the engine, the EMA.
+    loop_state, engine_state, ema_state = first.state_dict(), engines["model"].state_dict(), \
+        first.emas["model"].state_dict()
 
     resumed_stage = RegressionStage()
     resumed, engines2 = _loop(resumed_stage, total_images=128)
     engines2["model"].load_state_dict(engine_state)
     resumed.load_state_dict(loop_state)
+    resumed.emas["model"].load_state_dict(ema_state)
     resumed.run(stream_batches(data, 16, seed=3, start_images=resumed.images_seen))
     torch.testing.assert_close(resumed_stage.model.weight, full_stage.model.weight, rtol=0, atol=0)
     torch.testing.assert_close(resumed.emas["model"].shadow["weight"], full.emas["model"].shadow["weight"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 from urllib.parse import urlparse
 
-from ..config import RunConfig, dump_yaml, load_config
+from ..config import RunConfig, dump_yaml, load_config, require_inputs
 from ..errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -165,6 +165,7 @@ def build_submission(config: str, overrides: list[str] = (), code: str = "checko
                      extra_env: Optional[dict[str, str]] = None, train_args: list[str] = ()) -> Submission:
     """Validate the run locally and stage what the job needs. Raises ConfigError before anything is sent."""
     cfg = load_config(config, list(overrides))
+    require_inputs(cfg)  # an input the stage needs, missing: refused here, not after the cluster grants workers
     if cfg.teacher.remote:  # the service will be started from this config: refuse a teacher it cannot build
         from .teachers import spec_from_config
         spec_from_config(cfg)

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import ArtifactError, load_into
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, validate_teacher
 from ..data.artifact_store import open_artifact
 from ..data.storage import StorageError
 from ..models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
-from ..models.vit import VIT_ARCHS, VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
+from ..models.vit import VisionTransformer, WeightsFileError, load_dinov2_weights, sha256_of_file
 
 INCEPTION_SHA256 = BUNDLED_INCEPTION_SHA256
 # Children of the TorchScript network's `net.layers`, input to output, with their channel counts.
@@ -275,9 +275,10 @@ def tokenizer_encoder_spec(cfg: RunConfig, artifact_dir: str, which: str, conten
 
 
 def spec_from_config(cfg: RunConfig, check: bool = True) -> TeacherSpec:
-    """The teacher a run's config names, checked so every declared input is used or refused.
+    """The teacher a run's config names, its weight source checked (config.validate_teacher) and, for the
+    inception teacher, its block.
 
-    check=False skips the weight-source checks: for the in-process features of a stage's own encoder
+    check=False skips the checks: for the in-process features of a stage's own encoder
     (encoder_teacher), where only geometry and compute settings matter.
     """
     tok, enc, name = cfg.tokenizer, cfg.tokenizer.encoder, cfg.teacher.name
@@ -290,25 +291,7 @@ def spec_from_config(cfg: RunConfig, check: bool = True) -> TeacherSpec:
                            arch=enc.arch, patch_size=enc.patch_size, weights=weights, sha256=sha256,
                            seed=cfg.seed, block=cfg.teacher.block, input_size=cfg.teacher.input_size,
                            **_compute_settings(cfg))
-    if name == "dinov2":
-        if enc.arch not in VIT_ARCHS or enc.arch == "vit_tiny":
-            raise ConfigError(f"tokenizer.encoder.arch: '{enc.arch}' has no official DINOv2 weights; use vit_s, "
-                              f"vit_b, vit_l or vit_g, or set teacher.name=random_vit for a random plumbing encoder")
-        if not enc.weights:
-            raise ConfigError("tokenizer.encoder.weights: teacher.name=dinov2 needs the path of an official "
-                              "dinov2_vit*14_pretrain.pth (or set teacher.name=random_vit / inception)")
-        if not enc.sha256:
-            raise ConfigError(f"tokenizer.encoder.sha256: required with teacher.name=dinov2 so a wrong or corrupt "
-                              f"weights file is refused; compute it with `sha256sum {enc.weights}`")
-    elif enc.weights:
-        raise ConfigError(f"tokenizer.encoder.weights is set but teacher.name={name} does not use it; remove it or "
-                          f"set teacher.name=dinov2")
-    if name == "ssl" and not cfg.teacher.artifact:
-        raise ConfigError("teacher.artifact: teacher.name=ssl needs the artifact of a `teacher` stage (e.g. "
-                          "runs/demo/teacher/artifact)")
-    if name != "ssl" and cfg.teacher.artifact:
-        raise ConfigError(f"teacher.artifact is set but teacher.name={name} does not use it; remove it or set "
-                          f"teacher.name=ssl")
+    validate_teacher(cfg, complete=True)  # the weight source complete (config.validate's rule; the same message everywhere)
     block = cfg.teacher.block
     if name == "inception" and block not in INCEPTION_BLOCKS:
         raise ConfigError(f"teacher.block: '{block}' is not a TF-Inception block; choose one of "

@@ -9,7 +9,6 @@ fresh model predicts exactly zero velocity and every block starts as the identit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,61 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigError, DiTConfig
+from ..config import DIT_SIZES, ConfigError, DiTConfig, DiTShape, resolve_shape  # noqa: F401 (re-exported)
 from ..errors import UserError
-from .attention import BACKENDS, attention, select_backend_for
+from .attention import attention, select_backend_for
 from .layers import (LabelEmbedding, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, rope_2d_tables,
                      sincos_pos_embed_2d)
 
 
-@dataclass(frozen=True)
-class DiTShape:
-    depth: int
-    hidden_size: int
-    num_heads: int
-
-
-# (depth, width, heads). S..XL are the DiT/LightningDiT family; XXL and 3B continue it for scaling studies
-# (head_dim 128; about 1.54B and 3.04B parameters at patch 1 on 16x16x32 latents, see `dmvae-scale models`).
-DIT_SIZES: dict[str, DiTShape] = {
-    "S": DiTShape(12, 384, 6),
-    "B": DiTShape(12, 768, 12),
-    "L": DiTShape(24, 1024, 16),
-    "XL": DiTShape(28, 1152, 16),
-    "XXL": DiTShape(36, 1536, 12),
-    "3B": DiTShape(40, 2048, 16),
-}
-
-
 class InputShapeError(UserError, ValueError):
     """A tensor handed to the model does not have the shape its config was built for."""
-
-
-def resolve_shape(cfg: DiTConfig) -> DiTShape:
-    """(depth, width, heads) from cfg.size, each overridden by cfg.depth / hidden_size / num_heads when given."""
-    explicit = (cfg.depth, cfg.hidden_size, cfg.num_heads)
-    if cfg.size in DIT_SIZES:
-        base = DIT_SIZES[cfg.size]
-    elif None in explicit:
-        raise ConfigError(f"size: unknown DiT size {cfg.size!r}; valid sizes: {', '.join(DIT_SIZES)} "
-                          "(or give depth, hidden_size and num_heads all explicitly)")
-    else:
-        base = DiTShape(*explicit)
-    shape = DiTShape(cfg.depth or base.depth, cfg.hidden_size or base.hidden_size, cfg.num_heads or base.num_heads)
-    if shape.hidden_size % shape.num_heads:
-        raise ConfigError(f"hidden_size: {shape.hidden_size} is not divisible by num_heads={shape.num_heads}")
-    if shape.hidden_size % 4:
-        raise ConfigError(f"hidden_size: the 2-D sin-cos position embedding needs a multiple of 4, "
-                          f"got {shape.hidden_size}")
-    head_dim = shape.hidden_size // shape.num_heads
-    if cfg.rope and head_dim % 4:
-        raise ConfigError(f"hidden_size/num_heads: 2-D rotary embedding needs a head dimension divisible by 4, got "
-                          f"{shape.hidden_size}/{shape.num_heads}={head_dim}")
-    if cfg.attention not in BACKENDS:
-        raise ConfigError(f"attention: {cfg.attention!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.patch_size <= 0 or cfg.input_size % cfg.patch_size:
-        raise ConfigError(f"input_size: {cfg.input_size} is not a multiple of patch_size={cfg.patch_size}")
-    return shape
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError, RunConfig, load_config, parse_override, read_yaml
+from ..config import ConfigError, RunConfig, load_config, parse_override, read_yaml, require_inputs
 from ..data import storage
 from ..errors import UserError
 from ..train.launch import LAUNCHERS, choose_launcher
@@ -208,7 +208,9 @@ def _check_steps(pipe: Pipeline) -> None:
                                 f"{', '.join(LAUNCHERS)}")
         if step.kind == "train":
             try:
-                pipe.launcher_of(step, pipe.train_config(step))
+                cfg = pipe.train_config(step)
+                require_inputs(cfg)
+                pipe.launcher_of(step, cfg)
             except ConfigError as exc:
                 raise PipelineError(f"step {step.name} ({step.spec['config']}): {exc}") from None
     for step in pipe.steps:  # a checkpoint to sample from: one the generator's run will have written (and kept)

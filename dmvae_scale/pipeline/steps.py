@@ -99,7 +99,7 @@ def run_sample(ctx: StepContext, step: Step) -> str:
     local = ctx.work / "samples" / f"{step.name}-{made_by}"
     generator = pipe.artifact_url(s["generator"])
     if s.get("images") is not None:  # a point on a curve over training: the run's checkpoint at that many images
-        from ..train.export import checkpoint_artifact
+        from ..train.checkpoint.export import checkpoint_artifact
         generator = checkpoint_artifact(pipe.url(s["generator"]), int(s["images"]),
                                         str(ctx.work / "checkpoint_artifacts" / f"{made_by}-{int(s['images'])}"))
         print(f"step {step.name}: sampling {s['generator']}'s checkpoint at {int(s['images'])} images", flush=True)

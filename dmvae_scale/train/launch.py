@@ -24,13 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from ..config import RunConfig, dump_yaml
+from ..config import RunConfig, dump_yaml, require_inputs
 from ..data import storage
 from ..distributed.ray_session import ray_session
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .api import WorkerJob, WorkerResult
-from .checkpointer import upstream_latents
 from .collectives import single_process_env
 from .metrics import import_wandb
 from .worker import ray_train_loop, run_worker
@@ -134,12 +133,9 @@ def check_run_dir(cfg: RunConfig) -> Optional[ckpt.CheckpointInfo]:
     """Refuse before any worker starts when the latest checkpoint means something else (config keys and upstream
     latent statistics here; parameter shapes again in the workers, which build the models)."""
     latest = ckpt.CheckpointStore(cfg.run_dir, keep=cfg.keep_checkpoints).latest()
-    if latest is None:
-        return None
-    current = ckpt.meaning_of(cfg, upstream_latents(cfg))
-    saved = {k: v for k, v in latest.meaning.items() if not k.startswith("model.")}
-    ckpt.check_resume(saved, current, f"checkpoint {latest.url}")
-    ckpt.check_zero_stage(latest.zero_stage, cfg.distributed.zero_stage, f"checkpoint {latest.url}")
+    if latest is not None:
+        ckpt.refuse_changed_meaning(latest, ckpt.meaning_of(cfg, ckpt.upstream_latents(cfg)),
+                                    cfg.distributed.zero_stage, models=False)
     return latest
 
 
@@ -239,6 +235,7 @@ def _ray_storage(cfg: RunConfig):
 def _prepare(cfg: RunConfig) -> tuple[RunConfig, Optional[str]]:
     """Driver-side checks and files common to both launchers; returns (cfg with absolute paths, W&B project)."""
     cfg = absolutize(cfg)
+    require_inputs(cfg)
     check_run_dir(cfg)
     wandb_project = os.environ.get("WANDB_PROJECT") or None
     if wandb_project:
