@@ -7,7 +7,7 @@ the tokenizer artifact id, its LatentSpec (the normalisation every score/generat
 measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
-With `attach` (train/features.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
+With `attach` (train/teacher_features.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
 teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request and
 only the bottleneck runs here.
 
@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from dmvae_scale.artifacts import LatentSpec
+from dmvae_scale.batch_keys import FEATURES_KEY
 from dmvae_scale.errors import UserError
 
 from . import storage
@@ -39,7 +40,6 @@ from .stream import ImageStreamDataset, _EpochAware, streaming_locations
 from .transforms import sample_rng
 
 LATENT_COLUMNS = {"key": "str", "label": "int", "latent": "ndarray", "latent_flip": "ndarray"}
-FEATURES_KEY = "teacher_features"  # where a feature source's `attach` puts the encoder's tokens (the service's key)
 
 
 @dataclass

@@ -32,12 +32,12 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..batch_keys import FEATURES_KEY
 from ..config import RunConfig
 from .teachers import DTYPES, Teacher, TeacherSpec, build_teacher, encoder_teacher, spec_from_config
 
 log = logging.getLogger(__name__)
 
-FEATURES_KEY = "teacher_features"
 _READONLY_WARNING = "The given NumPy array is not writable"
 
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
+# The batch keys are part of the contract; they live on the bottom floor so data/ and distributed/ share them.
+from ..batch_keys import FEATURES_KEY, IMAGE_KEY, LABEL_KEY, LATENT_KEY  # noqa: F401
 from ..config import OptimConfig, RunConfig
 
 

@@ -9,7 +9,7 @@ import torch
 from ...artifacts import LatentSpec
 from ...config import OptimConfig, RunConfig, check_stage_inputs
 from ...data.artifact_store import artifact_info
-from ...distributed.teacher_service import FEATURES_KEY
+from ..api import FEATURES_KEY
 from ...method.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
 from ...method.kl import gaussian_kl
 from ...models.discriminator import DiffAugment, PatchDiscriminator, consistency_term

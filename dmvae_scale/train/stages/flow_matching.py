@@ -9,7 +9,7 @@ import torch
 
 from ...artifacts import LatentSpec
 from ...config import RunConfig, check_stage_inputs
-from ...distributed.teacher_service import FEATURES_KEY
+from ..api import FEATURES_KEY
 from ...method.flow import drop_labels, flow_matching_loss
 from ...method.references import (FileSamples, GaussianMixture, NoisyTokenizerLatents, ReferenceSource,
                                  StandardGaussian, TokenizerLatents, random_means)
