@@ -92,7 +92,7 @@ def _add_data(sub):
         kwargs = dict(weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, dtype=args.dtype, limit=args.limit)
         if args.remote_teacher:
-            from .train.features import cache_latents_with_teacher
+            from .train.teacher_features import cache_latents_with_teacher
             summary = cache_latents_with_teacher(args.src, args.dest, args.tokenizer, remote=True,
                                                  address=args.address, **kwargs)
         else:

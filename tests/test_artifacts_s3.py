@@ -18,7 +18,7 @@ from dmvae_scale.data.artifact_store import artifact_info, cache_root, open_arti
 from dmvae_scale.data.datasets import in_memory_dataset
 from dmvae_scale.train.batches import stats_batches
 from dmvae_scale.train.stages import AutoencoderStage, save_stage_artifact
-from plain_reference import EMA
+from plain_engine import EMA
 
 pytestmark = pytest.mark.integration
 

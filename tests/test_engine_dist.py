@@ -109,7 +109,7 @@ def test_run_directory_in_s3_checkpoints_resumes_and_exports(s3_bucket, tmp_path
 
 @pytest.mark.gpu
 def test_one_gpu_worker_trains_in_bf16_and_reports_mfu(tmp_path):
-    from dmvae_scale.train.metrics import peak_flops
+    from dmvae_scale.train.reporting import peak_flops
     cfg = toys.toy_config(tmp_path / "run", "distributed.num_workers=1", "distributed.use_gpu=true",
                           "total_images=32")
     result = run_worker_process(cfg)

@@ -181,7 +181,7 @@ def test_non_finite_on_one_worker_skips_both_and_a_run_of_them_stops(ray_session
 def dmd_inputs(tmp_path_factory):
     """Tiny tokenizer and reference artifacts made by the real stages (untrained), as tests/test_stages.py does."""
     from dmvae_scale.train.stages import AutoencoderStage, FlowMatchingStage, save_stage_artifact
-    from plain_reference import EMA
+    from plain_engine import EMA
     root = tmp_path_factory.mktemp("dmd_inputs")
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo"
     from dmvae_scale.config import load_config

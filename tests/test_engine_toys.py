@@ -22,7 +22,7 @@ from dmvae_scale.train.api import ModelSpec, StepOutput
 from dmvae_scale.train.batches import stream_batches
 from dmvae_scale.train.loop import train_loop
 from dmvae_scale.train.stages import no_param_grads
-from plain_reference import EMA, PlainEngine
+from plain_engine import EMA, PlainEngine
 
 DIM = 8
 

@@ -19,7 +19,7 @@ from dmvae_scale.train.checkpoint import durable
 from dmvae_scale.train.deepspeed_engine import deepspeed_config, resolve_precision
 from dmvae_scale.train.ema import ShardedEMA, consolidate_ema_shards
 from dmvae_scale.train.launch import check_run_dir
-from plain_reference import EMA
+from plain_engine import EMA
 
 pytestmark = pytest.mark.unit
 

@@ -73,7 +73,7 @@ def test_a_forward_region_inside_an_outer_region_is_refused():
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _tokenizer_stage(precision: str):
-    from plain_reference import PlainEngine
+    from plain_engine import PlainEngine
     from dmvae_scale.train.stages import build_stage
     cfg = load_config(REPO / "configs/demo/tokenizer.yaml", ["run_dir=/nonexistent", "loss.gan_start_step=2"])
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from dmvae_scale.data.datasets import in_memory_dataset
 from dmvae_scale.train.batches import stats_batches, stream_batches
 from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.loop import TrainingDivergedError, TrainLoop
-from plain_reference import EMA, PlainEngine
+from plain_engine import EMA, PlainEngine
 from dmvae_scale.train.stages import (AutoencoderStage, FlowMatchingStage, StageInputError, build_stage,
                                       save_stage_artifact)
 

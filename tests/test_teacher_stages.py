@@ -22,7 +22,7 @@ from dmvae_scale.data.shards import write_shards
 from dmvae_scale.distributed.teacher_service import options_from_config, start_teacher_service, stop_teacher_service
 from dmvae_scale.distributed.teachers import build_teacher, spec_from_config
 from dmvae_scale.artifacts import read_artifact_info
-from dmvae_scale.train.features import cache_latents_with_teacher
+from dmvae_scale.train.teacher_features import cache_latents_with_teacher
 from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.stages import AutoencoderStage, StageInputError, build_stage
 
@@ -113,7 +113,7 @@ def test_the_inception_teacher_is_refused_for_training_stages():
 @pytest.mark.unit
 def test_later_stages_name_the_encoder_of_their_tokenizer_artifact(tmp_path, monkeypatch):
     from dmvae_scale.models.vit import WeightsFileError
-    from plain_reference import EMA
+    from plain_engine import EMA
     from dmvae_scale.train.stages import save_stage_artifact
     cfg = demo("tokenizer")
     stage = AutoencoderStage(cfg)

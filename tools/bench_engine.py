@@ -1,7 +1,7 @@
 """Distributed-engine benchmark (one worker).
 
 1. step time: the DeepSpeed engine (train/deepspeed_engine.py: ZeRO stage --zero, AdamW, clipping, the agreed
-   non-finite guard) against plain PyTorch (tests/plain_reference.py PlainEngine: the same AdamW, clipping, schedule)
+   non-finite guard) against plain PyTorch (tests/plain_engine.py PlainEngine: the same AdamW, clipping, schedule)
    for the same LightningDiT, batch and flow-matching loss. Goal: DeepSpeed / plain <= 1.10.
 2. checkpoint throughput: saving and restoring the engine through the real checkpoint path (ZeRO shards + worker
    state + manifest, train/checkpoint/manager.write_checkpoint; restore through each engine's load) against writing and reading
@@ -83,7 +83,7 @@ def bench_step_time(args, device) -> dict:
     from dmvae_scale.train.api import ModelSpec
     from dmvae_scale.train.deepspeed_engine import build_engines
     from dmvae_scale.train.precision import ForwardPrecision
-    from plain_reference import PlainEngine  # the plain torch reference the tests compare against too
+    from plain_engine import PlainEngine  # the plain torch reference the tests compare against too
     cfg, model, batch = build(args, device)
     plain = PlainEngine(copy.deepcopy(model), cfg.optim)
     from dmvae_scale.train.checkpoint.durable import file_written

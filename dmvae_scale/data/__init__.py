@@ -1,7 +1,7 @@
 """data: shard writing, the streaming reader and its transforms, the latent cache. Knows nothing of training.
 
     builtin.py     Fashion-MNIST from Debian's files; ImageArrayDataset (in memory, the batch contract)
-    sources.py     what `data shards` reads: ImageNet-style folders, built-in sets
+    shard_sources.py what `data shards` reads: ImageNet-style folders, built-in sets
     storage.py     local directories and s3:// URLs (fsspec/s3fs, S3_ENDPOINT_URL), fast endpoint check
     shards.py      `data shards`: resumable, parallel MDS conversion; load_index (missing shards named)
     transforms.py  decoding, random / center / ADM crops, flips seeded by (seed, epoch, sample)

@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from . import storage
 from .builtin import ImageArrayDataset, load_fashion_mnist
-from .sources import open_source
+from .shard_sources import open_source
 from .transforms import decode_image, resize_short_side
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dmvae_scale.errors import UserError
 
 from . import storage
-from .sources import ImageSource, SourceSample, open_source, read_encoded
+from .shard_sources import ImageSource, SourceSample, open_source, read_encoded
 
 FORMAT = 1
 COLUMNS = {"key": "str", "label": "int", "image": "bytes"}

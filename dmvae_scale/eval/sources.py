@@ -93,7 +93,7 @@ def _shard_set(url: str, image_size: Optional[int], limit: Optional[int]) -> Ima
 
 
 def _data_source_set(spec: str, split: str, image_size: Optional[int], limit: Optional[int]) -> ImageSet:
-    from dmvae_scale.data.sources import open_source, read_encoded
+    from dmvae_scale.data.shard_sources import open_source, read_encoded
     from dmvae_scale.data.transforms import ImageTransform, decode_image, sample_rng
 
     source = open_source(spec, split)

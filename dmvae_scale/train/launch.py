@@ -31,7 +31,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from .api import WorkerJob, WorkerResult
 from .collectives import single_process_env
-from .metrics import import_wandb
+from .reporting import import_wandb
 from .worker import ray_train_loop, run_worker
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..batch_keys import FEATURES_KEY
 from ..config import RunConfig, config_hash, to_dict
 from ..data import storage
 from ..errors import UserError
@@ -204,7 +205,7 @@ class ImageGrid(LoopHook):
         if tokenizer is None or "image" not in batch:
             return None
         x = batch["image"][:self.IMAGES].to(self.device)
-        features = batch.get("teacher_features")
+        features = batch.get(FEATURES_KEY)
         if features is not None:
             features = features[:self.IMAGES].to(self.device)
         recon, _ = tokenizer(x, features)

@@ -8,7 +8,7 @@
      the RNG states, the FLOP count (each part saves and loads its own state);
   4. runs the shared TrainLoop (loop.py, which seeds every step from (seed, rank, images seen)) with hooks:
      checkpoints every cfg.ckpt_every_images (checkpoint/manager.py), the stop request and Ray's preemption notice
-     (collectives.py), metrics at the log interval (metrics.py; with `ray.train.report` under Ray Train);
+     (collectives.py), metrics at the log interval (reporting.py; with `ray.train.report` under Ray Train);
   5. at the end writes a final checkpoint and the stage artifact (<run_dir>/artifact).
 A run that stops itself (non-finite losses, a user error such as a missing artifact or a refused resume, a stop
 request) returns a WorkerResult with a status instead of raising, so Ray Train never retries what a retry cannot fix.
@@ -35,7 +35,7 @@ from .deepspeed_engine import build_engines, device_for, init_distributed
 from .ema import FullEMAView, ShardedEMA
 from .guard import TrainingDivergedError
 from .loop import LoopHook, TrainLoop
-from .metrics import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
+from .reporting import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
 from .precision import compute_paths, describe_paths
 from .rng import RNGState, seed_everything, seed_step
 
@@ -135,7 +135,7 @@ class Worker:
             # Frozen-encoder features for the batches: the teacher service (teacher.remote) or this process.
             self.attach = lambda batches: batches
             if getattr(self.stage, "teacher_spec", None) is not None:
-                from .features import open_stage_features
+                from .teacher_features import open_stage_features
                 # In-process, share the stage's encoder unless ZeRO-3 shards it.
                 self.attach = open_stage_features(self.stage, self.cfg, self.device, stack, rank=self.rank,
                                                   share_encoder=self.cfg.distributed.zero_stage < 3)

@@ -16,7 +16,7 @@ what the stage needs from the stage before and what it hands on.
 Frozen-encoder features: where the tokenizer's encoder is frozen (tokenizer with tokenizer.encoder.frozen, reference
 on tokenizer latents, decoder, generator) the stage names the teacher equal to that encoder (`teacher_spec`, and the
 module itself as `frozen_encoder`); a batch may then carry its features under "teacher_features" (computed in-process
-or by the TeacherService, features.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
+or by the TeacherService, teacher_features.py wires either) and the stage runs only bottleneck and decoder on them. Stage 1
 builds its encoder from the teacher (random_vit: the seeded network's weights; ssl: the teacher stage's), the later stages name the encoder of
 their tokenizer artifact, so both sources give the same bits. DMD trains the encoder: no teacher there.
 
