@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 
+from .log import say
 from .errors import UserError
 
 
@@ -234,7 +235,7 @@ def _add_toy(sub):
         except ValueError as exc:
             raise UserError(f"--reference {args.reference}: {exc}") from None
         settings = ToySettings(steps=args.steps, pretrain_steps=args.pretrain_steps, seed=args.seed)
-        result = run_toy(source, settings, progress=lambda i, sw: print(f"iteration {i}: SW {sw:.4f}", flush=True))
+        result = run_toy(source, settings, progress=lambda i, sw: say("toy", f"iteration {i}: SW {sw:.4f}"))
         out = save_toy_scatter(result, args.out, title=f"reference: {args.reference}")
         print(f"toy ({args.reference}): sliced Wasserstein {result.sw_before:.4f} -> {result.sw_after:.4f} "
               f"({result.sw_after / result.sw_before:.3f}x); plot {out}")

@@ -10,13 +10,13 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from .log import say
 from .errors import UserError
 
 
@@ -491,7 +491,7 @@ def _renamed_keys(data: dict, path) -> None:
                 raise ConfigError(f"{path}: both {section}.{old} (the old name) and {section}.{new} are set; keep "
                                   f"{section}.{new}")
             part[new] = part.pop(old)
-            print(f"note: {path}: {section}.{old} is now called {section}.{new}", file=sys.stderr)
+            say("config", f"{path}: {section}.{old} is now called {section}.{new}", err=True)
 
 
 def _need(ok: bool, message: str) -> None:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .log import say
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -106,7 +107,7 @@ def run_demo(o: DemoOptions) -> dict:
     try:
         if o.store is None:
             from .data.object_store import ObjectStore
-            print(f"[demo] object store: SeaweedFS on loopback, data in {out / 'object-store'}", flush=True)
+            say("demo", f"object store: SeaweedFS on loopback, data in {out / 'object-store'}")
             store_proc = ObjectStore(out / "object-store").start()
             os.environ.update(store_proc.env())
             store_url = f"{store_proc.create_bucket(BUCKET)}/pipeline"
@@ -116,15 +117,14 @@ def run_demo(o: DemoOptions) -> dict:
             if store_url.startswith("s3://"):
                 _check_s3_credentials(store_url)
         pipe = load_pipeline(config_dir, store_url, overrides)  # every config checked before a job is sent
-        print(f"[demo] Ray head on loopback with its Job API; {len(pipe.steps)} pipeline steps -> {store_url}",
-              flush=True)
+        say("demo", f"Ray head on loopback with its Job API; {len(pipe.steps)} pipeline steps -> {store_url}")
         cluster = start_local_cluster(num_cpus=max(2, o.workers), env={"RAY_JOB_STOP_WAIT_TIME_S":
                                                                            str(int(o.stop_wait_s))})
         os.environ.update(cluster.client_env())
         submission = jobs.build_pipeline_submission(pipe, overrides)
         job_id = jobs.submit(submission, cluster.dashboard_url)
-        print(f"[demo] submitted job {job_id} (what `dmvae-scale submit pipeline {config_dir} --store {store_url}` "
-              f"does on a cluster); following its logs", flush=True)
+        say("demo", f"submitted job {job_id} (what `dmvae-scale submit pipeline {config_dir} --store {store_url}` "
+                    f"does on a cluster); following its logs")
         try:
             jobs.follow_logs(cluster.dashboard_url, job_id, sys.stdout)
             status = jobs.wait_for_job(cluster.dashboard_url, job_id, timeout_s=60)
@@ -153,10 +153,9 @@ def run_demo(o: DemoOptions) -> dict:
     report = out / "report"
     for name in ("report", ):
         if (report / name / "report.md").is_file():
-            print((report / name / "report.md").read_text(), flush=True)
+            say("", (report / name / "report.md").read_text())
     html_files = sorted(report.glob("*/report.html"))
     where = html_files[0] if html_files else report
-    print(f"demo done in {seconds:.0f} s; report: {where} (and report.md beside it); summary {out / 'summary.json'}",
-          flush=True)
+    say("demo", f"done in {seconds:.0f} s; report: {where} (and report.md beside it); summary {out / 'summary.json'}")
     return summary
 

@@ -118,6 +118,16 @@ def test_a_bad_config_is_refused_before_submission(ray_cluster, client_env):
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: unknown config key 'total_imgs'; did you mean total_images")
     assert len(bad.stderr.strip().splitlines()) == 1  # one line, no traceback
+    # The DiT's shape arithmetic and the unused-input rules are checked here too, not on the cluster.
+    generator = str(REPO / "configs/demo/generator.yaml")
+    for overrides, message in [
+            (["score.hidden_size=100"], "error: score.hidden_size/score.num_heads: 2-D rotary embedding needs a head "
+                                        "dimension divisible by 4, got 100/4=25"),
+            (["inputs.real_score=s3://bucket/reference"], "error: inputs.real_score: stage 'generator' does not use "
+                                                          "it; remove it")]:
+        bad = cli(["submit", generator, *overrides, "--address", url], client_env)
+        assert bad.returncode == 2 and bad.stderr.startswith(message), bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
     with api_env(ray_cluster):
         assert len(jobs.list_jobs(url)) == before
 

@@ -20,6 +20,7 @@ FLOORS = {
     "data": 3,
     "method": 2, "models": 2,
     "config": 1, "artifacts": 1, "errors": 1, "localhost": 1, "seeds": 1, "batch_keys": 1, "private_cache": 1,
+    "log": 1,
     "": 0,  # dmvae_scale/__init__.py
 }
 SIBLINGS = [{"train", "eval"}, {"method", "models"}]  # same floor, and neither imports the other

@@ -128,7 +128,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
                            "--store", f"{s3_bucket}/demo", *LONGER_DMD], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=1500)
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-3000:]
-    assert "[demo] submitted job raysubmit_" in demo.stdout and "demo done in" in demo.stdout
+    assert "[demo] submitted job raysubmit_" in demo.stdout and "[demo] done in" in demo.stdout
     # The job's driver trains and evaluates on every core (Ray starts a job's driver with OMP_NUM_THREADS=1).
     assert f"torch CPU threads: {os.cpu_count()}" in demo.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -244,7 +244,7 @@ def test_loop_counts_images_logs_on_schedule_and_prints_a_summary(capsys):
     expected = [np.mean(stage.losses[0:2]), np.mean(stage.losses[2:4]), np.mean(stage.losses[4:6]), stage.losses[6]]
     assert [h["loss"] for h in summary.history] == pytest.approx(expected, rel=1e-6)
     assert summary.final_metrics["loss"] == pytest.approx(stage.losses[6], rel=1e-6)
-    assert capsys.readouterr().out.strip().startswith("regression: 112 images in 7 steps")
+    assert capsys.readouterr().out.strip().startswith("[train] regression: 112 images in 7 steps")
 
 
 @pytest.mark.unit

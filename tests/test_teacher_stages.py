@@ -155,7 +155,7 @@ def test_tokenizer_stage_with_the_service_equals_in_process_bit_for_bit(tokenize
     (_, local, local_out), (cfg, remote, remote_out) = tokenizer_runs[False], tokenizer_runs[True]
     assert local.steps == remote.steps == 3
     # Every step's batch went to the service (plus the one prefetched behind the last); none in-process.
-    assert int(re.search(r"teacher service: (\d+) requests", remote_out).group(1)) == 4
+    assert int(re.search(r"\[teacher\] service: (\d+) requests", remote_out).group(1)) == 4
     assert "teacher service" not in local_out
     assert_same_tensors(artifact_tensors(local.artifact), artifact_tensors(remote.artifact))
     # The runner started the service and stopped it at the end.
@@ -183,7 +183,7 @@ def test_reference_stage_joins_a_running_service_and_equals_in_process(tokenizer
         stop_teacher_service(running)
     # Latent statistics (2 batches of 32) and 2 training steps, each batch asked for once, + 1 prefetched behind the
     # last step (which the service may still be computing when the run ends).
-    requests = int(re.search(r"teacher service: (\d+) requests", capsys.readouterr().out).group(1))
+    requests = int(re.search(r"\[teacher\] service: (\d+) requests", capsys.readouterr().out).group(1))
     assert requests == 5 and 4 <= served["requests"] <= 5
     assert read_artifact_info(remote.artifact).latent == read_artifact_info(local.artifact).latent
     assert_same_tensors(artifact_tensors(local.artifact), artifact_tensors(remote.artifact))

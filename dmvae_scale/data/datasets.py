@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from ..log import progress, say
 from ..config import RunConfig
 from ..errors import UserError
 from . import storage
@@ -35,7 +35,7 @@ def load_image_folder(root: str, split: str, image_size: int, limit: int | None 
     source = open_source(root, split)
     samples = source.samples[:limit] if limit else source.samples
     images, labels, corrupt = [], [], 0
-    for s in tqdm(samples, desc=f"decode {root}", unit="img", leave=False):
+    for s in progress(samples, desc=f"decode {root}", unit="img", leave=False):
         try:
             with open(s.locator, "rb") as f:
                 img = resize_short_side(decode_image(f.read()), image_size)
@@ -48,7 +48,7 @@ def load_image_folder(root: str, split: str, image_size: int, limit: int | None 
     if not images:
         raise UserError(f"data.source: no decodable images under {root}")
     if corrupt:
-        print(f"data: skipped {corrupt} undecodable files under {root}")
+        say("data", f"skipped {corrupt} undecodable files under {root}")
     return np.stack(images), np.asarray(labels, dtype=np.int64), len(source.classes)
 
 

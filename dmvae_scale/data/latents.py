@@ -7,9 +7,9 @@ the tokenizer artifact id, its LatentSpec (the normalisation every score/generat
 measured over the cache (mean of batch means, mean of 1/std, METHOD.md) for when the artifact carries none.
 Images are prepared like evaluation images: the ADM center crop at the tokenizer's resolution.
 
-With `attach` (train/teacher_features.py's cache_latents_with_teacher passes it), the frozen encoder's features come from a
-teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request and
-only the bottleneck runs here.
+With `attach` (train/teacher_features.py's cache_latents_with_teacher passes it), the frozen encoder's features come
+from a teacher (the TeacherService, or the same network in-process): each batch is sent with its mirror as one request
+and only the bottleneck runs here.
 
 LatentStreamDataset serves the cache as {"latent": raw float32 (C, h, w), "label": long}: the stage normalises with
 `dataset.latent_spec`, exactly as it would normalise latents it encoded itself. The image or its flip is chosen per
@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from dmvae_scale.log import progress as show_progress
 from dmvae_scale.artifacts import LatentSpec
 from dmvae_scale.batch_keys import FEATURES_KEY
 from dmvae_scale.errors import UserError
@@ -113,7 +113,7 @@ def cache_latents(src: str, dest: str, tokenizer_dir: str, *, weights: str = "em
     batch_means, inv_stds, count, shape = [], [], 0, None
     try:
         with MDSWriter(out=out_dir, columns=LATENT_COLUMNS, hashes=["sha1"]) as writer, \
-                tqdm(total=total, unit="img", desc=f"cache-latents {dest}", disable=not progress) as bar, \
+                show_progress(total=total, unit="img", desc=f"cache-latents {dest}", enabled=progress) as bar, \
                 torch.inference_mode():
             for batch in (loader if attach is None else attach(_with_mirrors(loader))):
                 n = len(batch["label"])

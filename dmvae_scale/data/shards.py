@@ -24,8 +24,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
 
+from ..log import progress as show_progress
 from dmvae_scale.errors import UserError
 
 from . import storage
@@ -198,7 +198,7 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
     summary = ShardSummary(parts=n_parts, reused_parts=len(done_parts))
 
     already = sum(min(part_size, len(source.samples) - i * part_size) for i in done_parts)
-    bar = tqdm(total=len(source.samples), initial=already, unit="img", desc=f"shards {dest}", disable=not progress)
+    bar = show_progress(total=len(source.samples), initial=already, unit="img", desc=f"shards {dest}", enabled=progress)
     try:
         if workers == 1 or len(pending) <= 1:
             results = map(_write_part, pending)

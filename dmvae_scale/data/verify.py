@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
+from ..log import progress as show_progress
 from . import storage
 from .shards import check_decodes, load_index
 
@@ -110,7 +110,7 @@ def verify_dataset(url: str, decode: bool = True, workers: int = 4, progress: bo
     root = root.rstrip("/")
     seen: set[str] = set()
     total = sum(s["samples"] for s in index["shards"])
-    with tqdm(total=total, unit="sample", desc=f"verify {url}", disable=not progress) as bar, \
+    with show_progress(total=total, unit="sample", desc=f"verify {url}", enabled=progress) as bar, \
             ThreadPoolExecutor(max(1, workers)) as pool:
         for res in pool.map(lambda s: _check_shard(fs, root, s, decode), index["shards"]):
             if res["problem"]:

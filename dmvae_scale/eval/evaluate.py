@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ..log import progress, say
 from dmvae_scale.errors import UserError
 
 from .features import extract_features
@@ -45,8 +45,8 @@ def compute_reference(images: ImageSet, network, out_path: str | Path, opts: Eva
     stats = FeatureStats.from_features(feats, network.name, network.fingerprint, keep_features=opts.pr_max,
                                        source=images.description)
     stats.save(out_path)
-    print(f"reference: {stats.num_images} images of {images.description} -> {out_path} "
-          f"({network.name}, {stats.dim}-d, fingerprint {str(network.fingerprint)[:12]})")
+    say("eval", f"reference: {stats.num_images} images of {images.description} -> {out_path} "
+                f"({network.name}, {stats.dim}-d, fingerprint {str(network.fingerprint)[:12]})")
     return stats
 
 
@@ -105,7 +105,7 @@ def evaluate_samples(samples: ImageSet, reference: FeatureStats, network, out_di
     grid = save_grid(next(iter(samples.batches(64))), out_dir / "grid.png")
     write_report(out_dir, "Generated samples", metrics, settings, notes, grid)
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    print(f"eval: {shown} ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
+    say("eval", f"{shown} ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
     return metrics
 
 
@@ -120,7 +120,7 @@ def evaluate_reconstructions(images: ImageSet, reconstruct: Reconstruct, network
     started = time.perf_counter()
     out_dir = Path(out_dir)
     orig_feats, recon_feats, psnrs, ssims, first = [], [], [], [], None
-    bar = tqdm(total=images.total, desc="reconstruct", unit="img", disable=not opts.progress, leave=False)
+    bar = progress(total=images.total, desc="reconstruct", unit="img", enabled=opts.progress, leave=False)
     for batch in images.batches(opts.batch_size):
         x = as_uint8_nchw(batch)
         y = as_uint8_nchw(reconstruct(x), what="reconstructions")
@@ -146,7 +146,7 @@ def evaluate_reconstructions(images: ImageSet, reconstruct: Reconstruct, network
     write_report(out_dir, title, metrics, {"images": images.description, "feature_network": network.name,
                                           **(settings or {}), **asdict(opts)},
                  ["grid: top half originals, bottom half their reconstructions"], grid)
-    print(f"eval tokenizer: rFID {metrics['rfid']:.3f}, PSNR {metrics['psnr']:.2f} dB"
+    say("eval", f"tokenizer: rFID {metrics['rfid']:.3f}, PSNR {metrics['psnr']:.2f} dB"
           + (f", SSIM {metrics['ssim']:.4f}" if "ssim" in metrics else "")
           + f" over {ref.num_images} images ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
     return metrics

@@ -10,8 +10,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ..log import progress as show_progress, say
 from .images import as_uint8_nchw
 
 
@@ -36,7 +36,7 @@ def extract_features(network: torch.nn.Module, batches: Iterable, total: Optiona
     device = torch.device(device) if device is not None else next(network.parameters()).device
     outputs: dict[str, list[np.ndarray]] = {}
     start, seen = time.perf_counter(), 0
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with show_progress(total=total, desc=desc, unit="img", enabled=progress, leave=False) as bar:
         for batch in batches:
             x = as_uint8_nchw(batch, value_range).to(device, non_blocking=True)
             for key, value in network(x).items():
@@ -47,5 +47,5 @@ def extract_features(network: torch.nn.Module, batches: Iterable, total: Optiona
         raise ValueError(f"{desc}: no images")
     elapsed = time.perf_counter() - start
     if progress:
-        print(f"{desc}: {seen} images through {network.name} in {elapsed:.1f} s ({seen / elapsed:.1f} img/s)")
+        say("eval", f"{desc}: {seen} images through {network.name} in {elapsed:.1f} s ({seen / elapsed:.1f} img/s)")
     return {key: np.concatenate(parts) for key, parts in outputs.items()}

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
+from ..log import progress as show_progress, say
 from dmvae_scale.config import load_config
 from dmvae_scale.data.artifact_store import artifact_info, open_artifact
 from dmvae_scale.errors import UserError
@@ -115,7 +115,7 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
     with ray_session(address, num_cpus=max(1, workers), log_to_driver=False), contextlib.ExitStack() as cleanup:
         cleanup.callback(lambda: [ray.kill(actor) for actor in actors])
         gpus_per_worker = gpus_for_workers(gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0)))
-        print(f"sample: {min(workers, len(pending))} Ray workers, {gpus_per_worker:g} GPU each", flush=True)
+        say("sample", f"{min(workers, len(pending))} Ray workers, {gpus_per_worker:g} GPU each")
         actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_SamplerActor)
         actors = [actor_cls.remote(*args, gpus_per_worker > 0) for _ in range(min(workers, len(pending)))]
         queue, inflight = list(pending), {}
@@ -144,10 +144,10 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     out_dir = prepare_output(out, plan, {"tokenizer": str(tok), "generator_path": str(generator)})
     pending = pending_batches(out_dir, plan)
     todo = sum(len(plan.batch_indices(b)) for b in pending)
-    print(f"sample: {plan.num_samples} samples ({plan.num_classes} classes), {plan.method} {plan.steps} steps, "
-          f"CFG {plan.cfg_scale} interval {plan.guidance_interval}; {todo} to do in {len(pending)} batches")
+    say("sample", f"{plan.num_samples} samples ({plan.num_classes} classes), {plan.method} {plan.steps} steps, "
+                  f"CFG {plan.cfg_scale} interval {plan.guidance_interval}; {todo} to do in {len(pending)} batches")
     written = 0
-    bar = tqdm(total=todo, desc="sample", unit="img", disable=not progress)
+    bar = show_progress(total=todo, desc="sample", unit="img", enabled=progress)
 
     def on_result(indices, images):
         nonlocal written
@@ -171,6 +171,6 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     first = [np.asarray(Image.open(png_path(out_dir, i)).convert("RGB")) for i in range(min(64, plan.num_samples))]
     save_grid(np.stack(first), out_dir / "grid.png")
     elapsed = time.perf_counter() - started
-    print(f"sample: wrote {written} new images ({plan.num_samples} total) in {elapsed:.1f} s "
-          f"({written / elapsed:.2f} img/s) -> {npz}")
+    say("sample", f"wrote {written} new images ({plan.num_samples} total) in {elapsed:.1f} s "
+                  f"({written / elapsed:.2f} img/s) -> {npz}")
     return npz

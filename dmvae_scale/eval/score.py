@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..log import say
 from .evaluate import EvalOptions
 
 
@@ -55,8 +56,8 @@ def classifier_accuracy(classifier_dir: str | Path, samples_npz: str | Path) -> 
     with np.load(samples_npz) as z:
         images, labels = z["arr_0"], z["arr_1"]
     acc = accuracy(model, images, labels)
-    print(f"evaluator classifier: {acc:.1%} of {len(images)} samples are classified as the class they were drawn "
-          f"for (it scores {info['test_accuracy']:.1%} on real test images)", flush=True)
+    say("eval", f"evaluator classifier: {acc:.1%} of {len(images)} samples are classified as the class they were drawn "
+                f"for (it scores {info['test_accuracy']:.1%} on real test images)")
     return {"classifier_accuracy": acc, "classifier_real_test_accuracy": info["test_accuracy"]}
 
 

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from ..log import progress as show_progress
 from ..errors import UserError
 
 FASHION_MNIST_TRAIN = 60_000
@@ -35,8 +35,8 @@ def fashion_mnist_at(split: str, size: int, indices: np.ndarray | None = None) -
 
 @torch.no_grad()
 def pooled_features(teacher, x: torch.Tensor, desc: str, batch: int = 500, progress: bool = True) -> torch.Tensor:
-    return torch.cat([teacher.encode(part).float().mean(dim=1)
-                      for part in tqdm(x.split(batch), desc=desc, unit="batch", leave=False, disable=not progress)])
+    parts = show_progress(x.split(batch), desc=desc, unit="batch", leave=False, enabled=progress)
+    return torch.cat([teacher.encode(part).float().mean(dim=1) for part in parts])
 
 
 def probe_teacher(artifact: str, train_images: int = 10_000, weights: str = "ema", seed: int = 0,

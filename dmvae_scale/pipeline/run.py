@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..log import say
 from ..data import storage
 from .spec import Pipeline, PipelineError, Step
 from .state import step_complete, work_dir_for
@@ -62,14 +63,14 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
         _check_only(pipe, only)
     import torch
     total = len(pipe.steps)
-    print(f"[pipeline] {total} steps -> {pipe.store}; torch CPU threads: {torch.get_num_threads()}", flush=True)
+    say("pipeline", f"{total} steps -> {pipe.store}; torch CPU threads: {torch.get_num_threads()}")
     reports: list[StepReport] = []
     began = time.perf_counter()
     for i, step in enumerate(pipe.steps, 1):
         if only and step.name not in only:
             continue
         reports.append(_run_step(ctx, step, f"[pipeline {i}/{total}]"))
-    print(format_reports(reports, time.perf_counter() - began), flush=True)
+    say("", format_reports(reports, time.perf_counter() - began))
     return reports
 
 
@@ -78,11 +79,11 @@ def _run_step(ctx: StepContext, step: Step, prefix: str) -> StepReport:
     cfg = pipe.train_config(step) if step.kind == "train" else None
     t0 = time.perf_counter()
     if step_complete(pipe, step, cfg):
-        print(f"{prefix} {step.name} ({step.kind}): complete, skipped -> {pipe.url(step.name)}", flush=True)
+        say(prefix, f"{step.name} ({step.kind}): complete, skipped -> {pipe.url(step.name)}")
         return StepReport(step.name, step.kind, "skipped", 0.0, pipe.url(step.name))
-    print(f"{prefix} {step.name} ({step.kind}) -> {pipe.url(step.name)}", flush=True)
+    say(prefix, f"{step.name} ({step.kind}) -> {pipe.url(step.name)}")
     detail = RUNNERS[step.kind](ctx, step)
-    print(f"{prefix} {step.name}: {detail}", flush=True)
+    say(prefix, f"{step.name}: {detail}")
     return StepReport(step.name, step.kind, "done", time.perf_counter() - t0, pipe.url(step.name), detail)
 
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..log import say
 from ..config import RunConfig, config_hash
 from ..data import storage
 from ..eval.sources import SAMPLES_FILE
@@ -118,8 +119,8 @@ def step_complete(pipe: Pipeline, step: Step, cfg: Optional[RunConfig], clean: b
     if made is not None and made == now:
         return True
     if clean and (made is not None or storage.exists(url)):
-        print(f"step {step.name}: {url} was made from {made or 'an unfinished run'}, the upstream is now {now}: "
-              f"redoing it", flush=True)
+        say("pipeline", f"step {step.name}: {url} was made from {made or 'an unfinished run'}, the upstream is "
+                        f"now {now}: redoing it")
         storage.remove(url)
         local = work_dir_for(pipe.store) / LAYOUT[step.kind] / step.name
         shutil.rmtree(local, ignore_errors=True)

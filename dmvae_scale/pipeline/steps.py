@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..log import say
 from ..data import storage
 from .spec import Pipeline, PipelineError, Step
 from .state import current_artifact, inputs_now
@@ -102,7 +103,7 @@ def run_sample(ctx: StepContext, step: Step) -> str:
         from ..train.checkpoint.export import checkpoint_artifact
         generator = checkpoint_artifact(pipe.url(s["generator"]), int(s["images"]),
                                         str(ctx.work / "checkpoint_artifacts" / f"{made_by}-{int(s['images'])}"))
-        print(f"step {step.name}: sampling {s['generator']}'s checkpoint at {int(s['images'])} images", flush=True)
+        say("pipeline", f"step {step.name}: sampling {s['generator']}'s checkpoint at {int(s['images'])} images")
     npz = sample(generator, str(local), num_per_class=s.get("per_class"), num_samples=s.get("num_samples"),
                  batch_size=int(s.get("batch_size", 50)), workers=int(s.get("workers", 1)),
                  overrides=list(s.get("overrides", [])), address=ctx.address)
@@ -179,7 +180,7 @@ def run_probe(ctx: StepContext, step: Step) -> str:
     made_from = inputs_now(pipe, step)
     report = probe_teacher(pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
                            weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
-    print(format_probe(report), flush=True)
+    say("pipeline", format_probe(report))
     finish_eval(ctx, step, made_from, {"probe": report, "teacher": s["teacher"]})
     return f"SSL teacher vs raw pixels: {report['ssl_minus_pixels_points']:+.2f} points"
 

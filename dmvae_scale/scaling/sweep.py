@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..log import say
 from ..config import ConfigError, RunConfig, SamplerConfig, from_dict, load_config, read_yaml
 from ..errors import UserError
 from ..eval.score import RealImages
@@ -280,7 +281,7 @@ class SweepRunner:
         train = self.train_fn or train
         state = self._state(point)
         if state.get("status") == "done" and (Path(point.cfg.run_dir) / "artifact" / "artifact.json").is_file():
-            print(f"[sweep] {point.id}: finished earlier, skipped", flush=True)
+            say("sweep", f"{point.id}: finished earlier, skipped")
             row = point_row(point, state)
             self._record(point, row)
             return row
@@ -291,8 +292,8 @@ class SweepRunner:
             if self.stopped.is_set():
                 raise SweepStopped("stopped")
             resumed = (Path(point.cfg.run_dir) / "checkpoints").is_dir()
-            print(f"[sweep] {point.id}: {'resuming' if resumed else 'training'} {point.size} for {point.budget} "
-                  f"images (attempt {tries + 1} of {1 + self.sweep.retries})", flush=True)
+            say("sweep", f"{point.id}: {'resuming' if resumed else 'training'} {point.size} for {point.budget} "
+                         f"images (attempt {tries + 1} of {1 + self.sweep.retries})")
             state["attempts"] = state.get("attempts", 0) + 1
             self._save_state(point, state)
             began = time.perf_counter()
@@ -306,7 +307,7 @@ class SweepRunner:
                 state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - began
                 tries += 1
                 state["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                print(f"[sweep] {point.id}: failed ({state['error']})", flush=True)
+                say("sweep", f"{point.id}: failed ({state['error']})")
                 if tries > self.sweep.retries:
                     state["status"] = "failed"
                     self._save_state(point, state)
@@ -335,8 +336,8 @@ class SweepRunner:
         row = point_row(point, state)
         self._record(point, row)
         acc = row.get("classifier_accuracy")
-        print(f"[sweep] {point.id}: done, loss {row['final_loss']}, gFID {row['gfid']}"
-              f"{f', classifier accuracy {acc:.1%}' if acc is not None else ''}", flush=True)
+        say("sweep", f"{point.id}: done, loss {row['final_loss']}, gFID {row['gfid']}"
+                     f"{f', classifier accuracy {acc:.1%}' if acc is not None else ''}")
         return row
 
     # -- the grid ----------------------------------------------------------------------------------------------------
@@ -344,8 +345,8 @@ class SweepRunner:
         from ..distributed.ray_session import ray_session
         self.out.mkdir(parents=True, exist_ok=True)
         todo = [p for p in self.points if self._state(p).get("status") != "done"]
-        print(f"[sweep] {self.sweep.name}: {len(self.points)} points, {len(self.points) - len(todo)} finished "
-              f"earlier; up to {self.sweep.max_concurrent} at once -> {self.out}", flush=True)
+        say("sweep", f"{self.sweep.name}: {len(self.points)} points, {len(self.points) - len(todo)} finished "
+                     f"earlier; up to {self.sweep.max_concurrent} at once -> {self.out}")
         real_stats = self.real_stats() if self.sweep.eval.enabled else None
         workers = max(p.cfg.distributed.num_workers for p in self.points)
         needs_ray = self.train_fn is None and any(
@@ -410,8 +411,8 @@ def run_sweep(path: str | Path, address: Optional[str] = None, report: bool = Tr
     if report:
         from .report import write_report
         out.update(write_report(rows, runner.out))
-    print(f"[sweep] {sum(r['status'] == 'done' for r in rows)} of {len(rows)} points done"
-          f"{'; failed: ' + ', '.join(failed) if failed else ''}; table {out['table']}"
-          f"{'; report ' + out['report'] if report else ''}", flush=True)
+    say("sweep", f"{sum(r['status'] == 'done' for r in rows)} of {len(rows)} points done"
+                 f"{'; failed: ' + ', '.join(failed) if failed else ''}; table {out['table']}"
+                 f"{'; report ' + out['report'] if report else ''}")
     return out
 

@@ -12,8 +12,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from ..log import progress
 from ..config import RunConfig
 from ..data.builtin import ImageArrayDataset
 from ..data.datasets import in_memory_dataset, is_shard_dataset, latent_dataset, shard_dataset
@@ -103,7 +103,7 @@ def _indexed_images(dataset, batch_size: int, images: int, seed: int) -> Iterato
     total = getattr(dataset, "num_samples", None) or len(dataset)
     labels = getattr(dataset, "labels", None)
     indices = stats_indices(total, images, seed, labels if labels is not None and len(labels) == total else None)
-    for start in tqdm(range(0, len(indices), batch_size), desc="latent statistics", unit="batch", leave=False):
+    for start in progress(range(0, len(indices), batch_size), desc="latent statistics", unit="batch", leave=False):
         yield _collate([{k: v for k, v in dataset[i].items() if k in ("image", "label")}
                         for i in indices[start:start + batch_size]])
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from ..log import say
 from ..localhost import environ, free_port
 
 STOP_CHECK_EVERY = 10  # steps between checks of the stop request (one tiny all-reduce)
@@ -82,8 +83,7 @@ class StopSignal:
     def _interrupt(self, signum, frame) -> None:
         if self.local.is_set():
             raise KeyboardInterrupt
-        print("Ctrl-C: checkpointing and stopping at the next stop check (Ctrl-C again aborts without it)",
-              flush=True)
+        say("train", "Ctrl-C: checkpointing and stopping at the next stop check (Ctrl-C again aborts without it)")
         self.local.set()
 
     def close(self) -> None:

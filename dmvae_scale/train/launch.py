@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ..log import say
 from ..config import RunConfig, dump_yaml, require_inputs
 from ..data import storage
 from ..distributed.ray_session import ray_session
@@ -179,7 +180,7 @@ def _forwarded_stop_signals():
     calls: list[Callable[[], Any]] = []
 
     def forward_stop(signum, frame):
-        print(f"received signal {signum}: asking the workers to checkpoint and stop", flush=True)
+        say("train", f"received signal {signum}: asking the workers to checkpoint and stop")
         for call in calls:
             call()
 
@@ -232,10 +233,12 @@ def _ray_storage(cfg: RunConfig):
     return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _prepare(cfg: RunConfig) -> tuple[RunConfig, Optional[str]]:
-    """Driver-side checks and files common to both launchers; returns (cfg with absolute paths, W&B project)."""
+def _prepare(cfg: RunConfig, stage_factory: Optional[Callable]) -> tuple[RunConfig, Optional[str]]:
+    """Driver-side checks and files common to both launchers; returns (cfg with absolute paths, W&B project).
+    A caller's own stage (stage_factory) reads what it needs; the inputs of `cfg.stage` are demanded otherwise."""
     cfg = absolutize(cfg)
-    require_inputs(cfg)
+    if stage_factory is None:
+        require_inputs(cfg)
     check_run_dir(cfg)
     wandb_project = os.environ.get("WANDB_PROJECT") or None
     if wandb_project:
@@ -251,7 +254,7 @@ def _finish(out: WorkerResult, began: float, cfg: RunConfig, reported: Optional[
         raise TrainingStoppedError(out.message or f"the run ended at {out.images_seen} of total_images="
                                                   f"{cfg.total_images} images ({out.status}); run the same command "
                                                   f"again to resume", res)
-    print(res.line(), flush=True)
+    say("train", res.line())
     return res
 
 
@@ -277,7 +280,7 @@ def run_local(cfg: RunConfig, device: str = "auto", progress: bool = True, *, st
                         f"in this process; use --launcher ray (or set it to 1)")
     use_gpu = _local_device(device) == "cuda"
     cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, use_gpu=use_gpu))
-    cfg, wandb_project = _prepare(cfg)
+    cfg, wandb_project = _prepare(cfg, stage_factory)
     job = WorkerJob(cfg, stage_factory=stage_factory, dataset_factory=dataset_factory, wandb_project=wandb_project,
                     progress=progress)
     with teacher_for(cfg, stage_factory, cfg.distributed.address), single_process_env():
@@ -296,7 +299,7 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
     began = time.perf_counter()
     address = address if address is not None else cfg.distributed.address
     dcfg = cfg.distributed
-    cfg, wandb_project = _prepare(cfg)
+    cfg, wandb_project = _prepare(cfg, stage_factory)
     num_cpus = max(os.cpu_count() or 1, int(dcfg.num_workers * cpus_per_worker + 0.999))
     with ray_session(address, num_cpus=num_cpus), _forwarded_stop_signals() as on_stop:
         control = _control_actor()

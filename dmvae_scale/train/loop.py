@@ -3,10 +3,10 @@
 Progress is counted in images seen. The loop owns the side concerns so the stage's step stays pure training:
 the non-finite guard (guard.py: skips optimiser steps whose loss is not finite on any worker, stops after too many in
 a row), EMA updates after each real optimiser step, metrics kept as tensors and reduced only at the log interval, a
-tqdm bar, and a closing summary line. Drivers extend it through hooks: `on_log` (metrics sinks, at the log interval),
-then `after_step` (cadence work such as checkpoints, keyed on images_seen), and `on_end`. The loop is one of the parts
-a checkpoint holds (its counters: `state_dict` / `load_state_dict`); the engines, the EMAs, the stage, the data
-reader and the RNG are parts of their own (checkpoint/manager.py).
+progress display (dmvae_scale/log.py), and a closing summary line. Drivers extend it through hooks: `on_log` (metrics
+sinks, at the log interval), then `after_step` (cadence work such as checkpoints, keyed on images_seen), and `on_end`.
+The loop is one of the parts a checkpoint holds (its counters: `state_dict` / `load_state_dict`); the engines, the
+EMAs, the stage, the data reader and the RNG are parts of their own (checkpoint/manager.py).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
-from tqdm import tqdm
 
+from ..log import progress, say
 from ..config import RunConfig
 from ..errors import UserError
 from .api import Engine, Stage
@@ -136,8 +136,8 @@ class TrainLoop:
         history: list[dict[str, float]] = []
         last: dict[str, float] = {}
         next_log = (self.images_seen // cfg.log_every_images + 1) * cfg.log_every_images
-        bar = tqdm(total=total, initial=self.images_seen, unit="img", desc=self.stage.name, disable=not self.progress,
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = progress(total=total, initial=self.images_seen, unit="img", desc=f"train {self.stage.name}",
+                       enabled=self.progress and self.is_main)
         began = time.perf_counter()
         iterator: Iterator = iter(batches)
         try:
@@ -175,7 +175,7 @@ class TrainLoop:
         for hook in self.hooks:
             hook.on_end(self, summary)
         if self.is_main:
-            print(summary.line(), flush=True)
+            say("train", summary.line())
         return summary
 
 

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..log import say
 from ..batch_keys import FEATURES_KEY
 from ..config import RunConfig, config_hash, to_dict
 from ..data import storage
@@ -175,7 +176,7 @@ class LogHook(LoopHook):
             self.sinks.write(loop.images_seen, out)
             if self.summary_lines:
                 shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(out.items()) if k != "skipped_steps")
-                print(f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}", flush=True)
+                say("train", f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}")
         if self.report is not None:
             self.report(loop.images_seen, out)
 

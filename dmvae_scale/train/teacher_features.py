@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..log import say
 from ..config import RunConfig
 from ..data.artifact_store import open_artifact
 from ..data.latents import LatentSummary, cache_latents, resolve_device
@@ -52,8 +53,8 @@ def open_stage_features(stage, cfg: RunConfig, device: torch.device, stack: Exit
 
 def _remote_attach(client: TeacherClient, stack: ExitStack, report: bool = True) -> Attach:
     if report:
-        stack.callback(lambda: print(f"teacher service: {client.requests} requests, {client.retries} retries, "
-                                     f"{client.wait_s:.1f} s waiting for features", flush=True))
+        stack.callback(lambda: say("teacher", f"service: {client.requests} requests, {client.retries} retries, "
+                                              f"{client.wait_s:.1f} s waiting for features"))
     return lambda batches: client.attach(batches, depth=1)
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..log import say
 from ..data import storage
 from ..data.artifact_store import upload_artifact
 from ..errors import UserError
@@ -58,7 +59,7 @@ class StopHook(LoopHook):
         if verdict == PREEMPTED:
             info = self.checkpointer.save()
             if self.rank == 0:
-                print(f"preemption notice: checkpoint {info.url} written; training goes on", flush=True)
+                say("train", f"preemption notice: checkpoint {info.url} written; training goes on")
         elif verdict == STOP:
             self.checkpointer.save()
             raise StopRequested()
@@ -101,7 +102,7 @@ class Worker:
         if set_precision is not None:  # one autocast region per forward, opened by the stage (train/precision.py)
             set_precision(self.engine_set.precision, self.device.type)
         if self.local_rank == 0:
-            print(f"worker {self.rank}: {describe_paths(self._compute_paths(models))}", flush=True)
+            say("train", f"{describe_paths(self._compute_paths(models))}", all_ranks=True)
         engines = self.engine_set.engines
         self.emas = {name: ShardedEMA(engines[name].module, spec.optim.ema_decay, self.rank, self.world)
                      for name, spec in models.items() if spec.trainable and spec.ema}

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ...log import say
 from ...config import RunConfig, config_hash, dump_yaml
 from ..collectives import all_ok, broadcast
 from ..deepspeed_engine import convert_to_universal
@@ -136,8 +137,7 @@ class CheckpointManager(LoopHook):
         self.last_saved = latest
         if self.rank == 0:
             how = " through a universal checkpoint" if self.universal else ""
-            print(f"resumed from {latest.url} ({latest.images_seen} images, {latest.world_size} workers){how}",
-                  flush=True)
+            say("train", f"resumed from {latest.url} ({latest.images_seen} images, {latest.world_size} workers){how}")
         return True
 
     # -- 3. save -------------------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""One way to say things: log lines and progress, on rank 0 only, with one prefix convention.
+
+    say("sweep", "3 points done")           ->  [sweep] 3 points done
+    with progress(total=n, desc="shards", unit="img") as bar: ... bar.update(k)
+
+A line is `[room] message`, where the room is the part of the system speaking (demo, pipeline, train, data, eval,
+sample, sweep, teacher). Only rank 0 of a distributed run speaks (RANK, or torch.distributed when initialised), unless
+`all_ranks=True`. Progress is a tqdm bar (with its ETA) on a terminal; where the output is not a terminal (a Ray job's
+log, a Ray Train worker, CI) it is a plain line every DMVAE_PROGRESS_EVERY_S seconds (default 30) with the count, the
+rate and the ETA, and one at the end: no carriage returns in logs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Iterable, Iterator, Optional
+
+
+def rank() -> int:
+    """This process's rank: torch.distributed's when initialised, else $RANK, else 0."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def say(room: str, message: str, *, err: bool = False, all_ranks: bool = False) -> None:
+    """Print `[room] message` (flushed) on rank 0, or on every rank with all_ranks (then prefixed with the rank)."""
+    if not all_ranks and rank() != 0:
+        return
+    head = f"[{room}]" if not all_ranks else f"[{room} rank {rank()}]"
+    print(f"{head} {message}" if room else message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get("DMVAE_PROGRESS_EVERY_S", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class LineProgress:
+    """Progress as plain lines (for logs): `[desc] 300/1,000 img (30%), 41.2 img/s, ETA 17 s`."""
+
+    def __init__(self, total: Optional[int], desc: str, unit: str, initial: int, leave: bool):
+        self.total, self.desc, self.unit, self.leave = total, desc, unit, leave
+        self.n = self._start = int(initial)
+        self._began = self._last = time.perf_counter()
+        self._postfix = ""
+        self._closed = False
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self._began
+        done = self.n - self._start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        count = f"{self.n:,}/{self.total:,} {self.unit}" if self.total else f"{self.n:,} {self.unit}"
+        parts = [count + (f" ({self.n / self.total:.0%})" if self.total else "")]
+        if done > 0:
+            parts.append(f"{rate:.3g} {self.unit}/s")
+            if self.total and self.n < self.total:
+                parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+            else:
+                parts.append(f"in {_duration(elapsed)}")
+        return f"[{self.desc}] " + ", ".join(parts) + (f"; {self._postfix}" if self._postfix else "")
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        now = time.perf_counter()
+        if now - self._last >= _interval() and not (self.total and self.n >= self.total):
+            self._last = now
+            print(self.line(), flush=True)
+
+    def set_postfix(self, values=None, refresh: bool = False, **kwargs) -> None:
+        values = {**(values or {}), **kwargs}
+        self._postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self._closed and self.leave and self.n > self._start:
+            print(self.line(), flush=True)
+        self._closed = True
+
+
+class _Silent:
+    """Progress that says nothing (not rank 0, or progress turned off); counts all the same."""
+
+    def __init__(self, initial: int = 0):
+        self.n = int(initial)
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress:
+    """A progress display (see progress()); a context manager, and iterable when made over an iterable."""
+
+    def __init__(self, iterable: Optional[Iterable], total: Optional[int], desc: str, unit: str, initial: int,
+                 enabled: bool, leave: bool, terminal: Optional[bool]):
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        if not enabled or rank() != 0:
+            self._impl = _Silent(initial)
+        elif terminal if terminal is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+            self._impl = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+        else:
+            self._impl = LineProgress(total, desc, unit, initial, leave)
+
+    @property
+    def n(self) -> int:
+        return int(self._impl.n)
+
+    def update(self, n: int = 1) -> None:
+        self._impl.update(n)
+
+    def set_postfix(self, values=None, refresh: bool = False, **kwargs) -> None:
+        self._impl.set_postfix(values, refresh=refresh, **kwargs) if values is not None \
+            else self._impl.set_postfix(refresh=refresh, **kwargs)
+
+    def close(self) -> None:
+        self._impl.close()
+
+    def __iter__(self) -> Iterator:
+        if self.iterable is None:
+            raise TypeError("this progress display was made without an iterable")
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str, unit: str = "img",
+             initial: int = 0, enabled: bool = True, leave: bool = True, terminal: Optional[bool] = None) -> Progress:
+    """Progress over `total` units (or over an iterable, one unit per item), shown on rank 0 only.
+
+    terminal: None decides by whether stderr is a terminal (tqdm bar) or not (lines for logs)."""
+    return Progress(iterable, total, desc, unit, initial, enabled, leave, terminal)
