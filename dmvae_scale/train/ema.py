@@ -23,6 +23,8 @@ class ShardedEMA:
     P = ceil(numel / world), padded at the end: the same layout as ZeRO-3's `param.ds_tensor`, so under ZeRO-3 the
     update reads the local partition directly and never gathers."""
 
+    SHARDED = True  # a checkpoint part: after a change of world size it is handed the shards of every saving rank
+
     def __init__(self, module: nn.Module, decay: float, rank: int, world: int,
                  should_update: Callable[[], bool] | None = None):
         if not 0.0 <= decay < 1.0:
