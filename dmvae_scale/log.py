@@ -7,7 +7,8 @@ A line is `[room] message`, where the room is the part of the system speaking (d
 sample, sweep, teacher). Only rank 0 of a distributed run speaks (RANK, or torch.distributed when initialised), unless
 `all_ranks=True`. Progress is a tqdm bar (with its ETA) on a terminal; where the output is not a terminal (a Ray job's
 log, a Ray Train worker, CI) it is a plain line every DMVAE_PROGRESS_EVERY_S seconds (default 30) with the count, the
-rate and the ETA, and one at the end: no carriage returns in logs.
+rate and the ETA, and one at the end: no carriage returns in logs. Progress goes to stderr, as tqdm's does, so a
+command's own output on stdout stays clean.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class LineProgress:
         now = time.perf_counter()
         if now - self._last >= _interval() and not (self.total and self.n >= self.total):
             self._last = now
-            print(self.line(), flush=True)
+            print(self.line(), file=sys.stderr, flush=True)
 
     def set_postfix(self, values=None, refresh: bool = False, **kwargs) -> None:
         values = {**(values or {}), **kwargs}
@@ -92,7 +93,7 @@ class LineProgress:
 
     def close(self) -> None:
         if not self._closed and self.leave and self.n > self._start:
-            print(self.line(), flush=True)
+            print(self.line(), file=sys.stderr, flush=True)
         self._closed = True
 
 

@@ -124,7 +124,7 @@ def test_a_teacher_artifact_is_a_registry_teacher_and_the_tokenizer_encoder(tmp_
     assert set(stage.artifact()["upstream"]) == {"teacher"}
     with pytest.raises(ConfigError, match="teacher.artifact: teacher.name=ssl needs"):
         spec_from_config(load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl"]))
-    with pytest.raises(ConfigError, match=r"teacher.artifact: stage 'tokenizer' does not use it \(only teacher.name=ssl"):
+    with pytest.raises(ConfigError, match=r"teacher.artifact: stage 'tokenizer' does not use it \(only teacher.name="):
         load_config("configs/demo/tokenizer.yaml", [f"teacher.artifact={tmp_path}/teacher"])
     _teacher_artifact(tmp_path / "other", stage="tokenizer")
     other = load_config("configs/demo/tokenizer.yaml", ["teacher.name=ssl", f"teacher.artifact={tmp_path}/other"])
@@ -177,8 +177,8 @@ def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_traini
                                                     "log_every_images=16"])
     run = run_local(cfg, progress=False)
     # Without a progress bar (a pipeline's in-process step, `train --no-progress`): one line per log interval.
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("teacher ") and " images: " in ln]
-    assert [ln.split(" images:")[0] for ln in lines] == ["teacher 16/48", "teacher 32/48", "teacher 48/48"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] teacher ") and " images: " in ln]
+    assert [ln.split(" images:")[0] for ln in lines] == [f"[train] teacher {n}/48" for n in (16, 32, 48)]
     assert all("loss " in ln and "images_per_second " in ln for ln in lines)
     final_info, final = {}, {}
     for which in ("raw", "ema"):
