@@ -127,9 +127,13 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-# A SeaweedFS S3 server on 127.0.0.1 (session) and a fresh bucket per test; see tests/s3_server.py.
+# Shared servers, defined here once so every module shares them: a SeaweedFS S3 server on 127.0.0.1 (session) and a
+# fresh bucket per test (tests/s3_server.py); one loopback Ray cluster with token auth (session) and a driver connected
+# to it per module (tests/ray_cluster.py).
 if not MISSING & {"boto3", "s3fs"}:
     from s3_server import s3_bucket, s3_server  # noqa: E402,F401
+if "ray" not in MISSING:
+    from ray_cluster import ray_cluster, ray_driver  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

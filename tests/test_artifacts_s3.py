@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from repo import DEMO
 from dmvae_scale.artifacts import ArtifactError, load_artifact
 from dmvae_scale.cli import main
 from dmvae_scale.config import load_config
@@ -22,7 +23,6 @@ from plain_engine import EMA
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SMALL = ["total_images=64", "log_every_images=32", "data.limit=128", "ckpt_every_images=64"]
 
 

@@ -10,9 +10,9 @@ import pytest
 import ray
 import yaml
 
+from repo import CLUSTER
 from dmvae_scale.config import load_config
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 REPO = CLUSTER.parent
 SECRET_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key\s*[=:]", r"RAY_AUTH_TOKEN=\S",
                                            r"-----BEGIN [A-Z ]*PRIVATE KEY")]

@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from repo import REPO
 from dmvae_scale.config import (ConfigError, RunConfig, config_hash, dump_yaml, load_config, save_resolved)
 
 pytestmark = pytest.mark.unit
-ROOT = Path(__file__).resolve().parents[1]
 # pipeline.yaml lists steps (tests/test_pipeline.py); configs/scaling/ holds sweeps (tests/test_scaling_sweep.py)
-CONFIGS = [p for p in sorted((ROOT / "configs").glob("*/*.yaml"))
+CONFIGS = [p for p in sorted((REPO / "configs").glob("*/*.yaml"))
            if p.name != "pipeline.yaml" and p.parent.name != "scaling"]
 
 
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "dmvae_scale.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=REPO, timeout=120)
 
 
 def test_every_shipped_config_loads_and_round_trips(tmp_path):
@@ -31,37 +31,37 @@ def test_every_shipped_config_loads_and_round_trips(tmp_path):
 
 
 def test_imagenet_recipe_matches_method():
-    dmd = load_config(ROOT / "configs/imagenet256/dmd.yaml")
+    dmd = load_config(REPO / "configs/imagenet256/dmd.yaml")
     assert (dmd.optim.lr, dmd.dm.lambda_dm, dmd.dm.cfg_scale, dmd.dm.tokenizer_every) == (2e-5, 10.0, 5.0, 5)
-    tok = load_config(ROOT / "configs/imagenet256/tokenizer.yaml")
+    tok = load_config(REPO / "configs/imagenet256/tokenizer.yaml")
     assert (tok.optim.lr, tok.optim.betas, tok.optim.weight_decay, tok.optim.warmup_steps) == (1e-4, (0.9, 0.95), 0.005,
                                                                                               1000)
     assert tok.total_images == 40_000 * 256 and tok.tokenizer.latent_channels == 32
-    ref = load_config(ROOT / "configs/imagenet256/reference.yaml")
+    ref = load_config(REPO / "configs/imagenet256/reference.yaml")
     assert (ref.score.size, ref.optim.lr, ref.batch_size, ref.total_images) == ("XL", 2e-4, 1024, 500_000 * 1024)
-    gen = load_config(ROOT / "configs/imagenet256/generator.yaml")
+    gen = load_config(REPO / "configs/imagenet256/generator.yaml")
     assert gen.sampler.method == "sde_euler_maruyama" and gen.sampler.steps == 250
 
 
 def test_imagenet_dmd_recipe_is_the_official_one_and_the_discriminator_gets_its_own_weight_decay():
     from dmvae_scale.train.stages import discriminator_optim
-    dmd = load_config(ROOT / "configs/imagenet256/dmd.yaml")
+    dmd = load_config(REPO / "configs/imagenet256/dmd.yaml")
     assert (dmd.loss.gan_start_step, dmd.optim.warmup_steps, dmd.optim.weight_decay) == (5000, 1000, 0.005)
     disc = discriminator_optim(dmd)
     assert (disc.weight_decay, disc.lr, disc.warmup_steps) == (0.0005, 2e-5, 1000)
     # Without the key the discriminator shares the run's settings.
-    tok = load_config(ROOT / "configs/imagenet256/tokenizer.yaml")
+    tok = load_config(REPO / "configs/imagenet256/tokenizer.yaml")
     assert discriminator_optim(tok) == tok.optim
     # The stage hands the discriminator's engine its own settings.
     from dmvae_scale.train.stages import build_stage
-    stage = build_stage(load_config(ROOT / "configs/demo/tokenizer.yaml", ["discriminator.weight_decay=0.0005",
+    stage = build_stage(load_config(REPO / "configs/demo/tokenizer.yaml", ["discriminator.weight_decay=0.0005",
                                                                           "optim.weight_decay=0.005"]))
     assert stage.models()["discriminator"].optim.weight_decay == 0.0005
     assert stage.models()["tokenizer"].optim.weight_decay == 0.005
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/demo/reference.yaml",
+    cfg = load_config(REPO / "configs/demo/reference.yaml",
                       ["score.depth=3", "optim.lr=3e-4", "optim.betas=[0.8, 0.99]", "sampler.guidance_interval=[0.1, 0.9]",
                        "inputs.tokenizer=null"])
     assert cfg.score.depth == 3 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.99)
@@ -81,7 +81,7 @@ def test_dotted_overrides_are_typed():
 ])
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/demo/reference.yaml", [override])
+        load_config(REPO / "configs/demo/reference.yaml", [override])
     assert message in str(err.value)
 
 
@@ -119,7 +119,7 @@ def test_cli_config_show_prints_resolved_config():
     assert r.returncode == 0, r.stderr
     shown = yaml.safe_load(r.stdout)
     assert shown["score"]["depth"] == 5 and shown["stage"] == "generator"
-    assert load_config(ROOT / "configs/demo/generator.yaml", ["score.depth=5"]) == load_config_from_text(r.stdout)
+    assert load_config(REPO / "configs/demo/generator.yaml", ["score.depth=5"]) == load_config_from_text(r.stdout)
 
 
 def load_config_from_text(text, tmp=Path("/tmp")):

@@ -2,21 +2,17 @@
 dataset, the shard and the sample; from the object store (SeaweedFS, checked on download) and from a local directory
 (checked when a sample fails to decode). The damaged cached copy is dropped, so a restored shard reads again."""
 import time
-from pathlib import Path
 
 import pytest
 
-from dmvae_scale.artifacts import ArtifactInfo, save_artifact
+from repo import tokenizer_artifact
 from dmvae_scale.cli import main
-from dmvae_scale.config import config_hash, dump_yaml, load_config
 from dmvae_scale.data import storage
 from dmvae_scale.data.shards import load_index
 from dmvae_scale.data.stream import ImageStreamDataset, ShardDataError, make_loader
-from dmvae_scale.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
 def _damage(url: str, which: int = 1) -> str:
@@ -52,11 +48,8 @@ def test_cache_latents_from_a_damaged_local_dataset_exits_2_naming_the_shard(tmp
     src = str(tmp_path / "fm")
     assert main(["data", "shards", "fashion-mnist", src, "--limit", "48", "--shard-mb", "0.01", "--workers", "1"]) == 0
     name = _damage(src, which=0)
-    cfg = load_config(DEMO / "tokenizer.yaml")
-    tok = Tokenizer(cfg.tokenizer, load_pretrained=False)
     art = tmp_path / "tok"
-    save_artifact(art, ArtifactInfo("tokenizer", [], config_hash(cfg)), {"tokenizer": tok.state_dict()},
-                  config_yaml=dump_yaml(cfg))
+    tokenizer_artifact(art)
     capsys.readouterr()
     started = time.monotonic()
     rc = main(["data", "cache-latents", src, str(tmp_path / "latents"), "--tokenizer", str(art), "--weights", "raw",

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from repo import tokenizer_artifact as demo_tokenizer_artifact
 from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
 from dmvae_scale.cli import main
 from dmvae_scale.config import config_hash, dump_yaml, load_config
@@ -24,13 +25,8 @@ N = 48
 @pytest.fixture(scope="module")
 def tokenizer_artifact(tmp_path_factory):
     """A freshly initialised demo tokenizer saved as a stage artifact (the real stage's output has this form)."""
-    cfg = load_config("configs/demo/tokenizer.yaml")
-    torch.manual_seed(0)
-    tok = Tokenizer(cfg.tokenizer, load_pretrained=False).eval()
-    c, h, w = tok.latent_shape
     d = tmp_path_factory.mktemp("tok") / "artifact"
-    info = save_artifact(d, ArtifactInfo("tokenizer", [], config_hash(cfg), latent=LatentSpec(c, h, w, 0.25, 1.5)),
-                         {"tokenizer": tok.state_dict()}, config_yaml=dump_yaml(cfg))
+    info, tok, _ = demo_tokenizer_artifact(d, latent=(0.25, 1.5))
     return d, info, tok
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from dmvae_scale.data.shards import write_shards
-from s3_server import free_port
+from dmvae_scale.localhost import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 from dmvae_scale.cli import main
 from dmvae_scale.data.storage import StorageError
 from dmvae_scale.data.stream import ImageStreamDataset, make_loader
-from s3_server import free_port
+from dmvae_scale.localhost import free_port
 
 pytestmark = pytest.mark.integration
 

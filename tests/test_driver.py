@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from repo import DEMO, REPO
 from dmvae_scale.cli import main
 from dmvae_scale.config import load_config
 from dmvae_scale.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
 # The demo tokenizer stage, small: tokenizer and discriminator engines (the GAN starts at step 2), fp32 on CPU.
 SMALL = ["batch_size=16", "data.limit=64", "log_every_images=16", "loss.gan_start_step=2"]
 NOT_LOSSES = {"images", "images_per_second", "tflops_per_worker", "skipped_steps", "mfu"}
 
 
 def train_cli(run_dir, *overrides: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "dmvae_scale.cli", "train", str(DEMO / "tokenizer.yaml"),
                              f"run_dir={run_dir}", *SMALL, *overrides, "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,7 +193,7 @@ def test_config_show_refuses_a_bad_config_naming_the_key(stage, overrides, messa
 
 @pytest.mark.unit
 def test_every_shipped_config_passes_validation():
-    stages = [p for p in sorted((ROOT / "configs").glob("*/*.yaml")) if p.stem in ("tokenizer", "reference", "dmd",
+    stages = [p for p in sorted((REPO / "configs").glob("*/*.yaml")) if p.stem in ("tokenizer", "reference", "dmd",
                                                                                "decoder", "generator")]
     assert len(stages) >= 10
     for path in stages:

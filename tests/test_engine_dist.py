@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import test_engine_toys as toys
 from dmvae_scale.train import checkpoint as ckpt
-from s3_server import free_port
+from dmvae_scale.localhost import free_port
 
 pytestmark = pytest.mark.integration
 

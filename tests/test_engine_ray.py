@@ -27,7 +27,6 @@ import test_engine_toys as toys
 from dmvae_scale.distributed.ray_local import connected
 from dmvae_scale.train import checkpoint as ckpt
 from dmvae_scale.train.launch import TrainingStoppedError, train
-from ray_cluster import ray_cluster  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.integration
 

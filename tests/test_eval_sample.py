@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from repo import tokenizer_artifact
 from dmvae_scale import cli
-from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
+from dmvae_scale.artifacts import ArtifactInfo, save_artifact
 from dmvae_scale.config import config_hash, dump_yaml, load_config
 from dmvae_scale.data.artifact_store import upload_artifact
 from dmvae_scale.errors import UserError
 from dmvae_scale.eval.sample_run import plan_for, run_sample
 from dmvae_scale.eval.sampling import png_path
 from dmvae_scale.models.dit import LightningDiT
-from dmvae_scale.models.tokenizer import Tokenizer
-from ray_cluster import ray_cluster, ray_driver  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +30,8 @@ SDE = ["sampler.method=sde_euler_maruyama", "sampler.steps=3", "sampler.cfg_scal
 def artifacts(tmp_path_factory):
     """Tokenizer (decoder stage, with latent statistics) and generator artifacts as the stages write them."""
     root = tmp_path_factory.mktemp("artifacts")
-    torch.manual_seed(0)
-    tok_cfg = load_config("configs/demo/decoder.yaml")
-    tokenizer = Tokenizer(tok_cfg.tokenizer, load_pretrained=False)
-    latent = LatentSpec(*tokenizer.latent_shape, mean=0.1, scale=2.0)
-    tok_info = save_artifact(root / "tokenizer", ArtifactInfo("decoder", [], config_hash(tok_cfg), latent),
-                             {"tokenizer": tokenizer.state_dict()}, ema={"tokenizer": tokenizer.state_dict()},
-                             config_yaml=dump_yaml(tok_cfg))
+    tok_info, _, _ = tokenizer_artifact(root / "tokenizer", "decoder", latent=(0.1, 2.0), ema=True)
+    latent = tok_info.latent
     gen_cfg = load_config("configs/demo/generator.yaml", [f"inputs.tokenizer={root / 'tokenizer'}"])
     dit = LightningDiT(gen_cfg.score)
     with torch.no_grad():  # adaLN-Zero starts at v = 0; give the output and modulation layers weights

@@ -3,11 +3,10 @@ device" and exits 0 without a GPU, and writes its JSON table with one."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from repo import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "gpu_throughput.py"
 
 # Runs the tool with imports of the packages a bare GPU machine lacks made to fail.

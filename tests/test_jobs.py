@@ -11,15 +11,13 @@ import shutil
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from ray_cluster import ray_cluster  # noqa: F401 (fixture)
 
+from repo import DEMO, REPO
 from dmvae_scale.distributed import jobs
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs/demo/tokenizer.yaml")
+TOKENIZER_YAML = str(DEMO / "tokenizer.yaml")
 FAKE_KEY_ID = "AKIADMVAEFAKE0KEYID7"
 FAKE_SECRET = "dmvae/FAKE+secret0123456789abcdefABCDEF"
 TINY_RUN = ["total_images=64", "batch_size=16", "log_every_images=32", "ckpt_every_images=64"]
@@ -47,8 +45,8 @@ def api_env(ray_cluster):
 def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, client_env, tmp_path):
     url = ray_cluster.dashboard_url
     run_dir = tmp_path / "run"
-    submitted = cli(["submit", DEMO, *TINY_RUN, f"run_dir={run_dir}", "--train-args=--no-progress", "--address", url],
-                    client_env)
+    submitted = cli(["submit", TOKENIZER_YAML, *TINY_RUN, f"run_dir={run_dir}", "--train-args=--no-progress",
+                     "--address", url], client_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     assert job_id.startswith("raysubmit_")
@@ -61,7 +59,7 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
         # (the demo through the Job API) that found them deleted failed with NoCredentialsError.
         mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
         mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-        sub = jobs.build_submission(DEMO)
+        sub = jobs.build_submission(TOKENIZER_YAML)
         probe_id = jobs.submit(dataclasses.replace(sub, entrypoint="python -c " + shlex.quote(probe)), url)
         mp.undo()
         assert jobs.wait_for_job(url, job_id, timeout_s=240) == "SUCCEEDED", jobs.job_logs(url, job_id)[-3000:]
@@ -95,7 +93,7 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
 @pytest.mark.integration
 def test_a_running_job_stops_on_request(ray_cluster, client_env, tmp_path):
     url = ray_cluster.dashboard_url
-    submitted = cli(["submit", DEMO, "total_images=1000000", f"run_dir={tmp_path}", "--no-credentials",
+    submitted = cli(["submit", TOKENIZER_YAML, "total_images=1000000", f"run_dir={tmp_path}", "--no-credentials",
                      "--address", url], client_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -114,12 +112,12 @@ def test_a_bad_config_is_refused_before_submission(ray_cluster, client_env):
     url = ray_cluster.dashboard_url
     with api_env(ray_cluster):
         before = len(jobs.list_jobs(url))
-    bad = cli(["submit", DEMO, "total_imgs=64", "--address", url], client_env)
+    bad = cli(["submit", TOKENIZER_YAML, "total_imgs=64", "--address", url], client_env)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: unknown config key 'total_imgs'; did you mean total_images")
     assert len(bad.stderr.strip().splitlines()) == 1  # one line, no traceback
     # The DiT's shape arithmetic and the unused-input rules are checked here too, not on the cluster.
-    generator = str(REPO / "configs/demo/generator.yaml")
+    generator = str(DEMO / "generator.yaml")
     for overrides, message in [
             (["score.hidden_size=100"], "error: score.hidden_size/score.num_heads: 2-D rotary embedding needs a head "
                                         "dimension divisible by 4, got 100/4=25"),
@@ -148,7 +146,7 @@ def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     for var in ("AWS_DEFAULT_REGION", "AWS_REGION"):  # set by other fixtures in the same session; passed on when set
         monkeypatch.delenv(var, raising=False)
-    sub = jobs.build_submission(DEMO, ["total_images=64"])
+    sub = jobs.build_submission(TOKENIZER_YAML, ["total_images=64"])
     try:
         env = sub.runtime_env["env_vars"]
         assert env == {"S3_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_SHARED_CREDENTIALS_FILE": jobs.CREDENTIALS_FILE}
@@ -162,7 +160,7 @@ def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
         assert FAKE_SECRET not in described and FAKE_KEY_ID not in described
     finally:
         shutil.rmtree(sub.staging_dir)
-    installed = jobs.build_submission(DEMO, [], code="installed", pass_credentials=False)
+    installed = jobs.build_submission(TOKENIZER_YAML, [], code="installed", pass_credentials=False)
     shutil.rmtree(installed.staging_dir)
     assert installed.entrypoint == "dmvae-scale train config.yaml" and installed.runtime_env["env_vars"] == {}
     assert "py_modules" not in installed.runtime_env
@@ -171,7 +169,7 @@ def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
 @pytest.mark.unit
 def test_credentials_are_never_sent_over_plain_http_to_a_public_address(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    sub = jobs.build_submission(DEMO, [])
+    sub = jobs.build_submission(TOKENIZER_YAML, [])
     with pytest.raises(jobs.JobApiError, match="refusing to send object-storage credentials over plain http"):
         jobs.submit(sub, "http://ray.example.com:8265")
     assert not sub.staging_dir.exists()  # the staged credentials file is gone even though nothing was sent

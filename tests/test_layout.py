@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from repo import PACKAGE
 
-PACKAGE = Path(__file__).resolve().parents[1] / "dmvae_scale"
 
 # floor of each room (a top-level module or sub-package of dmvae_scale); higher imports lower, never the reverse
 FLOORS = {

@@ -10,15 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from repo import DEMO, REPO
 from dmvae_scale.data import storage
 from dmvae_scale.pipeline import PipelineError, artifact_id, load_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo"
 # The killed stage runs longer than the others, so the kill lands between two of its checkpoints.
 LONGER_DMD = ["dmd:total_images=192"]
 # The DMVAE chain of the demo pipeline: what the killed run repeats (the baseline's steps are the same machinery).
@@ -60,8 +58,8 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
     # The shipped ImageNet recipe loads as a pipeline too: only the store and the weight files are the user's,
     # and the DINOv2 file's hash is demanded before anything runs.
     with pytest.raises(PipelineError, match=r"step tokenizer \(tokenizer.yaml\): tokenizer.encoder.sha256: required"):
-        load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256")
-    imagenet = load_pipeline(ROOT / "configs" / "imagenet256", "s3://bucket/in256",
+        load_pipeline(REPO / "configs" / "imagenet256", "s3://bucket/in256")
+    imagenet = load_pipeline(REPO / "configs" / "imagenet256", "s3://bucket/in256",
                              ["tokenizer:tokenizer.encoder.sha256=" + "ab" * 32])
     dmd = imagenet.train_config(imagenet.step("dmd"))
     assert dmd.run_dir == "s3://bucket/in256/runs/dmd" and dmd.inputs.tokenizer == "s3://bucket/in256/runs/tokenizer/artifact"
@@ -125,7 +123,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     # 1. The demo, as a user runs it: the pipeline as one Ray job, every path on the S3 server.
     out = tmp_path / "demo"
     demo = subprocess.run([sys.executable, "-m", "dmvae_scale.cli", "demo", "--quick", "--out", str(out),
-                           "--store", f"{s3_bucket}/demo", *LONGER_DMD], cwd=ROOT, env=_env(), capture_output=True,
+                           "--store", f"{s3_bucket}/demo", *LONGER_DMD], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=1500)
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-3000:]
     assert "[demo] submitted job raysubmit_" in demo.stdout and "[demo] done in" in demo.stdout
@@ -169,7 +167,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     cmd = [sys.executable, "-m", "dmvae_scale.cli", "pipeline", str(DEMO), *QUICK, "distributed.num_workers=1",
            *LONGER_DMD, "--store", store, "--threads", "auto", "--only", *CHAIN]
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs, _ = storage.filesystem(store)
     checkpoints = f"{store}/runs/dmd/checkpoints".split("://", 1)[1]
     killed_at = None
@@ -187,7 +185,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert killed_at, f"the dmd stage never had a checkpoint without an artifact: {(tmp_path / 'killed.log').read_text()[-3000:]}"
     assert _manifest(f"{store}/runs/dmd/artifact") is None and _manifest(f"{store}/runs/tokenizer/artifact")
 
-    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    rerun = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-3000:]
     assert "tokenizer (train): complete, skipped" in rerun.stdout  # done before the kill
     assert "resumed from" in rerun.stdout + rerun.stderr  # dmd continued from its checkpoint
@@ -197,7 +195,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert latents["tokenizer"] == straight["decoder"]
 
     # 3. Once more: everything is complete, nothing runs.
-    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"pipeline: 0 steps run, {len(CHAIN)} complete and skipped" in again.stdout
 
@@ -210,7 +208,7 @@ def test_a_terminated_pipeline_checkpoints_its_in_process_step_and_the_rerun_res
            "teacher", "shards:limit=256", "teacher:total_images=1024", "teacher:batch_size=16",
            "teacher:ckpt_every_images=64", "teacher:log_every_images=64"]
     log = open(tmp_path / "stopped.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     checkpoints = store / "runs" / "teacher" / "checkpoints"
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline and not list(checkpoints.glob("*/manifest.json")):
@@ -224,7 +222,7 @@ def test_a_terminated_pipeline_checkpoints_its_in_process_step_and_the_rerun_res
     stopped_at = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("*/manifest.json"))
     assert 0 < stopped_at < 1024 and not (store / "runs" / "teacher" / "artifact" / "artifact.json").exists()
 
-    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
     assert "resumed from" in rerun.stdout + rerun.stderr and "shards (shards): complete, skipped" in rerun.stdout
     assert "teacher: train done: 1024 images" in rerun.stdout

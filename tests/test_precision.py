@@ -5,19 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from repo import REPO
 from dmvae_scale.config import load_config
 from dmvae_scale.errors import UserError
 from dmvae_scale.method.dm_loss import dm_loss
 from dmvae_scale.method.flow import flow_matching_loss
 from dmvae_scale.train.precision import ForwardPrecision
 
-REPO = Path(__file__).resolve().parents[1]
 BF16 = ForwardPrecision("bf16", "cpu")
 
 

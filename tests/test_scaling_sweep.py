@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from repo import REPO, tokenizer_artifact
 from dmvae_scale.cli import main as cli_main
 from dmvae_scale.scaling.sweep import SweepRunner, load_sweep, plan_points, read_table
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_sweep(path: Path, out: Path, **extra) -> Path:
@@ -102,17 +101,9 @@ def test_failed_point_is_retried_once_then_reported_and_the_sweep_goes_on(tmp_pa
 @pytest.fixture(scope="module")
 def sweep_inputs(tmp_path_factory):
     """A demo tokenizer artifact (decoder stage, random weights, latent statistics) and 128 Fashion-MNIST images."""
-    from dmvae_scale.artifacts import ArtifactInfo, LatentSpec, save_artifact
-    from dmvae_scale.config import config_hash, dump_yaml, load_config
     from dmvae_scale.data.shards import write_shards
-    from dmvae_scale.models.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("sweep_inputs")
-    torch.manual_seed(0)
-    cfg = load_config(REPO / "configs/demo/decoder.yaml")
-    tok = Tokenizer(cfg.tokenizer, load_pretrained=False)
-    save_artifact(root / "tokenizer", ArtifactInfo("decoder", [], config_hash(cfg),
-                                                   LatentSpec(*tok.latent_shape, mean=0.1, scale=2.0)),
-                  {"tokenizer": tok.state_dict()}, ema={"tokenizer": tok.state_dict()}, config_yaml=dump_yaml(cfg))
+    tokenizer_artifact(root / "tokenizer", "decoder", latent=(0.1, 2.0), ema=True)
     write_shards("fashion-mnist", str(root / "shards"), limit=128, progress=False)
     return root
 

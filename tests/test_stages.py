@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from repo import DEMO, demo_config as demo
 from dmvae_scale.artifacts import ArtifactInfo, load_artifact, read_artifact_info, save_artifact
 from dmvae_scale.cli import main
 from dmvae_scale.config import ConfigError, OptimConfig, load_config
@@ -23,11 +24,7 @@ from plain_engine import EMA, PlainEngine
 from dmvae_scale.train.stages import (AutoencoderStage, FlowMatchingStage, StageInputError, build_stage,
                                       save_stage_artifact)
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
-
-def demo(stage: str, *overrides: str):
-    return load_config(DEMO / f"{stage}.yaml", list(overrides))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import time
 import pytest
 import ray
 import torch
-from ray_cluster import ray_cluster, ray_driver  # noqa: F401 (fixtures)
 
 from dmvae_scale.distributed.teacher_service import (
     FEATURES_KEY, ServiceOptions, TeacherClient, TeacherUnavailableError, connect_teacher_service,

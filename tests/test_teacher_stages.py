@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray_cluster import ray_cluster, ray_driver  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 
-from dmvae_scale.config import ConfigError, load_config
+from repo import demo_config as demo
+from dmvae_scale.config import ConfigError
 from dmvae_scale.data.artifact_store import open_tokenizer
 from dmvae_scale.data.latents import LatentStreamDataset
 from dmvae_scale.data.shards import write_shards
@@ -26,13 +26,9 @@ from dmvae_scale.train.teacher_features import cache_latents_with_teacher
 from dmvae_scale.train.launch import run_local
 from dmvae_scale.train.stages import AutoencoderStage, StageInputError, build_stage
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 # Three steps of 32 images; the GAN starts at step 50 in the demo, so these steps are reconstruction only.
 SHORT = ["total_images=96", "log_every_images=32", "data.limit=256"]
 
-
-def demo(stage: str, *overrides: str):
-    return load_config(DEMO / f"{stage}.yaml", list(overrides))
 
 
 @pytest.fixture(scope="module", autouse=True)

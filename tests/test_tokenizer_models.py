@@ -1,9 +1,9 @@
 """Tokenizer shapes and freezing, decoder upsampling plan, PatchGAN, DiffAugment, perceptual distance."""
-from pathlib import Path
 
 import pytest
 import torch
 
+from repo import REPO
 from dmvae_scale.config import (DecoderConfig, DiscriminatorConfig, EncoderConfig, TokenizerConfig,
                                 load_config)
 from dmvae_scale.errors import UserError
@@ -14,7 +14,6 @@ from dmvae_scale.models.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def demo_tokenizer_config() -> TokenizerConfig:
