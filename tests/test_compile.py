@@ -76,22 +76,21 @@ def test_dit_encodings_are_cached_and_outputs_unchanged():
 def test_compiled_dit_matches_eager_without_graph_breaks_or_recompiles():
     eager, compiled = _tiny_dit(), _tiny_dit()
     assert compile_model_parts(compiled, fullgraph=True) == 2 + 3  # two blocks, the final layer, two embedders
-    counters = _fresh_counters()
+    counters = _fresh_counters()  # fullgraph=True above: a graph break in a unit is an error
     gen = torch.Generator().manual_seed(1)
-    if True:  # fullgraph=True: a graph break in a unit is an error, not a silent split
-        for step in range(4):  # same shapes, new t, labels and contents each step
-            x = torch.randn(3, 4, 4, 4, generator=gen)
-            t = torch.rand(3, generator=gen)
-            y = torch.randint(0, 6, (3,), generator=gen)
-            for model in (eager, compiled):
-                model.zero_grad()
-                out = model(x, t, y)
-                out.square().mean().backward()
-            torch.testing.assert_close(compiled(x, t, y), eager(x, t, y), rtol=1e-3, atol=1e-4)
-            for name, grad in _grads(eager).items():
-                torch.testing.assert_close(_grads(compiled)[name], grad, rtol=1e-3, atol=1e-4, msg=name)
-            if step == 0:
-                graphs = counters["stats"]["unique_graphs"]
+    for step in range(4):  # same shapes, new t, labels and contents each step
+        x = torch.randn(3, 4, 4, 4, generator=gen)
+        t = torch.rand(3, generator=gen)
+        y = torch.randint(0, 6, (3,), generator=gen)
+        for model in (eager, compiled):
+            model.zero_grad()
+            out = model(x, t, y)
+            out.square().mean().backward()
+        torch.testing.assert_close(compiled(x, t, y), eager(x, t, y), rtol=1e-3, atol=1e-4)
+        for name, grad in _grads(eager).items():
+            torch.testing.assert_close(_grads(compiled)[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs == 4  # block, final, t and y embedders: one graph each
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["recompiles"] == {} or sum(counters["recompiles"].values()) == 0
@@ -102,19 +101,18 @@ def test_compiled_dit_matches_eager_without_graph_breaks_or_recompiles():
 def test_compiled_conv_decoder_matches_eager_without_graph_breaks_or_recompiles():
     eager, compiled = _tiny_decoder(), _tiny_decoder()
     assert compile_model_parts(compiled, fullgraph=True) == 3 + 3  # middle: resnet, attention, resnet; levels: resnet+up, resnet
-    counters = _fresh_counters()
+    counters = _fresh_counters()  # fullgraph=True above: a graph break in a unit is an error
     gen = torch.Generator().manual_seed(2)
-    if True:  # fullgraph=True: a graph break in a unit is an error, not a silent split
-        for step in range(3):
-            z = torch.randn(2, 4, 4, 4, generator=gen)
-            for model in (eager, compiled):
-                model.zero_grad()
-                model(z).square().mean().backward()
-            torch.testing.assert_close(compiled(z), eager(z), rtol=1e-3, atol=1e-4)
-            for name, grad in _grads(eager).items():
-                torch.testing.assert_close(_grads(compiled)[name], grad, rtol=1e-3, atol=1e-4, msg=name)
-            if step == 0:
-                graphs = counters["stats"]["unique_graphs"]
+    for step in range(3):
+        z = torch.randn(2, 4, 4, 4, generator=gen)
+        for model in (eager, compiled):
+            model.zero_grad()
+            model(z).square().mean().backward()
+        torch.testing.assert_close(compiled(z), eager(z), rtol=1e-3, atol=1e-4)
+        for name, grad in _grads(eager).items():
+            torch.testing.assert_close(_grads(compiled)[name], grad, rtol=1e-3, atol=1e-4, msg=name)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert set(dict(compiled.named_parameters())) == set(dict(eager.named_parameters()))

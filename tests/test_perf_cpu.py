@@ -5,17 +5,17 @@ from __future__ import annotations
 import sys
 
 import pytest
+import test_engine_toys as toys
 import torch
+from plain_engine import PlainEngine
 from torch import nn
 
-import test_engine_toys as toys
 from dmvae_scale.config import DiTConfig
 from dmvae_scale.models.dit import LightningDiT
 from dmvae_scale.train.batches import stream_batches
 from dmvae_scale.train.ema import ShardedEMA
 from dmvae_scale.train.loop import train_loop
 from dmvae_scale.train.reporting import FlopCounter
-from plain_engine import PlainEngine
 
 
 @pytest.mark.unit
@@ -32,8 +32,8 @@ def test_fused_ema_update_is_bit_equal_to_the_per_parameter_loop(world):
         ema.update(module)
         for n, p in ema.params.items():  # the loop the fused update replaced
             reference[n].lerp_(ema._local(p).float(), 1.0 - ema.decay)
-    for n in reference:
-        assert torch.equal(ema.shadow[n], reference[n]), n
+    for n, expected in reference.items():
+        assert torch.equal(ema.shadow[n], expected), n
 
 
 def _toy_run(tmp_path, flops: FlopCounter | None = None, images: int = 32):

@@ -10,13 +10,11 @@ A model takes part by defining `compile_units() -> list[nn.Module]`.
 """
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import nn
 
 
-def compile_wanted(setting: Union[str, bool], device: torch.device, zero_stage: int = 0) -> bool:
+def compile_wanted(setting: str | bool, device: torch.device, zero_stage: int = 0) -> bool:
     """What `compile` means on `device`: auto is on for CUDA (below ZeRO-3, whose parameter hooks break graphs)."""
     if setting == "auto":
         return device.type == "cuda" and zero_stage < 3

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch.utils.checkpoint import checkpoint
 
-_open: list[tuple[object, "RecomputeTally"]] = []
+_open: list[tuple[object, RecomputeTally]] = []
 
 
 @dataclass
