@@ -125,3 +125,34 @@ def test_host_reads_per_training_step_are_one_per_backward_from_the_guard(tmp_pa
     assert steps == 4
     assert calls["package_item"] == backwards and calls["package_bool"] == 0, calls
     assert calls["other_item_cpu"] > 0 and calls["other_device"] == 0, calls
+
+
+@pytest.mark.unit
+def test_the_autoencoder_stage_augments_with_its_device_generator(monkeypatch):
+    """On a GPU the first generator of step_generators lives on the GPU: DiffAugment then draws there, with no host
+    copy. On CPU both generators are one object, so the stage is given two distinct ones here to tell them apart."""
+    from pathlib import Path
+
+    from dmvae_scale.config import load_config
+    from dmvae_scale.models.discriminator import DiffAugment
+    from dmvae_scale.train.stages import AutoencoderStage
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "tokenizer.yaml"
+    cfg = load_config(demo, ["loss.gan_start_step=0", "loss.gan_weight=0.5", "discriminator.diffaug=true",
+                             "loss.perceptual_weight=0"])
+    stage = AutoencoderStage(cfg)
+    device_gen, cpu_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    monkeypatch.setattr(stage, "_rng", lambda step, x: (device_gen, cpu_gen))
+    seen = []
+    forward = DiffAugment.forward
+
+    def spy(self, x, generator):
+        seen.append(generator)
+        return forward(self, x, generator)
+
+    monkeypatch.setattr(DiffAugment, "forward", spy)
+    engines = {n: PlainEngine(s.module, s.optim) for n, s in stage.models().items() if s.trainable}
+    size = cfg.data.image_size
+    stage.step({"image": torch.rand(2, 3, size, size) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)}, 0,
+               engines)
+    assert seen and all(g is device_gen for g in seen)
