@@ -237,6 +237,8 @@ class DistributedConfig:
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # fp16 would need per-engine loss scaling: not offered
+    # torch.compile of each model's repeated units (models/compile.py); auto: on for CUDA below ZeRO-3, off on CPU
+    compile: Literal["auto", True, False] = "auto"
     grad_accum: int = 1
     address: Optional[str] = None
     max_failures: int = 2  # Ray Train restarts of the worker group after a crash (user errors are never retried)

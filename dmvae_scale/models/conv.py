@@ -125,6 +125,10 @@ class ConvDecoder(nn.Module):
         """The weight of the final conv: the adaptive GAN weight compares gradient norms here."""
         return self.conv_out.weight
 
+    def compile_units(self) -> list[nn.Module]:
+        """What `compile: true` compiles (models/compile.py): each block of the middle and of every level."""
+        return [*self.mid, *(block for level in self.levels for block in level)]
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(self.upsample_latent(z)))
         for level in self.levels:

@@ -9,6 +9,7 @@ consistency term relies on).
 DiffAugment (Zhao et al. 2020): colour (brightness, saturation, contrast), translation (up to 1/8 of the side,
 zero fill) and cutout (a zeroed square of half the side). Every op is differentiable in the images and every random
 draw comes from the torch.Generator passed in, so a fixed generator state reproduces the augmentation exactly.
+Pass a generator on the images' device: the draws then never leave it (no host sync in the training step).
 Real and fake batches go through the same policy (each call draws its own parameters).
 Losses live in method/; this file holds modules and the penalty's raw form only.
 """
@@ -46,13 +47,21 @@ class PatchDiscriminator(nn.Module):
         return self.net(images)
 
 
+def _on(generator: torch.Generator, like: torch.Tensor) -> torch.device:
+    # Draw where the generator lives. The stages pass their device generator (step_generators' first), so on a GPU
+    # the draws stay on the GPU and no host copy or sync happens; a CPU generator with GPU images still works
+    # (the draws are copied over), it only costs a host-to-device copy per draw.
+    return generator.device
+
+
 def _uniform(shape: Sequence[int], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # Draw on the generator's device (CPU generators are the norm), then move: same numbers on CPU and GPU.
-    return torch.rand(*shape, generator=generator, device=generator.device).to(device=like.device, dtype=like.dtype)
+    out = torch.rand(*shape, generator=generator, device=_on(generator, like))
+    return out.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 def _randint(high: int, shape: Sequence[int], generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randint(0, high, tuple(shape), generator=generator, device=generator.device).to(device)
+    out = torch.randint(0, high, tuple(shape), generator=generator, device=generator.device)
+    return out.to(device, non_blocking=True)
 
 
 def augment_color(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

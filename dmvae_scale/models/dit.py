@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import DIT_SIZES, ConfigError, DiTConfig, DiTShape, resolve_shape  # noqa: F401 (re-exported)
 from ..errors import UserError
 from .attention import attention, select_backend_for
+from .recompute import checkpointed
 from .layers import (LabelEmbedding, RMSNorm, SwiGLU, TimestepEmbedding, apply_rope, rope_2d_tables,
                      sincos_pos_embed_2d)
 
@@ -148,19 +148,35 @@ class LightningDiT(nn.Module):
             y = torch.full((batch,), self.null_label, dtype=torch.long, device=x.device)
 
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major over the grid
-        # Fixed encodings are recomputed per call (microseconds): no buffers to keep in float32 or re-create after
-        # a meta-device init.
-        tokens = tokens + sincos_pos_embed_2d(self.grid, self.hidden_size, x.device).to(tokens.dtype)
-        rope = rope_2d_tables(self.grid, self.hidden_size // self.num_heads, device=x.device) \
-            if self.cfg.rope else None
+        pos, rope = self._fixed_encodings(x.device, tokens.dtype)
+        tokens = tokens + pos
         cond = F.silu(self.t_embed(t) + self.y_embed(y))  # every modulation layer starts with SiLU
 
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, cond, rope, use_reentrant=False)
+                tokens = checkpointed(block, tokens, cond, rope)
             else:
                 tokens = block(tokens, cond, rope)
         return self._unpatchify(self.final(tokens, cond))
+
+    def _fixed_encodings(self, device: torch.device, dtype: torch.dtype):
+        """(position embedding in `dtype`, RoPE tables or None), built once per (device, dtype) and kept.
+
+        A plain dict, not buffers: nothing to save, to keep in float32 under a bf16 cast, or to re-create after a
+        meta-device init. Tables built under inference mode are kept apart (autograd refuses them later)."""
+        key = (device, dtype, torch.is_inference_mode_enabled())
+        cache = self.__dict__.setdefault("_encoding_cache", {})
+        if key not in cache:
+            with torch.no_grad():
+                pos = sincos_pos_embed_2d(self.grid, self.hidden_size, device).to(dtype)
+                rope = rope_2d_tables(self.grid, self.hidden_size // self.num_heads, device=device) \
+                    if self.cfg.rope else None
+            cache[key] = (pos, rope)
+        return cache[key]
+
+    def compile_units(self) -> list[nn.Module]:
+        """What `compile: true` compiles (models/compile.py): every block, the final layer and the embedders."""
+        return [*self.blocks, self.final, self.t_embed, self.y_embed]
 
     def _unpatchify(self, out: torch.Tensor) -> torch.Tensor:
         p, g, c = self.patch_size, self.grid, self.in_channels

@@ -100,42 +100,73 @@ def analytic_flops_per_image(cfg) -> Optional[float]:
 
 
 class FlopCounter:
-    """Counts the FLOPs of the first training step of this process (feeds achieved FLOP/s and, on GPU, MFU). Wraps
-    the batch iterator so the count covers exactly one stage.step: it starts when batch 1 is handed out and stops
-    when batch 2 is asked for (or at close())."""
+    """Counts the FLOPs of the first `steps` training steps of this process (feeds achieved FLOP/s, MFU and HFU).
 
-    def __init__(self, per_rank_batch: int = 1):
+    A stage whose steps differ in cost (the dmd stage updates the tokenizer on one step in `dm.tokenizer_every`, the
+    fake score on the others) names its cycle (`flop_cycle`); the counter counts one whole cycle, each step apart,
+    and reports the mean, so FLOP/s and MFU hold for the run and not for whichever step came first. Each count
+    starts when a batch is handed out and stops when the next is asked for (or at close()).
+
+    `flops_per_step`: hardware FLOPs (everything that ran, activation recomputation included: HFU's numerator);
+    `model_flops_per_step`: the same less the recomputation (MFU's numerator; models/recompute.py tells them apart).
+    """
+
+    def __init__(self, per_rank_batch: int = 1, steps: int = 1):
         self.per_rank_batch = per_rank_batch
+        self.steps = max(1, int(steps))
         self.flops_per_step: Optional[float] = None
+        self.model_flops_per_step: Optional[float] = None
+        self.per_step: list[tuple[float, float]] = []  # (hardware, recomputed) of each counted step
         self._gen = None
 
-    # -- a part of a checkpoint: a resumed run logs the count of its first run's first step, without recounting --
+    # -- a part of a checkpoint: a resumed run logs the count of its first run's first steps, without recounting --
     def state_dict(self) -> dict:
-        return {"flops_per_image": self.flops_per_step / self.per_rank_batch if self.flops_per_step else None}
+        per = self.per_rank_batch
+        return {"flops_per_image": self.flops_per_step / per if self.flops_per_step else None,
+                "model_flops_per_image": self.model_flops_per_step / per if self.model_flops_per_step else None}
 
     def load_state_dict(self, state: dict) -> None:
         per_image = state.get("flops_per_image")
         self.flops_per_step = per_image * self.per_rank_batch if per_image else None
+        model = state.get("model_flops_per_image", per_image)  # checkpoints before the split: no recompute known
+        self.model_flops_per_step = model * self.per_rank_batch if model else None
 
     def wrap(self, batches: Iterator) -> Iterator:
         self._gen = self._counted(iter(batches))
         return self._gen
 
+    def _finish(self) -> None:
+        if self.per_step:
+            n = len(self.per_step)
+            self.flops_per_step = sum(h for h, _ in self.per_step) / n
+            self.model_flops_per_step = sum(h - r for h, r in self.per_step) / n
+
     def _counted(self, it: Iterator) -> Iterator:
         from torch.utils.flop_counter import FlopCounterMode
 
         from ..models.flops import register_attention_flop_formulas
+        from ..models.recompute import RecomputeTally, counting_recompute
         register_attention_flop_formulas()  # fused CPU SDPA and flash-attn kernels count as zero otherwise
-        counter = FlopCounterMode(display=False)
-        with counter:
-            yield next(it)
-        self.flops_per_step = float(counter.get_total_flops())
+        for _ in range(self.steps):
+            counter, tally = FlopCounterMode(display=False), RecomputeTally()
+            handed = False
+            try:
+                with counter, counting_recompute(counter, tally):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        return
+                    handed = True
+                    yield batch
+            finally:
+                if handed:  # also when the loop ends (close()) during the step
+                    self.per_step.append((float(counter.get_total_flops()), tally.flops))
+                    self._finish()
         yield from it
 
     def close(self) -> None:
         if self._gen is not None:
-            self._gen.close()  # leaves the counting mode if the loop ended after one step
-
+            self._gen.close()  # leaves the counting mode if the loop ended within the counted steps
 
 
 class LogHook(LoopHook):
@@ -160,16 +191,21 @@ class LogHook(LoopHook):
         out = dict(metrics)
         out["images_per_second"] = rate
         out["skipped_steps"] = float(loop.skipped_steps)
-        flops = self.flops.flops_per_step
+        flops, model = self.flops.flops_per_step, self.flops.model_flops_per_step or self.flops.flops_per_step
         if flops:  # per worker: FLOPs of one step / its images x its share of the image rate
-            achieved = flops / self.per_rank_batch * rate / self.world
+            achieved = model / self.per_rank_batch * rate / self.world  # model FLOPs: no recomputation
+            achieved_hw = flops / self.per_rank_batch * rate / self.world  # everything that ran
             out["tflops_per_worker"] = achieved / 1e12
-            out["gflops_per_image"] = flops / self.per_rank_batch / 1e9  # counted (FlopCounterMode, first step)
+            # counted (FlopCounterMode), the mean over the stage's cycle of steps (FlopCounter)
+            out["gflops_per_image"] = model / self.per_rank_batch / 1e9
+            if flops != model:
+                out["gflops_per_image_hardware"] = flops / self.per_rank_batch / 1e9
             if self.analytic_per_image:
                 out["gflops_per_image_analytic"] = self.analytic_per_image / 1e9
             peak = peak_flops(self.device, self.precision)
             if peak:
-                out["mfu"] = achieved / peak
+                out["mfu"] = achieved / peak  # model FLOP utilisation
+                out["hfu"] = achieved_hw / peak  # hardware FLOP utilisation (with activation recompute)
         self.last_time, self.last_images = now, loop.images_seen
         self.history.append({"images": float(loop.images_seen), **out})
         if self.sinks is not None:

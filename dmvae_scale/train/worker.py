@@ -27,6 +27,7 @@ from ..log import say
 from ..data import storage
 from ..data.artifact_store import upload_artifact
 from ..errors import UserError
+from ..models.compile import compile_model_parts, compile_wanted
 from .api import WorkerJob, WorkerResult
 from .batches import make_batches, statistics_batches
 from .checkpoint import MANIFEST, CheckpointManager, ResumeRefusedError
@@ -90,6 +91,10 @@ class Worker:
             factory = build_stage
         self.stage = factory(cfg, self.rank)
         models = self.stage.models()
+        if compile_wanted(cfg.distributed.compile, self.device, cfg.distributed.zero_stage):
+            compiled = sum(compile_model_parts(spec.module) for spec in models.values())
+            if self.rank == 0:
+                say("train", f"torch.compile: {compiled} model units (distributed.compile={cfg.distributed.compile})")
         self.checkpointer.find_resume(models)
         kwargs = {}
         if self.job.shard_frozen_above_bytes is not None:
@@ -111,7 +116,8 @@ class Worker:
                               rank=self.rank, is_main=self.rank == 0,
                               progress=self.job.progress and self.job.control is None,
                               reduce_metrics=lambda m: mean_over_workers(m, self.world, self.device))
-        self.flops = FlopCounter(self.per_rank_batch)
+        # a stage whose steps alternate costs names its cycle, so the count is the mean over one whole cycle
+        self.flops = FlopCounter(self.per_rank_batch, steps=getattr(self.stage, "flop_cycle", 1))
         # What a checkpoint holds: parts that save and load their own state (checkpoint/manager.py).
         parts = {"loop": self.loop, "data": self.batches, "rng": RNGState(), "flops": self.flops,
                  **{f"ema.{name}": ema for name, ema in self.emas.items()}}

@@ -146,7 +146,7 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
 
     def step(self, batch, step, engines):
         x = _image_channels(batch["image"], self.cfg.tokenizer.in_channels)
-        _, g = self._rng(step, x)
+        g, _ = self._rng(step, x)  # the device generator: DiffAugment draws where the images are
         tok, disc = engines["tokenizer"], engines["discriminator"]
         kl = None
         with self.autocast():

@@ -104,7 +104,7 @@ def _check_score_shape(cfg: RunConfig, shape: tuple[int, ...], source: str) -> N
 
 
 def step_generators(device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """(generator on `device` for noise, CPU generator for augmentation) of the current training step: seeded from
+    """(generator on `device` for noise and DiffAugment, CPU generator) of the current training step: seeded from
     the step's seed, which the loop sets before every step from (seed, rank, images seen) (seeds.step_seed; torch
     keeps it as torch.initial_seed())."""
     value = torch.initial_seed()

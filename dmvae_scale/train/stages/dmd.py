@@ -64,6 +64,12 @@ class DMDStage(_StageBase):
         if self.losses.perceptual is not None:
             self._models["perceptual"] = ModelSpec(self.losses.perceptual, False)
 
+    @property
+    def flop_cycle(self) -> int:
+        """Steps after which the step costs repeat (k-1 fake-score steps, then one tokenizer step): the FLOP count
+        (train/reporting.py FlopCounter) averages over one cycle."""
+        return self.cfg.dm.tokenizer_every
+
     def t_range(self, step: int) -> tuple[float, float]:
         dm = self.cfg.dm
         return annealed_t_range(step, dm.t_min, dm.t_max, dm.t_anneal_steps, dm.t_anneal_min_final)
@@ -71,7 +77,7 @@ class DMDStage(_StageBase):
     def step(self, batch, step, engines):
         cfg = self.cfg
         x = _image_channels(batch["image"], cfg.tokenizer.in_channels)
-        g, g_cpu = self._rng(step, x)
+        g, _ = self._rng(step, x)  # one device generator for noise and DiffAugment (no host copies)
         labels = batch["label"] if self.conditional else None
         null = cfg.score.num_classes
         tok, fake = engines["tokenizer"], engines["fake_score"]
@@ -85,13 +91,13 @@ class DMDStage(_StageBase):
                 ldm, dm_stats = dm_loss(z, labels, self.real_score, fake, cfg.dm.cfg_scale, null,
                                         self.t_range(step), g)
             loss, metrics = self.losses.tokenizer_loss(x, recon, step, engines["discriminator"],
-                                                       tok.module.last_layer, g_cpu)
+                                                       tok.module.last_layer, g)
             loss = loss + cfg.dm.lambda_dm * ldm
             tok.backward(loss)
             tok.step()
             metrics.update(dm_stats, dm_loss=ldm.detach(), loss=loss.detach())
             if self.losses.gan_active(step):
-                metrics.update(self.losses.discriminator_step(x, recon, engines["discriminator"], g_cpu))
+                metrics.update(self.losses.discriminator_step(x, recon, engines["discriminator"], g))
             z = z.detach()
         else:
             with torch.no_grad(), self.autocast():
