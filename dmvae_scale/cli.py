@@ -521,6 +521,9 @@ def _add_pipeline(sub):
             torch.set_num_threads(n)
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
+            if args.only:  # an unknown step is refused by --check too, not only by a run
+                from .pipeline.run import _check_only
+                _check_only(pipe, args.only)
             print("\n".join(plan(pipe, args.address)))
             return 0
         from .distributed.ray_session import ray_session
