@@ -115,8 +115,8 @@ def is_transient(exc: BaseException) -> bool:
     for e in _chain(exc):
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)):
             return False
-        if type(e).__name__ in _CREDENTIAL_NAMES:
-            return False
+        if type(e).__name__ in _CREDENTIAL_NAMES or type(e).__name__ == "FSTimeoutError":
+            return False  # FSTimeoutError: a small op silent for SMALL_OP_TIMEOUT_S is stuck, not a blip (_bounded)
         code, status = _http_status(e)
         if code or status:
             return code in _TRANSIENT_CODES or status >= 500 or status == 429
