@@ -266,17 +266,30 @@ def _add_submit(sub):
     p.add_argument("--train-args", default="", help="extra arguments of the job's `dmvae-scale train`, one string, "
                    "e.g. --train-args='--no-progress'")
     p.add_argument("--dry-run", action="store_true", help="print what would be sent (credentials masked), send nothing")
+    p.add_argument("--shared-fs", action="append", default=[], metavar="DIR",
+                   help="a filesystem mounted at DIR on every node and here (e.g. /mnt/fsx): local paths under it are "
+                        "accepted for run_dir, inputs and --store; elsewhere give s3:// URLs (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="pass an environment variable to the job: KEY takes its value from this environment; values "
+                        "are never printed (repeatable)")
 
     def run(args):
         import shlex
         from .distributed.jobs import build_submission
+        from .distributed.jobs import check_cluster_paths, parse_env
         if args.config == "pipeline":
             return _submit_pipeline(args)
         sub_ = build_submission(args.config, args.overrides, code=args.code,
                                 pass_credentials=not args.no_credentials,
                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
                                 entrypoint_num_gpus=args.entrypoint_num_gpus,
-                                train_args=shlex.split(args.train_args))
+                                extra_env=parse_env(args.env), train_args=shlex.split(args.train_args))
+        try:  # run_dir and the inputs must exist where the job runs
+            check_cluster_paths(sub_.config, args.address, args.shared_fs)
+        except UserError:
+            import shutil
+            shutil.rmtree(sub_.staging_dir, ignore_errors=True)
+            raise
         return _send(sub_, args, f"{sub_.config.stage} run '{sub_.config.name}'")
     p.set_defaults(func=run)
 
@@ -286,12 +299,16 @@ def _send(sub_, args, what: str) -> int:
     import json
     import shutil
     import sys
-    from .distributed.jobs import submit
+    from .distributed.jobs import hide_values, mask_env, parse_env, submit
+    passed = parse_env(args.env)  # --env values: masked in what is shown, and in errors
     if args.dry_run:
         shutil.rmtree(sub_.staging_dir, ignore_errors=True)
-        print(json.dumps(sub_.describe(), indent=2))
+        print(json.dumps(mask_env(sub_, passed), indent=2))
         return 0
-    job_id = submit(sub_, args.address, job_id=args.job_id)
+    try:
+        job_id = submit(sub_, args.address, job_id=args.job_id)
+    except UserError as exc:
+        raise UserError(hide_values(str(exc), passed.values())) from None
     print(job_id)
     print(f"submitted {what}; follow it with: dmvae-scale jobs logs {job_id} --follow --address {args.address}",
           file=sys.stderr)
@@ -308,11 +325,13 @@ def _submit_pipeline(args) -> int:
                         "--store s3://bucket/prefix`")
     if not args.store:
         raise UserError("submit pipeline: --store is required (a URL every node can reach, e.g. s3://bucket/prefix)")
+    from .distributed.jobs import check_cluster_location, check_shared_fs, parse_env
     config_dir, overrides = args.overrides[0], args.overrides[1:]
+    check_cluster_location("--store", args.store, args.address, check_shared_fs(args.shared_fs))
     pipe = load_pipeline(config_dir, args.store, overrides)  # every stage config is checked on this machine
     sub_ = build_pipeline_submission(pipe, overrides, code=args.code, pass_credentials=not args.no_credentials,
                                      entrypoint_num_cpus=args.entrypoint_num_cpus,
-                                     entrypoint_num_gpus=args.entrypoint_num_gpus)
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus, extra_env=parse_env(args.env))
     return _send(sub_, args, f"pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}")
 
 
@@ -521,6 +540,9 @@ def _add_pipeline(sub):
             torch.set_num_threads(n)
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
+            if args.only:  # an unknown step is refused by --check too, not only by a run
+                from .pipeline.run import _check_only
+                _check_only(pipe, args.only)
             print("\n".join(plan(pipe, args.address)))
             return 0
         from .distributed.ray_session import ray_session
@@ -544,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # A dotted config override (score.depth=12, sampler.guidance_interval=[0.1,1.0]): accepted anywhere on the line.
+_KEY_VALUE_OPTIONS = {"--env"}
 _OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
@@ -551,8 +574,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     """argparse, with dotted overrides taken from anywhere on the command line (argparse alone accepts them only
     right after the positional arguments), in their order, for the subcommands that take overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if _OVERRIDE.match(a)]
-    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    # KEY=VALUE right after an option that takes one (--env KEY=VALUE) is that option's value, not an override.
+    is_override = [bool(_OVERRIDE.match(a)) and not (i and argv[i - 1] in _KEY_VALUE_OPTIONS)
+                   for i, a in enumerate(argv)]
+    overrides = [a for a, o in zip(argv, is_override) if o]
+    args = parser.parse_args([a for a, o in zip(argv, is_override) if not o])
     if overrides:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(overrides)} (this command takes no config overrides)")

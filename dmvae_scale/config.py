@@ -454,6 +454,15 @@ def apply_overrides(data: dict, overrides: list[str], cls: type = None) -> dict:
     return data
 
 
+def _yaml_error(path: Path, exc: Exception) -> str:
+    """One line: file, line and column (1-based, where the parser noticed) and what the parser says."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(x for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or \
+        str(exc).splitlines()[0]
+    return f"{where}: not valid YAML: {what}; fix the file there"
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -462,7 +471,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(_yaml_error(p, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of config sections")
     return data
@@ -501,6 +510,18 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_optim(cfg: RunConfig) -> None:
+    """AdamW's ranges: a negative learning rate or a beta of 1 trains nothing (or diverges) without an error."""
+    o = cfg.optim
+    _need(o.lr > 0, f"optim.lr: must be > 0 (AdamW's learning rate, e.g. 1e-4), got {o.lr}")
+    _need(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+          f"optim.betas: two numbers in [0, 1), e.g. [0.9, 0.95], got {list(o.betas)}")
+    _need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0 (0: none), got {o.weight_decay}")
+    _need(o.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0: no clipping), got {o.grad_clip}")
+    wd = cfg.discriminator.weight_decay
+    _need(wd is None or wd >= 0, f"discriminator.weight_decay: must be >= 0 (or null: optim.weight_decay), got {wd}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Every check of a config that needs no I/O: ranges, and fields that must agree with each other. It runs where
     the config is loaded (`config show`, `submit`, `train`), so a bad config fails on the user's machine before a
@@ -519,6 +540,7 @@ def validate(cfg: RunConfig) -> None:
     _need(cfg.batch_size % (dist.num_workers * dist.grad_accum) == 0,
           f"batch_size: {cfg.batch_size} is not divisible by distributed.num_workers x distributed.grad_accum "
           f"= {dist.num_workers * dist.grad_accum}")
+    _validate_optim(cfg)
     _need(0.0 <= cfg.optim.ema_decay < 1.0, f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
     _need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")
     enc_patch = cfg.tokenizer.encoder.patch_size

@@ -316,3 +316,117 @@ def format_jobs(rows: list[dict]) -> str:
         lines.append(f"{r['job_id']:<32} {r['status']:<10} {started:<19} {run}")
     lines.append(f"{len(rows)} jobs")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Paths that exist on the cluster; the environment a user passes
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Keys of a stage config that name a location the job reads or writes (data.source only when it looks like a path:
+# otherwise it is a built-in set's name).
+PATH_KEYS = ("run_dir", "inputs.tokenizer", "inputs.real_score", "inputs.generator", "reference.path",
+             "tokenizer.encoder.weights", "teacher.artifact", "data.source", "data.latents", "loss.perceptual_weights")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_loopback_address(address: str) -> bool:
+    """A Job API on this machine's loopback: the cluster's nodes share this machine's filesystem (a tunnelled remote
+    dashboard looks the same; there, declare --shared-fs or use s3://)."""
+    host = urlparse(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _config_value(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_cluster_location(key: str, value: str, address: str, shared_fs: Iterable[str] = ()) -> None:
+    """Refuse a location that would not exist on the cluster's nodes, naming `key` and the fix: a relative path (it
+    resolves inside the job's own working directory, thrown away with the job), or an absolute path on this machine
+    unless it lies under a declared shared filesystem or the cluster is this machine (a loopback Job API)."""
+    from ..data import storage
+    value = str(value)
+    if storage.is_remote(value) or value.lower().startswith("s3:"):
+        storage.check_location(value, key)
+        return
+    fix = "use s3://bucket/prefix, or an absolute path under the shared filesystem you declare with --shared-fs DIR"
+    if not os.path.isabs(os.path.expanduser(value)):
+        raise UserError(f"{key} {value}: a relative path resolves inside the job's own working directory on the "
+                        f"cluster and is lost with it; {fix}")
+    path = os.path.normpath(os.path.expanduser(value))
+    for root in shared_fs:
+        root = os.path.normpath(root)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return
+    if is_loopback_address(address):
+        return  # the cluster runs on this machine: its filesystem is the nodes' filesystem
+    declared = f" (not under --shared-fs {' '.join(shared_fs)})" if shared_fs else ""
+    raise UserError(f"{key} {value}: a path on this machine{declared}, which the nodes of the cluster at {address} do "
+                    f"not see; {fix}")
+
+
+def check_cluster_paths(cfg: RunConfig, address: str, shared_fs: Iterable[str] = ()) -> None:
+    """Every location a submitted stage config names (PATH_KEYS) exists on the cluster (check_cluster_location)."""
+    shared = check_shared_fs(shared_fs)
+    for key in PATH_KEYS:
+        value = _config_value(cfg, key)
+        if value is None or value == "":
+            continue
+        if key == "data.source" and "/" not in str(value) and not str(value).startswith((".", "~")):
+            continue  # a built-in set's name (fashion-mnist)
+        check_cluster_location(key, value, address, shared)
+
+
+def check_shared_fs(shared_fs: Iterable[str]) -> list[str]:
+    out = []
+    for root in shared_fs:
+        if not os.path.isabs(root):
+            raise UserError(f"--shared-fs {root}: give the absolute mount point of the filesystem every node and this "
+                            f"machine share, e.g. --shared-fs /mnt/fsx")
+        out.append(root)
+    return out
+
+
+def parse_env(specs: Iterable[str], environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """`--env KEY` (the value of KEY here) and `--env KEY=VALUE` as env_vars of the job. Messages name keys only."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not _ENV_NAME.match(key):
+            raise UserError(f"--env {key if _ENV_NAME.match(key.strip()) else '...'}: expected KEY or KEY=VALUE with "
+                            f"KEY made of letters, digits and '_' (not starting with a digit)")
+        if not sep:
+            if key not in environ:
+                raise UserError(f"--env {key}: {key} is not set in this environment; export it or give "
+                                f"--env {key}=VALUE")
+            value = environ[key]
+        out[key] = value
+    return out
+
+
+def mask_env(submission: Submission, keys: Iterable[str]) -> dict:
+    """submission.describe() with the values of the passed-through variables `keys` masked too."""
+    shown = submission.describe()
+    env = shown.get("runtime_env", {}).get("env_vars", {})
+    for k in keys:
+        if k in env:
+            env[k] = "***"
+    return shown
+
+
+def hide_values(message: str, values: Iterable[str]) -> str:
+    """`message` with every passed-through value (3 characters or longer: shorter ones would mask random text)
+    replaced by ***."""
+    for v in sorted(set(values), key=len, reverse=True):
+        if len(v) >= 3:
+            message = message.replace(v, "***")
+    return message

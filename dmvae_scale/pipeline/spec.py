@@ -117,6 +117,7 @@ class Pipeline:
 def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ()) -> Pipeline:
     """Read, override and check a pipeline directory: every step's fields and inputs, and every train step's stage
     config (loaded and validated), so nothing fails later for a reason known now."""
+    storage.check_location(store, "--store")  # ftp://, s3:/bucket: refused before anything is read
     config_dir = Path(config_dir)
     path = config_dir / PIPELINE_FILE
     if not path.is_file():
