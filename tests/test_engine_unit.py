@@ -249,6 +249,7 @@ def test_checkpoint_manifest_is_plain_json_with_counters(tmp_path):
     raw = json.loads((tmp_path / "checkpoints" / name / ckpt.MANIFEST).read_text())
     assert raw["images_seen"] == 8 and raw["engines"] == ["net"] and raw["format"] == ckpt.CHECKPOINT_FORMAT
     assert set(raw["files"]) == {"engines/net/zero/mp_rank_00_model_states.pt", "ranks/rank-00000.pt"}
+    assert set(raw["sha256"]) == set(raw["files"])  # every file's sha256, checked before anything is read
 
 
 def test_wandb_requested_without_wandb_installed_fails_before_any_worker_starts(tmp_path, monkeypatch):
@@ -292,16 +293,18 @@ def test_checkpoint_files_are_flushed_while_written_and_a_flush_error_fails_the_
     real = durable.fsync_path
     monkeypatch.setattr(durable, "fsync_path", lambda path: flushed.append(path) or real(path))
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    with durable.writing_checkpoint(remote=False):
+    with durable.writing_checkpoint(remote=False) as written:
         torch.save({"x": torch.ones(3)}, a)
         durable.file_written(str(a))
         torch.save({"x": torch.ones(3)}, b)
         durable.file_written(str(b))
     assert sorted(flushed) == [str(a), str(b)]  # both flushed by the time the block is left
+    import hashlib  # and hashed for the manifest
+    assert written.sha256 == {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
     durable.file_written(str(a))  # outside a checkpoint write: nothing to do
-    with durable.writing_checkpoint(remote=True):  # object store: staged files are uploaded, not flushed
+    with durable.writing_checkpoint(remote=True) as written:  # object store: staged files are uploaded, not flushed
         durable.file_written(str(b))
-    assert len(flushed) == 2
+    assert len(flushed) == 2 and list(written.sha256) == [str(b)]
     with pytest.raises(FileNotFoundError, match="gone.pt"):
         with durable.writing_checkpoint(remote=False):
             durable.file_written(str(tmp_path / "gone.pt"))

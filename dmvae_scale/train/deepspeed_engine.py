@@ -176,11 +176,14 @@ class DeepSpeedEngine:
 
     def load(self, directory: str, universal: bool = False) -> None:
         """Read this engine's state back (from the universal conversion when the world or ZeRO stage changed);
-        raises if anything is missing."""
+        raises if anything is missing. Every file is unpickled weights_only (integrity.checked_loads): one whose
+        pickle would run code raises a CheckpointError naming it, before any of it runs."""
+        from .checkpoint.integrity import checked_loads
         tag = f"{DS_CHECKPOINT_TAG}_universal" if universal else DS_CHECKPOINT_TAG
         try:
-            path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+            with checked_loads():  # DeepSpeed's readers ask torch.load for full pickles: they get safe ones
+                path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         finally:
             forget = getattr(self.ds.checkpoint_engine, "forget", None)
             if forget is not None:
@@ -290,6 +293,8 @@ def _location_key(map_location) -> Any:
 def _reusing_checkpoint_engine_class():
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
+    from .checkpoint.integrity import safe_load
+
     class ReusingTorchCheckpointEngine(TorchCheckpointEngine):
         """DeepSpeed's torch checkpoint engine, minus one redundant read of every restore, plus early flushes.
 
@@ -297,9 +302,10 @@ def _reusing_checkpoint_engine_class():
         check_ckpt_list reads the whole file for one metadata field and drops it, then load() reads it again. Here
         the object loaded last is handed out once more when the very next request is for the same unchanged file
         (same path, size and mtime), then forgotten; `forget()` drops it at the end of a restore. A restore thus
-        reads each byte once, as a raw read of the checkpoint does. Saving reports each finished file to the
-        checkpoint writer through `on_saved` (durable.file_written), which flushes it in the background while the
-        next is written.
+        reads each byte once, as a raw read of the checkpoint does. Every read is integrity.safe_load (weights_only
+        with the few DeepSpeed types its files hold; DeepSpeed's own engine unpickles them in full). Saving reports
+        each finished file to the checkpoint writer through `on_saved` (durable.file_written), which hashes and
+        flushes it in the background while the next is written.
         """
 
         _last: tuple | None = None
@@ -311,7 +317,7 @@ def _reusing_checkpoint_engine_class():
             last, self._last = self._last, None
             if last is not None and last[0] == key:
                 return last[1]
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = safe_load(path, map_location=map_location)
             self._last = (key, state)
             return state
 
@@ -336,17 +342,22 @@ def _use_reusing_loads(ds_engine, on_saved: Callable[[str], None] | None = None)
 
 
 def convert_to_universal(directory: str, names: Iterable[str]) -> None:
-    """DeepSpeed's universal-checkpoint conversion of each engine (run by one process; others wait)."""
+    """DeepSpeed's universal-checkpoint conversion of each engine (run by one process; others wait). Engine names
+    become paths (one is removed): each must be a safe name and stay inside `directory`. Its reads are
+    integrity.checked_loads (weights_only) like every read of a checkpoint."""
     import argparse
     from deepspeed.checkpoint import ds_to_universal
+
+    from .checkpoint.integrity import check_name, checked_loads, join_inside
     for name in names:
-        src = os.path.join(directory, "engines", name, DS_CHECKPOINT_TAG)
-        dst = os.path.join(directory, "engines", name, f"{DS_CHECKPOINT_TAG}_universal")
+        check_name(name, f"{directory}: engine name")
+        src = join_inside(directory, f"engines/{name}/{DS_CHECKPOINT_TAG}", directory)
+        dst = join_inside(directory, f"engines/{name}/{DS_CHECKPOINT_TAG}_universal", directory)
         if os.path.isfile(os.path.join(dst, ".complete")):
             continue
         shutil.rmtree(dst, ignore_errors=True)  # an earlier conversion that did not finish
         args = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), checked_loads():
             ds_to_universal.main(args)
         open(os.path.join(dst, ".complete"), "w").close()

@@ -10,6 +10,7 @@ from typing import Any
 
 from ...data import storage
 from ..ema import consolidate_ema_shards
+from .integrity import checked_loads, join_inside, safe_load
 from .manager import read_rank_parts
 from .store import MANIFEST, CheckpointError, CheckpointStore, checkpoint_name
 
@@ -29,15 +30,16 @@ class ExportSummary:
                 f"tensors, {self.parameters / 1e6:.2f}M parameters, {self.bytes / 2**20:.1f} MiB -> {self.path}")
 
 
-def _engine_weights(local: str, name: str) -> dict[str, Any]:
-    """Full fp32 state dict of one engine from its ZeRO shards (any stage, any number of workers), offline."""
-    import torch
-    zero_dir = os.path.join(local, "engines", name)
+def _engine_weights(local: str, name: str, listed: Any) -> dict[str, Any]:
+    """Full fp32 state dict of one engine from its ZeRO shards (any stage, any number of workers), offline. Read
+    inside integrity.checked_loads (weights_only, listed files only); `listed`: the files the manifest lists."""
+    zero_dir = join_inside(local, f"engines/{name}", local)
     model_states = os.path.join(zero_dir, "zero", "mp_rank_00_model_states.pt")
-    has_optim_shards = any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(zero_dir, "zero")))
+    has_optim_shards = any(rel.startswith(f"engines/{name}/zero/") and rel.endswith("optim_states.pt")
+                           for rel in listed)
     if not has_optim_shards:  # ZeRO stage 0: the module state is whole in the model-states file
         return {k: v.float() if v.is_floating_point() else v
-                for k, v in torch.load(model_states, map_location="cpu", weights_only=False)["module"].items()}
+                for k, v in safe_load(model_states, map_location="cpu")["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         return get_fp32_state_dict_from_zero_checkpoint(zero_dir, tag="zero")
@@ -66,7 +68,8 @@ def consolidated_weights(source: str, kinds: tuple[str, ...] = ("raw",), models:
     """(checkpoint info, {kind: {model: fp32 state dict}}) for kinds "raw" and/or "ema", reading each engine's ZeRO
     shards once whatever the kinds (an XL checkpoint's consolidation is the slow part). "ema" takes the EMA average
     for the parameters of models that keep one (buffers from the raw weights); models=None: every trained model
-    (with "ema": every one that keeps an average)."""
+    (with "ema": every one that keeps an average). Every file is checked against the manifest's sha256 before
+    anything is read, and read weights_only (integrity.py): a pickle that would run code is refused, naming it."""
     bad = [k for k in kinds if k not in ("raw", "ema")]
     if bad or not kinds:
         raise CheckpointError(f"--weights must be raw or ema, got {', '.join(bad) or 'nothing'}")
@@ -76,7 +79,13 @@ def consolidated_weights(source: str, kinds: tuple[str, ...] = ("raw",), models:
     if unknown:
         raise CheckpointError(f"--models {','.join(unknown)}: not in checkpoint {info.url} (it holds "
                               f"{', '.join(info.engines)})")
-    local = store.local_view(info)
+    local = store.local_view(info)  # every file checked against the manifest's sha256 first
+    with checked_loads(store.view(info, local)):
+        return info, _consolidate(info, local, kinds, models, chosen)
+
+
+def _consolidate(info: Any, local: str, kinds: tuple[str, ...], models: list[str] | None, chosen: list[str]
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
     ema_shards = None
     if "ema" in kinds:
         ranks = [read_rank_parts(local, r) for r in range(info.world_size)]
@@ -91,7 +100,7 @@ def consolidated_weights(source: str, kinds: tuple[str, ...] = ("raw",), models:
     out: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in kinds}
     for name in chosen:
         raw = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in _engine_weights(local, name).items()}
+               for k, v in _engine_weights(local, name, info.files).items()}
         if "raw" in kinds:
             out["raw"][name] = raw
         if ema_shards is not None:
@@ -99,7 +108,7 @@ def consolidated_weights(source: str, kinds: tuple[str, ...] = ("raw",), models:
             for pname, avg in consolidate_ema_shards(ema_shards[name]).items():
                 ema[pname] = avg.reshape(raw[pname].shape).float().contiguous()
             out["ema"][name] = ema
-    return info, out
+    return out
 
 
 def export_weights(source: str, out: str, which: str = "raw", models: list[str] | None = None) -> ExportSummary:

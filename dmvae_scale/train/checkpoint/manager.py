@@ -14,7 +14,8 @@ handed the states of every rank of the saving run; `RANK_LOCAL = True` (the RNG 
 
 The worker calls `find_resume` (collective: the latest complete checkpoint, or a ResumeRefusedError naming the key),
 `track` (the engines and parts), `restore` and `save`; as a loop hook the manager saves every cfg.ckpt_every_images
-images. The files are the store's (store.py); what a checkpoint means is meaning.py; durable writes are durable.py.
+images. The files are the store's (store.py); what a checkpoint means is meaning.py; durable writes are durable.py;
+how they are checked and read (sha256 before anything is read, pickles that cannot run code) is integrity.py.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import torch.distributed as dist
 from ...log import say
 from ...config import RunConfig, config_hash, dump_yaml
 from ..collectives import all_ok, broadcast
-from ..deepspeed_engine import convert_to_universal
+from ..deepspeed_engine import DS_CHECKPOINT_TAG, convert_to_universal
 from ..loop import LoopHook
 from .durable import file_written, writing_checkpoint
+from .integrity import checked_loads, safe_load, sha256_file
 from .meaning import meaning_of, param_shapes, refuse_changed_meaning, upstream_latents
 from .store import CheckpointError, CheckpointInfo, CheckpointStore, checkpoint_name, rank_state_file
 
@@ -41,7 +43,7 @@ def read_rank_parts(directory: str, rank: int) -> dict[str, Any]:
     path = rank_state_file(directory, rank)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; the checkpoint has no state for rank {rank}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path, map_location="cpu")
     if state.get("format") == RANK_STATE_FORMAT:
         return state["parts"]
     if state.get("format") == 1:  # before the parts: the loop held the EMA and the stage's state
@@ -107,26 +109,34 @@ class CheckpointManager(LoopHook):
 
     # -- 2. restore ----------------------------------------------------------------------------------------------------
     def restore(self) -> bool:
-        """Load the checkpoint find_resume chose into the engines and every part; False when there is none."""
+        """Load the checkpoint find_resume chose into the engines and every part; False when there is none.
+
+        Before anything is read, one process checks every file against the manifest's sha256 (rank 0 for a local
+        store; for a remote one, local rank 0 of each node, which downloads to the node's cache first) while the
+        others wait; every worker then reads only through integrity.checked_loads (files the manifest lists, and
+        pickles that cannot run code). A refusal on one worker raises on all, naming the file where it happened."""
         latest = self.latest
         if latest is None:
             return False
-        # Remote stores: one download per node (local rank 0), the others wait.
-        local = self.store.local_view(latest) if (not self.store.remote or self.local_rank == 0) else None
-        dist.barrier()
-        local = local or self.store.local_view(latest)
-        if self.universal:
-            if (self.rank == 0) if not self.store.remote else (self.local_rank == 0):
-                convert_to_universal(local, latest.engines)
-            dist.barrier()
-        for name, engine in self.engines.items():
-            engine.load(os.path.join(local, "engines", name), self.universal)
-        if latest.world_size == self.world:
-            own = read_rank_parts(local, self.rank)
-            chosen = {name: own[name] for name in self.parts if name in own}
-        else:
-            states = [read_rank_parts(local, r) for r in range(latest.world_size)]
-            chosen = {name: _reshard(part, name, states) for name, part in self.parts.items() if name in states[0]}
+        store = self.store
+        prepares = (self.local_rank == 0) if store.remote else (self.rank == 0)
+        local = self._agreed(lambda: store.local_view(latest) if prepares else None, latest,
+                             "checking its files against the manifest")
+        local = local or store.local_view(latest, verify=False)
+        universal = tuple(f"engines/{name}/{DS_CHECKPOINT_TAG}_universal/" for name in latest.engines)
+        with checked_loads(store.view(latest, local, derived=universal)):
+            if self.universal:
+                self._agreed(lambda: convert_to_universal(local, latest.engines) if prepares else None, latest,
+                             "converting it to a universal checkpoint")
+            for name, engine in self.engines.items():
+                engine.load(os.path.join(local, "engines", name), self.universal)
+            if latest.world_size == self.world:
+                own = read_rank_parts(local, self.rank)
+                chosen = {name: own[name] for name in self.parts if name in own}
+            else:
+                states = [read_rank_parts(local, r) for r in range(latest.world_size)]
+                chosen = {name: _reshard(part, name, states) for name, part in self.parts.items()
+                          if name in states[0]}
         missing = sorted(set(self.parts) - set(chosen) - {"stage"})
         if missing:
             raise CheckpointError(f"checkpoint {latest.url} holds no state for {', '.join(missing)}")
@@ -139,6 +149,21 @@ class CheckpointManager(LoopHook):
             how = " through a universal checkpoint" if self.universal else ""
             say("train", f"resumed from {latest.url} ({latest.images_seen} images, {latest.world_size} workers){how}")
         return True
+
+    def _agreed(self, fn, latest: CheckpointInfo, what: str):
+        """fn() on the workers it concerns while the others wait (collective): its error raises on the worker where
+        it happened, and a CheckpointError on the others, instead of leaving them waiting for the timeout."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as exc:  # every worker learns of it
+            error = exc
+        if not all_ok(error is None, self.device):
+            if error is not None:
+                raise error
+            raise CheckpointError(f"checkpoint {latest.url}: {what} failed on another worker (its error names the "
+                                  f"file); nothing was restored")
+        return result
 
     # -- 3. save -------------------------------------------------------------------------------------------------------
     def save(self) -> CheckpointInfo:
@@ -177,17 +202,18 @@ class CheckpointManager(LoopHook):
 
 def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_state: dict, *, rank: int,
                      device: torch.device, config_yaml: str, manifest: dict) -> CheckpointInfo:
-    """The collective write. Every worker writes its engines' ZeRO shards and its parts' state, uploads them (remote
-    stores), and agrees that all succeeded; only then rank 0 lists the files and writes the manifest, then prunes to
-    keep-last-k. A failure on any worker raises on every worker and leaves the directory without a manifest, so it
-    is never resumed from."""
+    """The collective write. Every worker writes its engines' ZeRO shards and its parts' state (hashing each file
+    as it is finished), uploads them (remote stores), and agrees that all succeeded; only then rank 0 gathers the
+    hashes, lists the files and writes the manifest, then prunes to keep-last-k. A failure on any worker raises on
+    every worker and leaves the directory without a manifest, so it is never resumed from."""
     if rank == 0:
         store.prepare(name)
     dist.barrier()
     local = store.staging_dir(name, rank)
     error = None
+    hashes: dict[str, str] = {}
     try:
-        with writing_checkpoint(store.remote):
+        with writing_checkpoint(store.remote) as written:
             for engine_name, engine in engines.items():
                 engine.save(os.path.join(local, "engines", engine_name))
             path = rank_state_file(local, rank)
@@ -197,6 +223,8 @@ def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_stat
         if rank == 0:
             with open(os.path.join(local, "config.yaml"), "w") as f:
                 f.write(config_yaml)
+        hashes = _relative_hashes(local, written.sha256, everything_here=store.remote,
+                                  also=["config.yaml"] if rank == 0 else [])
         store.upload(name, rank)
     except Exception as exc:  # every rank learns that the save failed; nobody writes a manifest
         error = exc
@@ -204,9 +232,43 @@ def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_stat
         raise CheckpointError(f"checkpoint {store.url(name)} failed on a worker"
                               f"{f': {error}' if error else ''}; it stays incomplete and is never "
                               f"resumed from") from error
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, hashes)
     info = None
     if rank == 0:
         store.sync(name)
-        info = store.write_manifest(name, **manifest)
+        info = store.write_manifest(name, **manifest, sha256=_merge_hashes(gathered))
         store.prune(background=True)  # joined by the next save and at the end of the run
     return broadcast(info)
+
+
+def _relative_hashes(local: str, hashes: dict[str, str], everything_here: bool, also: list[str]) -> dict[str, str]:
+    """{path relative to the checkpoint: sha256} of what this worker wrote under `local`, and of the files `also`
+    names. everything_here (a remote store's per-worker staging directory): the files no writer reported
+    (DeepSpeed's recovery scripts, config.yaml) are hashed too, so rank 0 never downloads them to hash them."""
+    root = os.path.abspath(local)
+    out = {os.path.relpath(p, root).replace(os.sep, "/"): h for p, h in hashes.items()
+           if p.startswith(root.rstrip(os.sep) + os.sep)}
+    if everything_here:
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                if rel not in out:
+                    out[rel] = sha256_file(os.path.join(dirpath, f))
+    for rel in also:
+        if rel not in out:
+            out[rel] = sha256_file(os.path.join(root, rel))
+    return out
+
+
+def _merge_hashes(per_rank: list) -> dict[str, str]:
+    """The workers' hashes as one mapping; a file two workers report differently is left for rank 0 to hash."""
+    merged: dict[str, str] = {}
+    conflicting: set[str] = set()
+    for hashes in per_rank:
+        for rel, digest in (hashes or {}).items():
+            if merged.setdefault(rel, digest) != digest:
+                conflicting.add(rel)
+    for rel in conflicting:
+        merged.pop(rel)
+    return merged
