@@ -204,7 +204,8 @@ def test_the_ray_token_is_never_sent_over_plain_http_to_a_public_host(monkeypatc
             call()
         assert str(err.value).startswith(
             f"--address {TEST_NET}: refusing to send the Ray token (RAY_AUTH_MODE=token / RAY_AUTH_TOKEN) over "
-            f"plain http to the public host 203.0.113.5; forward the dashboard port and use http://127.0.0.1:8265"), name
+            f"plain http to the public host 203.0.113.5; forward the dashboard port and use "
+            f"http://127.0.0.1:8265"), name
         assert "f" * 64 not in str(err.value)
     # The same CLI refusal: one line, exit 2.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -176,7 +176,8 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def build_submission(config: str, overrides: list[str] = (), code: str = "checkout", ship_credentials: Optional[bool] = None,
+def build_submission(config: str, overrides: list[str] = (), code: str = "checkout",
+                     ship_credentials: Optional[bool] = None,
                      entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                      extra_env: Optional[dict[str, str]] = None, train_args: list[str] = ()) -> Submission:
     """Validate the run locally and stage what the job needs. Raises ConfigError before anything is sent."""
@@ -245,7 +246,8 @@ def _runtime_env(staging: Path, code: str, ship_credentials: Optional[bool],
     return runtime_env, credentials
 
 
-def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout", ship_credentials: Optional[bool] = None,
+def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout",
+                              ship_credentials: Optional[bool] = None,
                               entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                               extra_env: Optional[dict[str, str]] = None) -> Submission:
     """A checked pipeline (pipeline.load_pipeline) as one job: its directory travels as the working directory
