@@ -259,8 +259,13 @@ def _add_submit(sub):
     p.add_argument("--code", choices=("checkout", "installed"), default="checkout",
                    help="checkout: ship this checkout's dmvae_scale (default); installed: the cluster image's package")
     p.add_argument("--job-id", default=None, help="submission id (default: one Ray picks)")
-    p.add_argument("--no-credentials", action="store_true",
-                   help="pass no AWS keys, endpoint or region (the nodes use their instance role)")
+    creds = p.add_mutually_exclusive_group()
+    creds.add_argument("--ship-credentials", action="store_true",
+                       help="send this environment's AWS keys with the job (short-lived session credentials only: "
+                       "they are readable on every node of the cluster); by default none are sent and the nodes "
+                       "use their instance role (the keys of a loopback S3 endpoint, the demo's store, excepted)")
+    creds.add_argument("--no-credentials", action="store_true",
+                       help="send no AWS keys, endpoint or region, not even for a loopback S3 endpoint")
     p.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the driver (default 0)")
     p.add_argument("--entrypoint-num-gpus", type=float, default=0.0, help="GPUs reserved for the driver (default 0)")
     p.add_argument("--train-args", default="", help="extra arguments of the job's `dmvae-scale train`, one string, "
@@ -280,7 +285,7 @@ def _add_submit(sub):
         if args.config == "pipeline":
             return _submit_pipeline(args)
         sub_ = build_submission(args.config, args.overrides, code=args.code,
-                                pass_credentials=not args.no_credentials,
+                                ship_credentials=_ship_credentials(args),
                                 entrypoint_num_cpus=args.entrypoint_num_cpus,
                                 entrypoint_num_gpus=args.entrypoint_num_gpus,
                                 extra_env=parse_env(args.env), train_args=shlex.split(args.train_args))
@@ -292,6 +297,11 @@ def _add_submit(sub):
             raise
         return _send(sub_, args, f"{sub_.config.stage} run '{sub_.config.name}'")
     p.set_defaults(func=run)
+
+
+def _ship_credentials(args):
+    """--ship-credentials: True; --no-credentials: False; neither: None (the default policy of jobs.py)."""
+    return True if args.ship_credentials else False if args.no_credentials else None
 
 
 def _send(sub_, args, what: str) -> int:
@@ -329,7 +339,7 @@ def _submit_pipeline(args) -> int:
     config_dir, overrides = args.overrides[0], args.overrides[1:]
     check_cluster_location("--store", args.store, args.address, check_shared_fs(args.shared_fs))
     pipe = load_pipeline(config_dir, args.store, overrides)  # every stage config is checked on this machine
-    sub_ = build_pipeline_submission(pipe, overrides, code=args.code, pass_credentials=not args.no_credentials,
+    sub_ = build_pipeline_submission(pipe, overrides, code=args.code, ship_credentials=_ship_credentials(args),
                                      entrypoint_num_cpus=args.entrypoint_num_cpus,
                                      entrypoint_num_gpus=args.entrypoint_num_gpus, extra_env=parse_env(args.env))
     return _send(sub_, args, f"pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}")

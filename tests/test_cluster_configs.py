@@ -174,3 +174,85 @@ def test_cluster_files_have_no_duplicate_keys():
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     for path in sorted(CLUSTER.glob("*.yaml")):
         list(yaml.load_all(path.read_text(), Loader=Strict))
+
+
+@pytest.mark.unit
+def test_launcher_nodes_require_imdsv2_and_encrypt_every_volume():
+    cfg = _load("aws-gpu.yaml")
+    for name, node_type in cfg["available_node_types"].items():
+        node = node_type["node_config"]
+        assert node["MetadataOptions"]["HttpTokens"] == "required", name  # IMDSv2 only
+        assert node["MetadataOptions"]["HttpPutResponseHopLimit"] >= 2, name  # the Ray container reaches it
+        volumes = node["BlockDeviceMappings"]
+        assert volumes and all(v["Ebs"]["Encrypted"] is True for v in volumes), name
+
+
+def _rayjob_templates():
+    cluster = _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]
+    return [("head", cluster["headGroupSpec"]["template"])] + \
+        [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+
+
+@pytest.mark.unit
+def test_rayjob_pods_run_as_non_root_without_privilege_escalation():
+    for name, template in _rayjob_templates():
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in template["spec"]["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+            assert not sc.get("privileged", False) and sc.get("runAsUser", 1) != 0, name
+
+
+@pytest.mark.unit
+def test_network_policy_admits_only_the_clusters_own_pods_to_the_heads_ports():
+    policies = list(yaml.safe_load_all((CLUSTER / "kuberay-networkpolicy.yaml").read_text()))
+    assert all(p["apiVersion"] == "networking.k8s.io/v1" and p["kind"] == "NetworkPolicy" for p in policies)
+    head_labels = {k: v for k, v in _rayjob_templates()[0][1]["metadata"]["labels"].items()}
+    head = next(p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type") == "head")
+    assert head["spec"]["policyTypes"] == ["Ingress"]
+    selected = head["spec"]["podSelector"]["matchLabels"]
+    assert {k: v for k, v in selected.items() if k != "ray.io/node-type"} == head_labels  # it selects our head
+    job_name = _load("kuberay-rayjob.yaml")["metadata"]["name"]
+    allowed_ports = {}
+    for rule in head["spec"]["ingress"]:
+        assert rule["from"] and all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"]), \
+            "every rule names the pods it admits (no ipBlock, no empty selector: that would admit everyone)"
+        for peer in rule["from"]:
+            key = tuple(sorted(peer["podSelector"]["matchLabels"].items()))
+            allowed_ports.setdefault(key, set()).update(p["port"] for p in rule["ports"])
+    assert allowed_ports[tuple(sorted(head_labels.items()))] == {6379, 8265, 10001}  # the cluster's own pods
+    assert allowed_ports[(("batch.kubernetes.io/job-name", job_name),)] == {8265}  # the RayJob's submitter
+    assert allowed_ports[(("app.kubernetes.io/name", "kuberay-operator"),)] == {8265}
+    workers = next(p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type") == "worker")
+    assert [peer["podSelector"]["matchLabels"] for rule in workers["spec"]["ingress"] for peer in rule["from"]] == \
+        [head_labels]
+
+
+@pytest.mark.unit
+def test_image_base_is_pinned_by_digest_and_packages_by_hash_lock(tmp_path):
+    import subprocess
+    import tomllib
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_IMAGE_DIGEST$", text, re.M), "the digest has no default: a placeholder is refused"
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}@\$\{RAY_IMAGE_DIGEST\}$", text, re.M)
+    pip_lines = [line for line in text.replace("\\\n", " ").splitlines() if "pip install" in line
+                 and not line.lstrip().startswith("#")]
+    for line in pip_lines:  # every pip install: from a hash lock, or this checkout / apex without dependencies
+        assert "--require-hashes" in line or "--no-deps" in line, line
+    assert sum("--require-hashes" in line for line in pip_lines) == 2
+    # The lock's input names exactly the package's pinned dependencies.
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = [line for line in (CLUSTER / "requirements-image.in").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert set(deps) <= set(wanted)
+    # The build script refuses without a digest (before docker runs) and names what to do.
+    refused = subprocess.run([str(CLUSTER / "build-image.sh"), "-t", "x"], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"], "RAY_IMAGE_DIGEST": "sha256:<digest>"})
+    assert refused.returncode == 2
+    assert "RAY_IMAGE_DIGEST: expected the base image's digest, sha256: and 64 hex digits" in refused.stderr
+    no_lock = subprocess.run([str(CLUSTER / "build-image.sh"), "-t", "x"], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"], "RAY_IMAGE_DIGEST": "sha256:" + "a" * 64})
+    if not (CLUSTER / "requirements.lock").exists():
+        assert no_lock.returncode == 2 and "cluster/requirements.lock: missing or without hashes" in no_lock.stderr

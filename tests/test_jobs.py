@@ -16,6 +16,7 @@ import pytest
 
 from repo import DEMO, REPO
 from dmvae_scale.distributed import jobs
+from dmvae_scale.errors import UserError
 
 TOKENIZER_YAML = str(DEMO / "tokenizer.yaml")
 FAKE_KEY_ID = "AKIADMVAEFAKE0KEYID7"
@@ -46,8 +47,10 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
     url = ray_cluster.dashboard_url
     run_dir = tmp_path / "run"
     submitted = cli(["submit", TOKENIZER_YAML, *TINY_RUN, f"run_dir={run_dir}", "--train-args=--no-progress",
-                     "--address", url], client_env)
+                     "--ship-credentials", "--address", url], client_env)
     assert submitted.returncode == 0, submitted.stderr
+    assert "warning: --ship-credentials: the object-storage keys travel in the job's working directory" in \
+        submitted.stderr
     job_id = submitted.stdout.strip()
     assert job_id.startswith("raysubmit_")
 
@@ -59,7 +62,7 @@ def test_demo_stage_runs_as_a_job_and_credentials_stay_out_of_logs(ray_cluster, 
         # (the demo through the Job API) that found them deleted failed with NoCredentialsError.
         mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
         mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-        sub = jobs.build_submission(TOKENIZER_YAML)
+        sub = jobs.build_submission(TOKENIZER_YAML, ship_credentials=True)
         probe_id = jobs.submit(dataclasses.replace(sub, entrypoint="python -c " + shlex.quote(probe)), url)
         mp.undo()
         assert jobs.wait_for_job(url, job_id, timeout_s=240) == "SUCCEEDED", jobs.job_logs(url, job_id)[-3000:]
@@ -160,22 +163,132 @@ def test_submission_carries_keys_in_a_private_file_not_in_env_vars(monkeypatch):
         assert FAKE_SECRET not in described and FAKE_KEY_ID not in described
     finally:
         shutil.rmtree(sub.staging_dir)
-    installed = jobs.build_submission(TOKENIZER_YAML, [], code="installed", pass_credentials=False)
+    installed = jobs.build_submission(TOKENIZER_YAML, [], code="installed", ship_credentials=False)
     shutil.rmtree(installed.staging_dir)
     assert installed.entrypoint == "dmvae-scale train config.yaml" and installed.runtime_env["env_vars"] == {}
     assert "py_modules" not in installed.runtime_env
 
 
+@pytest.fixture()
+def no_ray_token(monkeypatch):
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.mark.unit
-def test_credentials_are_never_sent_over_plain_http_to_a_public_address(monkeypatch):
+def test_credentials_are_never_sent_over_plain_http_to_a_public_address(monkeypatch, no_ray_token):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-    sub = jobs.build_submission(TOKENIZER_YAML, [])
+    sub = jobs.build_submission(TOKENIZER_YAML, [], ship_credentials=True)
     with pytest.raises(jobs.JobApiError, match="refusing to send object-storage credentials over plain http"):
         jobs.submit(sub, "http://ray.example.com:8265")
     assert not sub.staging_dir.exists()  # the staged credentials file is gone even though nothing was sent
     for ok in ("http://127.0.0.1:8265", "http://10.0.3.4:8265", "http://raycluster-head-svc:8265",
                "https://ray.example.com"):
         assert jobs.check_address(ok, sends_credentials=True) == ok
+    for public in ("http://203.0.113.5:8265", "http://169.254.169.254", "http://100.64.1.2:8265"):
+        with pytest.raises(jobs.JobApiError, match="public host"):  # TEST-NET, link-local, CGNAT: not private
+            jobs.check_address(public, sends_credentials=True)
+
+
+TEST_NET = "http://203.0.113.5:8265"  # TEST-NET-3: documentation only, never a real host
+
+
+@pytest.mark.unit
+def test_the_ray_token_is_never_sent_over_plain_http_to_a_public_host(monkeypatch, no_ray_token):
+    """Refused before connecting: the refusal is the same whether or not the host exists, and with the token unset
+    the same call goes on to try the address and fails another way."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    calls = {"status": lambda: jobs.job_status(TEST_NET, "raysubmit_x"),
+             "logs": lambda: jobs.job_logs(TEST_NET, "raysubmit_x"),
+             "follow": lambda: jobs.follow_logs(TEST_NET, "raysubmit_x", None),
+             "stop": lambda: jobs.stop_job(TEST_NET, "raysubmit_x"),
+             "list": lambda: jobs.list_jobs(TEST_NET),
+             "submit --no-credentials": lambda: jobs.submit(
+                 jobs.build_submission(TOKENIZER_YAML, [], ship_credentials=False), TEST_NET)}
+    for name, call in calls.items():
+        with pytest.raises(jobs.JobApiError) as err:
+            call()
+        assert str(err.value).startswith(
+            f"--address {TEST_NET}: refusing to send the Ray token (RAY_AUTH_MODE=token / RAY_AUTH_TOKEN) over "
+            f"plain http to the public host 203.0.113.5; forward the dashboard port and use "
+            f"http://127.0.0.1:8265"), name
+        assert "f" * 64 not in str(err.value)
+    # The same CLI refusal: one line, exit 2.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    listed = cli(["jobs", "list", "--address", TEST_NET], env)
+    assert listed.returncode == 2 and "refusing to send the Ray token" in listed.stderr
+    # https carries it encrypted: allowed; without a token the same http address is tried (and fails otherwise).
+    assert jobs.check_address("https://203.0.113.5:8265", sends_credentials=False) == "https://203.0.113.5:8265"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    with pytest.raises(jobs.JobApiError) as err:
+        jobs.list_jobs(TEST_NET)
+    assert str(err.value).startswith(f"cannot use the Ray Job API at {TEST_NET}")
+
+
+@pytest.mark.unit
+def test_a_ray_connection_carrying_the_token_refuses_a_public_plaintext_address(monkeypatch, no_ray_token):
+    from dmvae_scale.distributed.ray_session import check_token_transport, ray_session
+    from dmvae_scale.errors import UserError
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    for address in ("ray://203.0.113.5:10001", "203.0.113.5:6379"):
+        with pytest.raises(UserError, match=f"--address {address}: refusing to send the Ray token"):
+            with ray_session(address):
+                pass
+    for fine in ("ray://10.0.0.7:10001", "127.0.0.1:6379", "raycluster-head-svc:6379", "auto"):
+        check_token_transport(fine)
+    monkeypatch.setenv("RAY_USE_TLS", "1")  # gRPC over TLS: the token is encrypted
+    check_token_transport("ray://203.0.113.5:10001")
+    monkeypatch.setenv("RAY_USE_TLS", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    check_token_transport("ray://203.0.113.5:10001")  # no token sent
+
+
+@pytest.mark.unit
+def test_keys_are_not_shipped_by_default_and_the_flag_warns_where_they_are_readable(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    for var in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    default = jobs.build_submission(TOKENIZER_YAML, [])  # AWS itself, or any non-loopback endpoint: the instance role
+    try:
+        assert default.credentials == "none" and not (default.staging_dir / jobs.CREDENTIALS_FILE).exists()
+        assert default.runtime_env["env_vars"] == {"AWS_REGION": "eu-west-1"}  # not secret: still passed on
+    finally:
+        shutil.rmtree(default.staging_dir)
+    assert "warning" not in capsys.readouterr().err
+
+    shipped = jobs.build_submission(TOKENIZER_YAML, [], ship_credentials=True)
+    shutil.rmtree(shipped.staging_dir)
+    err = capsys.readouterr().err
+    assert shipped.credentials == "shipped"
+    assert "Ray keeps as a zip in the cluster's GCS" in err and "unpacks on every node" in err
+    assert "AWS_SESSION_TOKEN is not set, so these are long-lived keys" in err
+    assert FAKE_SECRET not in err and FAKE_KEY_ID not in err
+
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(UserError, match="--ship-credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not "
+                                        "both set"):
+        jobs.build_submission(TOKENIZER_YAML, [], ship_credentials=True)
+
+
+@pytest.mark.unit
+def test_a_loopback_stores_keys_go_to_a_loopback_cluster_only(monkeypatch, no_ray_token):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9000")  # the demo's embedded store
+    sub = jobs.build_submission(TOKENIZER_YAML, [])
+    assert sub.credentials == "loopback-store"
+    with pytest.raises(jobs.JobApiError, match=r"--address http://10\.0\.0\.5:8265: the S3 endpoint of this "
+                                               r"environment is on this machine's loopback"):
+        jobs.submit(sub, "http://10.0.0.5:8265")
+    assert not sub.staging_dir.exists()
 
 
 @pytest.mark.unit

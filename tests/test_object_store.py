@@ -50,3 +50,30 @@ def test_store_binds_loopback_only_keeps_data_across_restarts_and_stops_clean(tm
     with again:
         body = again.client().get_object(Bucket="keep", Key="a/b.txt")["Body"].read()
     assert body == b"still here"
+
+
+def test_store_refuses_a_client_without_its_fresh_keys_and_serves_one_with_them(tmp_path):
+    import stat
+    import urllib.error
+    import urllib.request
+
+    import botocore.exceptions
+    store, other = ObjectStore(tmp_path / "store"), ObjectStore(tmp_path / "other")
+    assert store.secret_key != other.secret_key and store.access_key != other.access_key  # never a constant
+    with store:
+        assert stat.S_IMODE(store.identity_path.stat().st_mode) == 0o600
+        store.create_bucket("keys")
+        store.client().put_object(Bucket="keys", Key="k.txt", Body=b"mine")
+        assert store.client().get_object(Bucket="keys", Key="k.txt")["Body"].read() == b"mine"
+        for access, secret in ((other.access_key, other.secret_key), (store.access_key, other.secret_key),
+                               ("dmvae", "dmvae-secret")):  # another store's keys, a wrong secret, the old constants
+            with pytest.raises(botocore.exceptions.ClientError) as err:
+                store.client(access, secret).get_object(Bucket="keys", Key="k.txt")
+            assert err.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                           "AccessDenied")
+        with pytest.raises(urllib.error.HTTPError) as anonymous:  # unsigned
+            urllib.request.urlopen(f"{store.url}/keys/k.txt", timeout=10)
+        assert anonymous.value.code == 403
+        assert store.secret_key not in store.log_path.read_text(errors="replace")
+        assert store.env()["AWS_SECRET_ACCESS_KEY"] == store.secret_key
+    assert not store.identity_path.exists()  # the keys file goes with the server

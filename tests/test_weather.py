@@ -155,7 +155,7 @@ def test_env_pass_through_reaches_the_job_and_is_never_shown(capsys, monkeypatch
     assert env["DMVAE_TEST_PLAIN_21"] == env["DMVAE_STORE_RETRY_S"] == env["WANDB_API_KEY"] == "***"
     assert "value-from-the-shell-0421" not in out + err and "wandb-value-abc-0421" not in out + err
     # what is sent carries the values
-    sub = jobs.build_submission(TOKENIZER, ["run_dir=s3://bucket/runs/x"], pass_credentials=False,
+    sub = jobs.build_submission(TOKENIZER, ["run_dir=s3://bucket/runs/x"], ship_credentials=False,
                                 extra_env=jobs.parse_env(["DMVAE_TEST_PLAIN_21", "DMVAE_STORE_RETRY_S=900"]))
     assert sub.runtime_env["env_vars"]["DMVAE_TEST_PLAIN_21"] == "value-from-the-shell-0421"
     assert sub.runtime_env["env_vars"]["DMVAE_STORE_RETRY_S"] == "900"

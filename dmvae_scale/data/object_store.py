@@ -9,12 +9,17 @@ its own: report usage to a telemetry host and open the Iceberg / Lance catalog p
         os.environ.update(store.env())        # S3_ENDPOINT_URL and credentials for s3fs, Streaming, boto3
         store.create_bucket("demo")
 
-Any access key works (the server runs without an identity configuration). Data persists in the directory: starting
-a store again on the same directory serves the same buckets.
+Each ObjectStore has its own fresh random access key and secret (`store.access_key`, `store.secret_key`, and in
+`env()` and `client()`): the server starts with an S3 identity file (`-s3.config`, written 0600 in the store's
+directory and removed at stop) that names only those keys, so a request signed with any other key, or none, is
+refused (AccessDenied). Data persists in the directory: starting a store again on the same directory serves the same
+buckets, to the new instance's keys.
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,8 +29,6 @@ from pathlib import Path
 from dmvae_scale.errors import UserError
 from dmvae_scale.localhost import free_port, free_ports  # noqa: F401  (free_port: the tests' import)
 
-ACCESS_KEY = "dmvae"
-SECRET_KEY = "dmvae-secret"
 REGION = "us-east-1"
 # Small volumes: SeaweedFS grows a few volumes per bucket, and `-volume.max=0` sizes the count from free disk space.
 VOLUME_SIZE_MB = 256
@@ -55,11 +58,27 @@ class ObjectStore:
         self.ports = dict(zip(names, free_ports(len(names))))  # distinct: picked while all are held
         self.url = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen | None = None
+        # Fresh per instance, never a constant: anyone on this machine could otherwise use the store.
+        self.access_key = "DMVAE" + secrets.token_hex(8).upper()
+        self.secret_key = secrets.token_urlsafe(30)
+        self.identity_path = self.directory / "s3-identities.json"
+
+    def _write_identities(self) -> None:
+        """The gateway's identity file: one identity, this instance's keys, allowed everything on every bucket.
+        Written to a new 0600 file and renamed over the last one (a store restarted on the directory)."""
+        config = {"identities": [{"name": "dmvae", "credentials": [{"accessKey": self.access_key,
+                                                                      "secretKey": self.secret_key}],
+                                  "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+        fresh = self.identity_path.with_name(f".{self.identity_path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        os.replace(fresh, self.identity_path)
 
     def command(self) -> list[str]:
         p = self.ports
         cmd = [weed_executable(), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
+               "-s3", f"-s3.config={self.identity_path}", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
                f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
@@ -69,14 +88,16 @@ class ObjectStore:
 
     def env(self) -> dict[str, str]:
         """What a client process needs to reach this store (s3fs, Streaming's downloader, boto3)."""
-        return {"S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        return {"S3_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_DEFAULT_REGION": REGION}
 
-    def client(self):
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        """A botocore S3 client of this store, signed with this instance's keys (or the ones given)."""
         import botocore.session  # botocore comes with s3fs (through aiobotocore)
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-            region_name=REGION)
+            "s3", endpoint_url=self.url, aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key, region_name=REGION)
 
     def _lock_busy(self) -> bool:
         try:
@@ -88,6 +109,7 @@ class ObjectStore:
 
     def start(self, timeout: float = 60.0, attempts_left: int = 5) -> "ObjectStore":
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._write_identities()
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         try:
@@ -133,6 +155,7 @@ class ObjectStore:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.identity_path.unlink(missing_ok=True)
         # `weed` leaves unix sockets named by our ports in /tmp; they are ours, so clear them.
         for name in ("s3", "filer"):
             Path(f"/tmp/seaweedfs-{name}-{self.ports[name]}.sock").unlink(missing_ok=True)

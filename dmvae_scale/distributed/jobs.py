@@ -5,21 +5,33 @@ in a second, not after minutes in a queue), and the resolved config travels as t
 job's driver runs exactly `dmvae-scale train config.yaml`, the command a laptop runs. The code comes either from this
 checkout (shipped as a py_module) or from the package installed in the cluster image (`--code installed`).
 
-Credentials: object-storage keys are read from this process's environment (or the nodes use their instance role and
-none are passed) and travel inside the job's runtime env as a credentials file in its working directory, named by
-AWS_SHARED_CREDENTIALS_FILE (relative: every process of the job runs in its own copy of that directory). They are
-not env_vars of the runtime env because Ray's runtime-env agent writes those into its log. Nothing shown to the user
-carries them (everything goes through `redact`), and they are not part of the config, so they never reach saved
-configs or checkpoints. The Job API is reached on loopback through a tunnel or port-forward (cluster/README.md);
-plain http to a public address is refused when credentials would travel with the request.
+Credentials: by default no object-storage keys leave this machine: the nodes use their instance role (AWS) or
+workload identity (Kubernetes). Keys travel only
+  - with `--ship-credentials` (`ship_credentials=True`): AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+    AWS_SESSION_TOKEN of this environment, meant to be short-lived session credentials, with a warning that says
+    where they can be read (the job's working directory: its zip in the cluster's GCS, unpacked on every node that
+    runs a process of the job, until the cluster goes);
+  - by default (`ship_credentials=None`) only when the S3 endpoint of this environment is on loopback, which is the
+    embedded store of `dmvae-scale demo` and the tests: its throwaway keys work for that one process on this machine
+    only, and a job that is sent to a cluster that is not on loopback is refused (it could not reach the store).
+`--no-credentials` (`ship_credentials=False`) sends neither keys nor the endpoint and region variables.
+Shipped keys are a credentials file in the job's working directory, named by AWS_SHARED_CREDENTIALS_FILE (relative:
+every process of the job runs in its own copy of that directory), not env_vars of the runtime env, which Ray's
+runtime-env agent writes into its log. Nothing shown to the user carries them (everything goes through `redact`),
+and they are not part of the config, so they never reach saved configs or checkpoints.
+
+The Job API is reached on loopback through a tunnel or port-forward (cluster/README.md). Nothing secret goes over
+plain http to a public host: a call is refused before it connects when it would carry the Ray token
+(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) or object-storage keys to an http:// address outside
+loopback and the private ranges (ray_session.PRIVATE_NETWORKS; https:// is always allowed).
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +41,7 @@ from urllib.parse import urlparse
 
 from ..config import RunConfig, dump_yaml, load_config, require_inputs
 from ..errors import UserError
+from .ray_session import LOOPBACK_HOSTS, is_private_host, ray_token_in_use
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What of this environment reaches the job when set: object-storage keys (as a credentials file) and the endpoint and
@@ -36,6 +49,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
                   "AWS_SESSION_TOKEN": "aws_session_token"}
 PLAIN_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")
+ENDPOINT_ENV = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIALS_FILE = ".dmvae/aws-credentials"  # inside the job's working directory
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|PRIVATE|CREDENTIAL", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -74,25 +88,25 @@ def redact(obj: Any, secrets: Optional[Iterable[str]] = None) -> Any:
 # The client
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _is_private_host(host: str) -> bool:
-    if host in ("localhost",) or host.endswith((".svc", ".cluster.local", ".internal", ".local")) or "." not in host:
-        return True  # loopback, a Kubernetes service name, a private DNS zone
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_private
+def _is_loopback_url(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def check_address(address: str, sends_credentials: bool) -> str:
+    """The Job API URL, checked before anything connects: refused when what the request carries (the Ray token,
+    object-storage keys) would go over plain http to a host outside loopback and the private ranges."""
     parsed = urlparse(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise JobApiError(f"--address: expected the Job API URL, like {DEFAULT_ADDRESS} (the dashboard port), "
                           f"got {address!r}")
-    if sends_credentials and parsed.scheme == "http" and not _is_private_host(parsed.hostname):
-        raise JobApiError(f"--address {address}: refusing to send object-storage credentials over plain http to a "
-                          f"public address; tunnel the dashboard (`ray dashboard cluster/aws-gpu.yaml` or kubectl "
-                          f"port-forward, see cluster/README.md) and use {DEFAULT_ADDRESS}")
+    carried = (["the Ray token (RAY_AUTH_MODE=token / RAY_AUTH_TOKEN)"] if ray_token_in_use() else []) + \
+        (["object-storage credentials"] if sends_credentials else [])
+    if carried and parsed.scheme == "http" and not is_private_host(parsed.hostname):
+        raise JobApiError(f"--address {address}: refusing to send {' and '.join(carried)} over plain http to the "
+                          f"public host {parsed.hostname}; forward the dashboard port and use {DEFAULT_ADDRESS}: "
+                          f"`ray dashboard cluster/aws-gpu.yaml`, `ssh -L 8265:127.0.0.1:8265 HEAD` or `kubectl "
+                          f"port-forward` (cluster/README.md), or give an https:// address")
     return address.rstrip("/")
 
 
@@ -139,6 +153,8 @@ class Submission:
     entrypoint_num_gpus: float = 0.0
     metadata: dict = field(default_factory=dict)
     staging_dir: Optional[Path] = None
+    # "none", "shipped" (--ship-credentials) or "loopback-store" (the default for a loopback S3 endpoint)
+    credentials: str = "none"
 
     def describe(self) -> dict:
         return redact({"entrypoint": self.entrypoint, "runtime_env": self.runtime_env,
@@ -160,7 +176,8 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def build_submission(config: str, overrides: list[str] = (), code: str = "checkout", pass_credentials: bool = True,
+def build_submission(config: str, overrides: list[str] = (), code: str = "checkout",
+                     ship_credentials: Optional[bool] = None,
                      entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                      extra_env: Optional[dict[str, str]] = None, train_args: list[str] = ()) -> Submission:
     """Validate the run locally and stage what the job needs. Raises ConfigError before anything is sent."""
@@ -173,29 +190,64 @@ def build_submission(config: str, overrides: list[str] = (), code: str = "checko
         raise UserError(f"--code: expected checkout or installed, got {code!r}")
     staging = Path(tempfile.mkdtemp(prefix="dmvae-job-"))
     (staging / "config.yaml").write_text(dump_yaml(cfg))
-    runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
+    runtime_env, credentials = _runtime_env(staging, code, ship_credentials, extra_env)
     command = ["python", "-m", "dmvae_scale.cli", "train", "config.yaml"] if code == "checkout" else \
         ["dmvae-scale", "train", "config.yaml"]
     entrypoint = shlex.join(command + list(train_args))
     return Submission(entrypoint, runtime_env, cfg, entrypoint_num_cpus, entrypoint_num_gpus,
-                      metadata={"run": cfg.name, "stage": cfg.stage}, staging_dir=staging)
+                      metadata={"run": cfg.name, "stage": cfg.stage}, staging_dir=staging,
+                      credentials=credentials)
 
 
-def _runtime_env(staging: Path, code: str, pass_credentials: bool,
-                 extra_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    env = {k: os.environ[k] for k in PLAIN_ENV if pass_credentials and os.environ.get(k)}
-    keys = {k: os.environ[k] for k in CREDENTIAL_ENV if pass_credentials and os.environ.get(k)}
-    if keys:
+def loopback_store_endpoint(env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The S3 endpoint of `env` when every endpoint variable that is set names a loopback host, else None."""
+    env = os.environ if env is None else env
+    urls = [env[k] for k in ENDPOINT_ENV if env.get(k)]
+    return urls[0] if urls and all(_is_loopback_url(u) for u in urls) else None
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+SHIPPED_WARNING = ("--ship-credentials: the object-storage keys travel in the job's working directory, which Ray "
+                   "keeps as a zip in the cluster's GCS (readable by anyone holding the cluster's token) and unpacks "
+                   "on every node that runs a process of the job (under its session directory, until the cluster "
+                   "goes); ship short-lived session credentials (`aws sts get-session-token` or an assumed role: "
+                   "AWS_SESSION_TOKEN set), or leave the flag out and give the nodes an instance role")
+
+
+def _runtime_env(staging: Path, code: str, ship_credentials: Optional[bool],
+                 extra_env: Optional[dict[str, str]] = None) -> tuple[dict[str, Any], str]:
+    """The runtime env and what of the keys it carries: "none", "shipped" or "loopback-store" (module docstring)."""
+    keys = {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
+    if ship_credentials is True:
+        if not ("AWS_ACCESS_KEY_ID" in keys and "AWS_SECRET_ACCESS_KEY" in keys):
+            raise UserError("--ship-credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not both set in "
+                            "this environment; set them (short-lived, with AWS_SESSION_TOKEN) or leave the flag out "
+                            "to use the nodes' instance role")
+        warn(SHIPPED_WARNING)
+        if "AWS_SESSION_TOKEN" not in keys:
+            warn("--ship-credentials: AWS_SESSION_TOKEN is not set, so these are long-lived keys; they stay "
+                 "readable on the cluster after the job ends")
+        credentials = "shipped"
+    elif ship_credentials is None and keys and loopback_store_endpoint() is not None:
+        credentials = "loopback-store"  # the embedded store's throwaway keys, for a cluster on this machine
+    else:
+        credentials = "none"
+    env = {k: os.environ[k] for k in PLAIN_ENV if ship_credentials is not False and os.environ.get(k)}
+    if credentials != "none":
         env["AWS_SHARED_CREDENTIALS_FILE"] = _write_credentials(staging / CREDENTIALS_FILE, keys)
     env.update(extra_env or {})
     runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": env}
     if code == "checkout":
         runtime_env["py_modules"] = [str(package_dir())]
         runtime_env["excludes"] = ["__pycache__", "*.pyc"]
-    return runtime_env
+    return runtime_env, credentials
 
 
-def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout", pass_credentials: bool = True,
+def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout",
+                              ship_credentials: Optional[bool] = None,
                               entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
                               extra_env: Optional[dict[str, str]] = None) -> Submission:
     """A checked pipeline (pipeline.load_pipeline) as one job: its directory travels as the working directory
@@ -211,14 +263,14 @@ def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "chec
     (staging / "pipeline").mkdir(parents=True)
     for path in pipe.config_files():  # pipeline.yaml and the stage configs beside it
         shutil.copy2(path, staging / "pipeline" / path.name)
-    runtime_env = _runtime_env(staging, code, pass_credentials, extra_env)
+    runtime_env, credentials = _runtime_env(staging, code, ship_credentials, extra_env)
     head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
     entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store,
                                                                                   "--threads", "auto"])
     first = RunConfig()
     return Submission(entrypoint, runtime_env, first, entrypoint_num_cpus, entrypoint_num_gpus,
                       metadata={"run": f"pipeline {pipe.config_dir.name}", "store": pipe.store},
-                      staging_dir=staging)
+                      staging_dir=staging, credentials=credentials)
 
 
 def _storage_is_shared(store: str) -> bool:
@@ -228,8 +280,13 @@ def _storage_is_shared(store: str) -> bool:
 def submit(submission: Submission, address: str, job_id: Optional[str] = None) -> str:
     """Send a checked submission; returns the job id. The staging directory is removed once uploaded."""
     try:
-        sends = "AWS_SHARED_CREDENTIALS_FILE" in submission.runtime_env["env_vars"]
+        sends = submission.credentials != "none"
         address = check_address(address, sends_credentials=sends)
+        if submission.credentials == "loopback-store" and not _is_loopback_url(address):
+            raise JobApiError(f"--address {address}: the S3 endpoint of this environment is on this machine's "
+                              f"loopback ({loopback_store_endpoint()}), which a cluster elsewhere cannot reach, so "
+                              f"its keys are not sent there; set S3_ENDPOINT_URL to the store the cluster uses "
+                              f"(its nodes' instance role then gives the keys), or pass --ship-credentials")
         client = job_client(address)
         return _call(address, client.submit_job, entrypoint=submission.entrypoint,
                      runtime_env=submission.runtime_env, submission_id=job_id, metadata=submission.metadata,

@@ -1,0 +1,70 @@
+"""The embedded Ray of `ray_session()` (no address, not inside a job): token auth with a fresh random token, every
+port on 127.0.0.1, and this process's auth environment as it was after the block."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _tree(pid: int) -> set[int]:
+    import psutil
+    root = psutil.Process(pid)
+    return {root.pid} | {p.pid for p in root.children(recursive=True)}
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of the listening TCP sockets of `pids`; an IPv6 socket bound to ::ffff:127.0.0.1 (IPv4-mapped
+    loopback, reachable from loopback only) is written as 127.0.0.1."""
+    import ipaddress
+
+    import psutil
+    found = set()
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            ip = ipaddress.ip_address(c.laddr.ip)
+            found.add((str(getattr(ip, "ipv4_mapped", None) or ip), c.laddr.port))
+    return found
+
+
+def test_embedded_ray_has_token_auth_with_a_fresh_token_and_listens_on_loopback_only(monkeypatch):
+    import ray
+
+    from dmvae_scale.distributed.ray_session import ray_session
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what the user had: comes back after the block
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    tokens = []
+    for _ in range(2):
+        with ray_session(num_cpus=1, log_to_driver=False) as session:
+            assert session.started
+            token = os.environ["RAY_AUTH_TOKEN"]
+            tokens.append(token)
+            assert os.environ["RAY_AUTH_MODE"] == "token" and len(token) == 64
+            gcs = ray.get_runtime_context().gcs_address
+            if len(tokens) == 1:
+                import psutil
+                ray_pids = set()
+                for proc in psutil.process_iter(["environ"]):  # the embedded Ray's processes carry its token
+                    try:
+                        if (proc.info["environ"] or {}).get("RAY_AUTH_TOKEN") == token and proc.pid != os.getpid():
+                            ray_pids |= _tree(proc.pid)
+                    except psutil.Error:
+                        continue
+                ports = _listening(ray_pids | {os.getpid()})
+                assert ports, "no listening socket found for the embedded Ray"
+                assert {ip for ip, _ in ports} == {"127.0.0.1"}, ports
+                join = f"import ray; ray.init(address={gcs!r}); print('joined')"
+                for given, joins in (("0" * 64, False), (token, True)):
+                    env = {**os.environ, "RAY_AUTH_TOKEN": given, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+                    env.pop("RAY_ADDRESS", None)
+                    run = subprocess.run([sys.executable, "-c", join], env=env, capture_output=True, text=True,
+                                         timeout=120)
+                    assert ("joined" in run.stdout) is joins, run.stderr[-2000:]
+        assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
+    assert tokens[0] != tokens[1]  # fresh per instance, not ~/.ray/auth_token
