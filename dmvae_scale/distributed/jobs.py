@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 from ..config import RunConfig, dump_yaml, load_config, require_inputs
 from ..errors import UserError
-from .ray_session import LOOPBACK_HOSTS, is_private_host, ray_token_in_use
+from .ray_session import is_loopback, is_private_host, ray_token_in_use
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What of this environment reaches the job when set: object-storage keys (as a credentials file) and the endpoint and
@@ -87,11 +87,6 @@ def redact(obj: Any, secrets: Optional[Iterable[str]] = None) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 # The client
 # ----------------------------------------------------------------------------------------------------------------------
-
-def _is_loopback_url(url: str) -> bool:
-    host = (urlparse(url).hostname or "").lower()
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
 
 def check_address(address: str, sends_credentials: bool) -> str:
     """The Job API URL, checked before anything connects: refused when what the request carries (the Ray token,
@@ -203,7 +198,7 @@ def loopback_store_endpoint(env: Optional[dict[str, str]] = None) -> Optional[st
     """The S3 endpoint of `env` when every endpoint variable that is set names a loopback host, else None."""
     env = os.environ if env is None else env
     urls = [env[k] for k in ENDPOINT_ENV if env.get(k)]
-    return urls[0] if urls and all(_is_loopback_url(u) for u in urls) else None
+    return urls[0] if urls and all(is_loopback(u) for u in urls) else None
 
 
 def warn(message: str) -> None:
@@ -282,7 +277,7 @@ def submit(submission: Submission, address: str, job_id: Optional[str] = None) -
     try:
         sends = submission.credentials != "none"
         address = check_address(address, sends_credentials=sends)
-        if submission.credentials == "loopback-store" and not _is_loopback_url(address):
+        if submission.credentials == "loopback-store" and not is_loopback(address):
             raise JobApiError(f"--address {address}: the S3 endpoint of this environment is on this machine's "
                               f"loopback ({loopback_store_endpoint()}), which a cluster elsewhere cannot reach, so "
                               f"its keys are not sent there; set S3_ENDPOINT_URL to the store the cluster uses "
@@ -389,13 +384,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def is_loopback_address(address: str) -> bool:
     """A Job API on this machine's loopback: the cluster's nodes share this machine's filesystem (a tunnelled remote
     dashboard looks the same; there, declare --shared-fs or use s3://)."""
-    host = urlparse(address).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(address)
 
 
 def _config_value(cfg: RunConfig, key: str) -> Any:
