@@ -41,7 +41,7 @@ def tokenizer_artifact(tmp_path):
 def test_upload_puts_the_manifest_last_and_a_half_upload_is_not_an_artifact(tokenizer_artifact, s3_bucket,
                                                                               monkeypatch):
     url = f"{s3_bucket}/tok"
-    fs, _ = storage.filesystem(url)
+    fs = storage.filesystem(url)[0].wrapped  # the store's own instance, under the retrying wrapper
     order = []
     real_put = fs.put_file
 

@@ -40,6 +40,8 @@ def test_embedded_ray_has_token_auth_with_a_fresh_token_and_listens_on_loopback_
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     tokens = []
+    # This process may already listen from earlier tests (a gloo TCPStore binds ::); only what Ray opens counts.
+    before = _listening({os.getpid()})
     for _ in range(2):
         with ray_session(num_cpus=1, log_to_driver=False) as session:
             assert session.started
@@ -56,7 +58,7 @@ def test_embedded_ray_has_token_auth_with_a_fresh_token_and_listens_on_loopback_
                             ray_pids |= _tree(proc.pid)
                     except psutil.Error:
                         continue
-                ports = _listening(ray_pids | {os.getpid()})
+                ports = _listening(ray_pids | {os.getpid()}) - before
                 assert ports, "no listening socket found for the embedded Ray"
                 assert {ip for ip, _ in ports} == {"127.0.0.1"}, ports
                 join = f"import ray; ray.init(address={gcs!r}); print('joined')"

@@ -67,6 +67,42 @@ def test_flops_per_step_is_the_mean_over_the_stages_cycle_of_cheap_and_expensive
 
 
 @pytest.mark.unit
+def test_a_resumed_run_counts_the_same_steps_as_an_uninterrupted_one():
+    """Counting changes a step's last bits (SiLU's backward under FlopCounterMode, below), so which steps are counted
+    must depend on the step index alone: a run resumed after step 1 of a 2-step cycle counts step 1 and keeps the
+    checkpoint's count of step 0, the mean then equals the uninterrupted run's; resumed past the cycle, it counts
+    nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(64, 8, requires_grad=True)
+    torch.nn.functional.silu(x).square().sum().backward()
+    plain, x.grad = x.grad, None
+    with FlopCounterMode(display=False):
+        torch.nn.functional.silu(x).square().sum().backward()
+    assert not torch.equal(plain, x.grad)  # why: were this ever equal, counting could go anywhere
+
+    def count(start_step: int, earlier: FlopCounter | None, costs: list[int]) -> FlopCounter:
+        counter = FlopCounter(2, steps=2)
+        if earlier is not None:
+            counter.load_state_dict(earlier.state_dict())
+        counted = 0
+        for n in counter.wrap(iter(costs[start_step:]), start_step=start_step):
+            a = torch.randn(n, 16)
+            a @ a.T  # noqa: B018 - a matmul of n-dependent cost, counted while open
+            counted += 1
+        counter.close()
+        return counter
+
+    costs = [4, 16, 8]
+    straight = count(0, None, costs)
+    first = count(0, None, costs[:1])  # killed after step 0
+    resumed = count(1, first, costs)
+    assert len(straight.per_step) == len(resumed.per_step) == 2
+    assert resumed.per_step == straight.per_step and resumed.flops_per_step == straight.flops_per_step
+    past = count(2, straight, costs)
+    assert past.per_step == straight.per_step  # nothing recounted beyond the cycle
+
+
+@pytest.mark.unit
 def test_model_flops_leave_out_activation_recompute_and_hardware_flops_include_it():
     def one_step(checkpointing: bool) -> FlopCounter:
         torch.manual_seed(0)

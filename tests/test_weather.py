@@ -193,6 +193,15 @@ def test_retry_budget_must_be_a_number(monkeypatch):
 
 
 @pytest.mark.unit
+def test_retrying_filesystem_pickles_as_ray_ships_it(tmp_path):
+    import pickle
+    fs = storage.RetryingFileSystem(storage.filesystem(str(tmp_path))[0], str(tmp_path))
+    (tmp_path / "x").write_text("weather")
+    back = pickle.loads(pickle.dumps(fs))  # Ray pickles it into train workers; unpickling once recursed for ever
+    assert isinstance(back, storage.RetryingFileSystem) and back.cat_file(str(tmp_path / "x")) == b"weather"
+
+
+@pytest.mark.unit
 def test_what_counts_as_transient():
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 

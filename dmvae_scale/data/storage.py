@@ -199,10 +199,15 @@ class RetryingFileSystem:
         return self._fs
 
     def __getattr__(self, name: str):
+        if name in ("_fs", "_url"):  # not yet set (unpickling, copy): never recurse into ourselves
+            raise AttributeError(name)
         attr = getattr(self._fs, name)
         if name in RETRIED_CALLS and callable(attr):
             return functools.partial(with_retries, attr, url=self._url, what=name)
         return attr
+
+    def __reduce__(self):
+        return (RetryingFileSystem, (self._fs, self._url))  # Ray ships it to actors and workers
 
     def __repr__(self) -> str:
         return f"RetryingFileSystem({self._fs!r})"

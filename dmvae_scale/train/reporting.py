@@ -123,16 +123,23 @@ class FlopCounter:
     def state_dict(self) -> dict:
         per = self.per_rank_batch
         return {"flops_per_image": self.flops_per_step / per if self.flops_per_step else None,
-                "model_flops_per_image": self.model_flops_per_step / per if self.model_flops_per_step else None}
+                "model_flops_per_image": self.model_flops_per_step / per if self.model_flops_per_step else None,
+                "per_step_per_image": [[h / per, r / per] for h, r in self.per_step]}
 
     def load_state_dict(self, state: dict) -> None:
         per_image = state.get("flops_per_image")
         self.flops_per_step = per_image * self.per_rank_batch if per_image else None
         model = state.get("model_flops_per_image", per_image)  # checkpoints before the split: no recompute known
         self.model_flops_per_step = model * self.per_rank_batch if model else None
+        self.per_step = [(float(h) * self.per_rank_batch, float(r) * self.per_rank_batch)
+                         for h, r in state.get("per_step_per_image", [])]
 
-    def wrap(self, batches: Iterator) -> Iterator:
-        self._gen = self._counted(iter(batches))
+    def wrap(self, batches: Iterator, start_step: int = 0) -> Iterator:
+        """Count the steps of index < `steps` that are still to come (`start_step`: the loop's step count; a run
+        resumed past them counts nothing). Counting runs a step under a dispatch mode whose numerics differ in the
+        last bits (SiLU's backward, for one): which steps are counted depends on the step index only, so a resumed
+        run takes exactly the steps an uninterrupted one takes."""
+        self._gen = self._counted(iter(batches), max(0, self.steps - int(start_step)))
         return self._gen
 
     def _finish(self) -> None:
@@ -141,13 +148,13 @@ class FlopCounter:
             self.flops_per_step = sum(h for h, _ in self.per_step) / n
             self.model_flops_per_step = sum(h - r for h, r in self.per_step) / n
 
-    def _counted(self, it: Iterator) -> Iterator:
+    def _counted(self, it: Iterator, steps: int) -> Iterator:
         from torch.utils.flop_counter import FlopCounterMode
 
         from ..models.flops import register_attention_flop_formulas
         from ..models.recompute import RecomputeTally, counting_recompute
         register_attention_flop_formulas()  # fused CPU SDPA and flash-attn kernels count as zero otherwise
-        for _ in range(self.steps):
+        for _ in range(steps):
             counter, tally = FlopCounterMode(display=False), RecomputeTally()
             handed = False
             try:

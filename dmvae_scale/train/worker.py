@@ -163,9 +163,9 @@ class Worker:
         sinks = MetricSinks(cfg, ckpt.store.cache_dir, self.job.wandb_project) if self.rank == 0 else None
         if sinks is not None:
             stack.callback(sinks.close)
-        # FLOPs are counted on a run's very first step only (counting runs that step under a dispatch mode, whose
-        # numerics differ in the last bits: a resumed run must not take a different step than an uninterrupted one);
-        # a resumed run has the count from its checkpoint.
+        # FLOPs are counted on the run's first steps (step index < the stage's cycle), in whichever process takes
+        # them: counting runs a step under a dispatch mode whose numerics differ in the last bits, so a resumed run
+        # must count exactly the steps an uninterrupted one counts; what was counted before comes from the checkpoint.
         flops = self.flops
         log = LogHook(start_images=loop.images_seen, per_rank_batch=self.per_rank_batch, world=self.world,
                       device=self.device, precision=self.engine_set.precision, flops=flops, sinks=sinks,
@@ -179,7 +179,7 @@ class Worker:
         try:
             # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
             batches = grid.wrap(self.attach(iter(self.batches)))
-            loop.run(flops.wrap(batches) if fresh else batches)
+            loop.run(flops.wrap(batches, start_step=loop.steps))
         except StopRequested:
             status = "stopped"
             message = (f"stopped on request at {loop.images_seen} of total_images={cfg.total_images} images; "
