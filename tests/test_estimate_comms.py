@@ -238,6 +238,7 @@ def test_estimate_prints_compute_communication_step_and_the_scaling_table(capsys
     (["--max-nodes", "0"], "--max-nodes must be a positive number of nodes, got 0"),
     (["--instance", "p9.big"], "instance 'p9.big' is not in the network table"),
     (["--gpu", "L40S", "--gpus", "8"], "no network defaults for gpu 'L40S'; give --instance"),
+    (["--instance", "p4d.24xlarge"], "instance p4d.24xlarge has A100 GPUs, not H200; give --gpu A100"),
     (["--gpus", "12", "--batch", "96"], "12 GPUs do not fill whole nodes of 8"),
     (["--inter-gbs", "-1"], "--inter-gbs must be positive, got -1.0"),
     (["--comm-efficiency", "1.5"], "--comm-efficiency is a fraction of the link peak in (0, 1], got 1.5"),

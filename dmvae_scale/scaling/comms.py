@@ -182,6 +182,9 @@ def resolve_network(gpu: str, instance: Optional[str] = None, *, gpus_per_node: 
     if instance is not None and instance not in INSTANCES:
         raise CommError(f"instance {instance!r} is not in the network table; use one of {', '.join(INSTANCES)} "
                         "or give --intra-gbs and --inter-gbs")
+    if instance is not None and not gpu.startswith(INSTANCES[instance][0]):
+        raise CommError(f"instance {instance} has {INSTANCES[instance][0]} GPUs, not {gpu}; give --gpu "
+                        f"{INSTANCES[instance][0]}, or --intra-gbs and --inter-gbs for another network")
     key = instance or DEFAULT_INSTANCE.get(gpu)
     if key is None:
         if intra_gbs is None or inter_gbs is None:
