@@ -30,7 +30,8 @@ from ..errors import UserError
 from ..models import dit as dit_module
 from ..models.dit import LightningDiT, param_count, resolve_shape
 from ..models.flops import ACCELERATORS, dit_flops, peak_bf16_flops, tokenizer_flops
-from .comms import Network, StepComm, overlapped_by_default, resolve_network, step_comm, step_seconds
+from .comms import (DEFAULT_EFFICIENCY, Network, StepComm, overlapped_by_default, resolve_network, step_comm,
+                    step_seconds)
 
 GIB = 1024 ** 3
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -276,7 +277,7 @@ class NetworkChoice:
     gpus_per_node: Optional[int] = None
     intra_gbs: Optional[float] = None
     inter_gbs: Optional[float] = None
-    efficiency: float = 0.8
+    efficiency: float = DEFAULT_EFFICIENCY
     overlap: str = "auto"  # auto (DeepSpeed's default for the stage) | on | off
     grad_dtype: str = "fp32"
 
