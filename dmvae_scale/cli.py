@@ -438,7 +438,8 @@ def _add_demo(sub):
 
 
 def _add_estimate(sub):
-    p = sub.add_parser("estimate", help="memory per GPU, step time, images/s and GPU-hours of a DiT run")
+    p = sub.add_parser("estimate", help="memory per GPU, compute and communication per step, images/s, GPU-hours "
+                                        "and a 1..N-node scaling table of a DiT run")
     p.add_argument("config", nargs="?", default=None,
                    help="a generator/reference config (its model, batch, ZeRO stage, total_images); omit to use flags")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. score.grad_checkpointing=true")
@@ -458,17 +459,37 @@ def _add_estimate(sub):
     p.add_argument("--epochs", type=float, default=None, help="length in epochs (replaces the config's total_images)")
     p.add_argument("--dataset-images", type=int, default=None, help="images per epoch (default ImageNet-1k's)")
     p.add_argument("--images", type=int, default=None, help="length in images seen (without a config)")
+    p.add_argument("--instance", default=None,
+                   help="node type for the network: p4d.24xlarge, p5.48xlarge, p5en.48xlarge, dgx-h100, ... "
+                        "(default: the GPU type's usual one)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the instance's, 8)")
+    p.add_argument("--intra-gbs", type=float, default=None, help="NVLink GB/s per GPU, one way (overrides)")
+    p.add_argument("--inter-gbs", type=float, default=None,
+                   help="EFA/InfiniBand GB/s per node, all NICs, one way (overrides)")
+    p.add_argument("--comm-efficiency", type=float, default=0.8,
+                   help="bus bandwidth as a fraction of the link peak (default 0.8)")
+    p.add_argument("--overlap", default="auto",
+                   help="communication overlapped with compute: auto (DeepSpeed's default: stage 3 only), on, off")
+    p.add_argument("--grad-dtype", default="fp32",
+                   help="dtype gradients are reduced in: fp32 (our engine) or bf16 (DeepSpeed communication_data_type)")
+    p.add_argument("--max-nodes", type=int, default=None,
+                   help="last row of the scaling table (default: 8 nodes, or the run's node count if more)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     def run(args):
+        import dataclasses
         import json
 
-        from .scaling.estimate import estimate, estimate_run, format_estimate
+        from .scaling.estimate import (NetworkChoice, estimate, estimate_run, format_estimate, format_scaling,
+                                       scaling_rows)
+        network = NetworkChoice(instance=args.instance, gpus_per_node=args.gpus_per_node, intra_gbs=args.intra_gbs,
+                                inter_gbs=args.inter_gbs, efficiency=args.comm_efficiency, overlap=args.overlap,
+                                grad_dtype=args.grad_dtype)
         if args.config is not None:
             from .config import load_config
             result = estimate_run(load_config(args.config, args.overrides), num_gpus=args.gpus, gpu=args.gpu,
                                   mfu=args.mfu, epochs=args.epochs, dataset_images=args.dataset_images,
-                                  peak_tflops=args.peak_tflops)
+                                  peak_tflops=args.peak_tflops, network=network)
         else:
             from .config import DiTConfig
             from .errors import UserError
@@ -489,8 +510,12 @@ def _add_estimate(sub):
                             in_channels=args.in_channels, grad_checkpointing=args.checkpointing)
             result = estimate(dit, zero_stage=args.zero, micro_batch=micro, grad_accum=args.grad_accum,
                               num_gpus=gpus, gpu=args.gpu, mfu=args.mfu, total_images=total,
-                              peak_tflops=args.peak_tflops)
-        print(json.dumps(result.as_dict(), indent=2) if args.json else format_estimate(result))
+                              peak_tflops=args.peak_tflops, network=network)
+        rows = scaling_rows(result, args.max_nodes if args.max_nodes is not None else max(8, result.comm.nodes))
+        if args.json:
+            print(json.dumps({**result.as_dict(), "scaling": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        else:
+            print(format_estimate(result) + "\n\n" + format_scaling(result, rows))
     p.set_defaults(func=run)
 
 

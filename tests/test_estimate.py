@@ -84,8 +84,9 @@ def test_time_and_cost_arithmetic():
     e = estimate(cfg, zero_stage=2, micro_batch=32, num_gpus=8, gpu="NVIDIA H100 80GB HBM3", mfu=0.5,
                  total_images=1_000_000)
     assert e.gpu == "H100" and e.global_batch == 256
-    assert e.images_per_s == pytest.approx(8 * 989.4e12 * 0.5 / dit_flops(cfg).train)
-    assert e.step_s == pytest.approx(256 / e.images_per_s)
+    assert e.compute_s == pytest.approx(256 * dit_flops(cfg).train / (8 * 989.4e12 * 0.5))
+    assert e.step_s == pytest.approx(e.compute_s + e.comm_s) and e.comm_s > 0  # ZeRO-2 does not overlap
+    assert e.images_per_s == pytest.approx(256 / e.step_s)
     assert e.gpu_hours == pytest.approx(1_000_000 / e.images_per_s * 8 / 3600)
 
 

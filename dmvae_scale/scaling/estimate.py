@@ -11,9 +11,11 @@ Memory per GPU is model states plus saved activations:
     saves q, k, v, the output and the log-sum-exp (no N x N matrix, as on a GPU).
 Allocator fragmentation, NCCL buffers and the CUDA context (about 1-3 GiB together) are not included.
 
-Time is FLOPs over FLOP/s: analytic training FLOPs per image (models/flops.py) at a stated MFU of the GPU's dense bf16
-peak. The MFU is an input, not a prediction: measure it with a short run (the training log prints it) or use
-tools/gpu_throughput.py.
+Compute time is FLOPs over FLOP/s: analytic training FLOPs per image (models/flops.py) at a stated MFU of the GPU's
+dense bf16 peak. The MFU is an input, not a prediction: measure it with a short run (the training log prints it) or
+use tools/gpu_throughput.py. Communication time is the bytes DeepSpeed's collectives move per optimiser step over
+NVLink and EFA/InfiniBand (scaling/comms.py); the step takes their sum, or their maximum where communication overlaps
+compute. `scaling_rows` repeats the step for 1..N nodes at the same global batch.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from ..errors import UserError
 from ..models import dit as dit_module
 from ..models.dit import LightningDiT, param_count, resolve_shape
 from ..models.flops import ACCELERATORS, dit_flops, peak_bf16_flops, tokenizer_flops
+from .comms import (DEFAULT_EFFICIENCY, Network, StepComm, overlapped_by_default, resolve_network, step_comm,
+                    step_seconds)
 
 GIB = 1024 ** 3
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -42,6 +46,13 @@ class EstimateError(UserError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Model states
 # ----------------------------------------------------------------------------------------------------------------------
+
+def param_numels(cfg: DiTConfig) -> list[int]:
+    """Elements of every parameter of the model `cfg` describes, in registration order (meta device)."""
+    with torch.device("meta"):
+        model = LightningDiT(cfg)
+    return [p.numel() for p in model.parameters()]
+
 
 def largest_layer_params(cfg: DiTConfig) -> int:
     """Parameters of the largest single weight matrix (what ZeRO-3 gathers at a time, at least)."""
@@ -181,6 +192,11 @@ class Estimate:
     states: ModelStates
     activations: float
     deepspeed_mixed_states: Optional[float]
+    comm: StepComm
+    network: Network
+    overlap: bool
+    grad_dtype: str
+    numels: tuple[int, ...] = field(repr=False, default=())
     total_images: Optional[int] = None
     notes: list[str] = field(default_factory=list)
 
@@ -193,12 +209,21 @@ class Estimate:
         return self.states.total + self.activations
 
     @property
-    def images_per_s(self) -> float:
-        return self.num_gpus * self.peak_flops * self.mfu / self.flops_per_image
+    def compute_s(self) -> float:
+        """Seconds of compute per optimiser step (FLOPs at the stated MFU)."""
+        return self.global_batch * self.flops_per_image / (self.num_gpus * self.peak_flops * self.mfu)
+
+    @property
+    def comm_s(self) -> float:
+        return self.comm.seconds
 
     @property
     def step_s(self) -> float:
-        return self.global_batch / self.images_per_s
+        return step_seconds(self.compute_s, self.comm_s, self.overlap)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.global_batch / self.step_s
 
     @property
     def wall_s(self) -> Optional[float]:
@@ -219,6 +244,15 @@ class Estimate:
                 "mem_total_gib": self.memory_per_gpu / GIB,
                 "deepspeed_mixed_states_gib": None if self.deepspeed_mixed_states is None
                 else self.deepspeed_mixed_states / GIB,
+                "compute_s": self.compute_s, "comm_s": self.comm_s, "overlap": self.overlap,
+                "grad_dtype": self.grad_dtype, "nodes": self.comm.nodes,
+                "network": {"name": self.network.name, "gpus_per_node": self.network.gpus_per_node,
+                            "nvlink_gbs": self.network.intra_gbs, "inter_node_gbs": self.network.inter_gbs,
+                            "efficiency": self.network.efficiency,
+                            "bus_bandwidth_gbs": self.comm.bus_bandwidth / 1e9},
+                "comm_payload_gb": self.comm.payload / 1e9, "comm_wire_gb_per_gpu": self.comm.wire / 1e9,
+                "collectives": [{"op": c.op, "what": c.what, "payload_gb": c.payload / 1e9,
+                                 "wire_gb_per_gpu": c.wire(self.num_gpus) / 1e9} for c in self.comm.collectives],
                 "images_per_s": self.images_per_s, "step_s": self.step_s, "total_images": self.total_images,
                 "wall_hours": None if self.wall_s is None else self.wall_s / 3600, "gpu_hours": self.gpu_hours}
 
@@ -235,27 +269,105 @@ def resolve_peak(gpu: str, peak_tflops: Optional[float] = None) -> tuple[str, fl
     return found.key, found.flops
 
 
+@dataclass(frozen=True)
+class NetworkChoice:
+    """How the estimate picks the network and the overlap (CLI flags; None = the defaults)."""
+
+    instance: Optional[str] = None
+    gpus_per_node: Optional[int] = None
+    intra_gbs: Optional[float] = None
+    inter_gbs: Optional[float] = None
+    efficiency: float = DEFAULT_EFFICIENCY
+    overlap: str = "auto"  # auto (DeepSpeed's default for the stage) | on | off
+    grad_dtype: str = "fp32"
+
+
+def _overlap(choice: NetworkChoice, zero_stage: int) -> bool:
+    if choice.overlap not in ("auto", "on", "off"):
+        raise EstimateError(f"--overlap must be auto, on or off, got {choice.overlap!r}")
+    return overlapped_by_default(zero_stage) if choice.overlap == "auto" else choice.overlap == "on"
+
+
 def estimate(dit: DiTConfig, *, zero_stage: int, micro_batch: int, num_gpus: int, gpu: str, mfu: float,
              grad_accum: int = 1, total_images: Optional[int] = None, peak_tflops: Optional[float] = None,
-             extra_flops_per_image: float = 0.0, notes: Optional[list[str]] = None) -> Estimate:
+             extra_flops_per_image: float = 0.0, notes: Optional[list[str]] = None,
+             network: Optional[NetworkChoice] = None) -> Estimate:
     if micro_batch <= 0 or grad_accum <= 0 or num_gpus <= 0:
         raise EstimateError(f"micro-batch, grad-accum and GPU count must be positive, got {micro_batch}, "
                             f"{grad_accum}, {num_gpus}")
     if not 0 < mfu <= 1:
         raise EstimateError(f"--mfu is a fraction of the peak in (0, 1], got {mfu}")
     key, peak = resolve_peak(gpu, peak_tflops)
-    params = param_count(dit)
+    choice = network or NetworkChoice()
+    net = resolve_network(key, choice.instance, gpus_per_node=choice.gpus_per_node, intra_gbs=choice.intra_gbs,
+                          inter_gbs=choice.inter_gbs, efficiency=choice.efficiency)
+    numels = param_numels(dit)
+    params = sum(numels)
     layer = largest_layer_params(dit)
     mixed = deepspeed_mixed_state_bytes(params, zero_stage, num_gpus, layer) if zero_stage in (2, 3) else None
+    comm = step_comm(numels, zero_stage, num_gpus, net, grad_accum=grad_accum, grad_dtype=choice.grad_dtype)
     return Estimate(dit, zero_stage, micro_batch, grad_accum, num_gpus, key, mfu, params,
                     dit_flops(dit).train + extra_flops_per_image, peak,
                     model_state_bytes(params, zero_stage, num_gpus, layer), activation_bytes(dit, micro_batch), mixed,
-                    total_images, list(notes or []))
+                    comm, net, _overlap(choice, zero_stage), choice.grad_dtype, tuple(numels), total_images,
+                    list(notes or []))
+
+
+@dataclass(frozen=True)
+class ScalingRow:
+    nodes: int
+    gpus: int
+    micro_batch: Optional[int]  # None: the global batch does not split over these GPUs
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    step_s: float = 0.0
+    images_per_s: float = 0.0
+    efficiency: Optional[float] = None  # images/s per GPU against one node's
+
+
+def scaling_rows(e: Estimate, max_nodes: int) -> list[ScalingRow]:
+    """The step of `e` on 1, 2, 4, ... `max_nodes` nodes of its network at the same global batch (strong scaling:
+    the micro-batch shrinks, compute per GPU falls as 1/GPUs at the same MFU, communication per GPU does not)."""
+    if max_nodes <= 0:
+        raise EstimateError(f"--max-nodes must be a positive number of nodes, got {max_nodes}")
+    counts = sorted({2 ** i for i in range(max_nodes.bit_length()) if 2 ** i <= max_nodes} | {max_nodes})
+    per_node = e.network.gpus_per_node
+    rows: list[ScalingRow] = []
+    for nodes in counts:
+        gpus = nodes * per_node
+        if e.global_batch % (gpus * e.grad_accum):
+            rows.append(ScalingRow(nodes, gpus, None))
+            continue
+        compute = e.global_batch * e.flops_per_image / (gpus * e.peak_flops * e.mfu)
+        comm = step_comm(e.numels, e.zero_stage, gpus, e.network, grad_accum=e.grad_accum,
+                         grad_dtype=e.grad_dtype).seconds
+        step = step_seconds(compute, comm, e.overlap)
+        rows.append(ScalingRow(nodes, gpus, e.global_batch // (gpus * e.grad_accum), compute, comm, step,
+                               e.global_batch / step))
+    base = rows[0] if rows[0].micro_batch is not None else None
+    return [r if base is None or r.micro_batch is None
+            else replace(r, efficiency=(r.images_per_s / r.gpus) / (base.images_per_s / base.gpus)) for r in rows]
+
+
+def format_scaling(e: Estimate, rows: list[ScalingRow]) -> str:
+    lines = [f"scaling at global batch {e.global_batch} on {e.network.name}, {e.network.gpus_per_node} GPUs per node, "
+             f"{'overlapped' if e.overlap else 'not overlapped'}",
+             f"  {'nodes':>5} {'GPUs':>5} {'micro':>5} {'compute ms':>10} {'comm ms':>8} {'step ms':>8} "
+             f"{'images/s':>10} {'efficiency':>10}"]
+    for r in rows:
+        if r.micro_batch is None:
+            lines.append(f"  {r.nodes:>5} {r.gpus:>5}   global batch {e.global_batch} does not split over "
+                         f"{r.gpus} GPUs x grad_accum {e.grad_accum}")
+            continue
+        eff = "-" if r.efficiency is None else f"{r.efficiency:.0%}"
+        lines.append(f"  {r.nodes:>5} {r.gpus:>5} {r.micro_batch:>5} {r.compute_s * 1e3:>10.1f} {r.comm_s * 1e3:>8.1f} "
+                     f"{r.step_s * 1e3:>8.1f} {r.images_per_s:>10,.0f} {eff:>10}")
+    return "\n".join(lines)
 
 
 def estimate_run(cfg: RunConfig, *, num_gpus: Optional[int] = None, gpu: str = "H200", mfu: float = 0.4,
                  epochs: Optional[float] = None, dataset_images: Optional[int] = None,
-                 peak_tflops: Optional[float] = None) -> Estimate:
+                 peak_tflops: Optional[float] = None, network: Optional[NetworkChoice] = None) -> Estimate:
     """The estimate of a generator/reference run config (its score model, batch, ZeRO stage, total images), with
     the GPU count and length optionally replaced (--gpus, --epochs)."""
     if cfg.stage not in ("generator", "reference"):
@@ -281,7 +393,7 @@ def estimate_run(cfg: RunConfig, *, num_gpus: Optional[int] = None, gpu: str = "
         notes.append("latents are encoded every step (no data.latents): the encoder's forward is counted")
     return estimate(cfg.score, zero_stage=cfg.distributed.zero_stage, micro_batch=cfg.batch_size // (gpus * accum),
                     grad_accum=accum, num_gpus=gpus, gpu=gpu, mfu=mfu, total_images=total, peak_tflops=peak_tflops,
-                    extra_flops_per_image=extra, notes=notes)
+                    extra_flops_per_image=extra, notes=notes, network=network)
 
 
 def _duration(seconds: float) -> str:
@@ -311,7 +423,19 @@ def format_estimate(e: Estimate) -> str:
     if e.deepspeed_mixed_states is not None:
         lines.append(f"  DeepSpeed's estimator (bf16 weights + fp32 master layout): model states "
                      f"{e.deepspeed_mixed_states / GIB:.2f} GiB vs ours {s.total / GIB:.2f} GiB")
-    lines += ["", f"at {e.mfu:.0%} MFU: {e.images_per_s:,.0f} images/s, {e.step_s * 1e3:.1f} ms per step"]
+    lines += ["", f"communication per optimiser step per GPU ({e.grad_dtype} gradients, fp32 weights, "
+                  f"{e.comm.world} ranks on {e.comm.nodes} node{'s' if e.comm.nodes > 1 else ''}; payload -> ring "
+                  "wire bytes)"]
+    for c in e.comm.collectives:
+        lines.append(f"  {c.op + ' ' + c.what:<55}{c.payload / 1e9:>8.2f} GB -> {c.wire(e.num_gpus) / 1e9:.2f} GB")
+    if not e.comm.collectives:
+        lines.append("  none (one GPU)")
+    lines += [f"  bus bandwidth {e.comm.bus_bandwidth / 1e9:.0f} GB/s ({e.network.name}: NVLink "
+              f"{e.network.intra_gbs:.0f} GB/s per GPU, {e.network.inter_gbs:.0f} GB/s per node across, at "
+              f"{e.network.efficiency:.0%})",
+              "", f"compute {e.compute_s * 1e3:.1f} ms at {e.mfu:.0%} MFU, communication {e.comm_s * 1e3:.1f} ms "
+              f"({'overlapped: the larger' if e.overlap else 'not overlapped: the sum'}): "
+              f"{e.step_s * 1e3:.1f} ms per step, {e.images_per_s:,.0f} images/s"]
     if e.total_images is not None:
         lines.append(f"{e.total_images:,} images: {_duration(e.wall_s)} wall, {e.gpu_hours:,.0f} GPU-hours")
     lines += [f"note: {n}" for n in e.notes]
