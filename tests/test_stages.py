@@ -108,7 +108,7 @@ def test_weights_that_cannot_be_loaded_name_the_file_and_the_key(tiny, tmp_path)
     del weights["tokenizer"]["decoder.conv_out.weight"]
     save_artifact(tmp_path / "broken", ArtifactInfo("tokenizer", [], info.config_hash), weights, weights,
                   config_yaml=(tiny / "tokenizer" / "config.yaml").read_text())
-    with pytest.raises(StageInputError, match=r"inputs.tokenizer: cannot load 'tokenizer' from .*broken \(ema "
+    with pytest.raises(StageInputError, match=r"inputs.tokenizer: cannot load 'tokenizer' from .*broken \(raw "
                                               r"weights\): missing keys \['decoder.conv_out.weight'\]"):
         build_stage(demo("decoder", f"inputs.tokenizer={tmp_path}/broken"))
     # Files changed after the manifest was written.
@@ -407,7 +407,8 @@ def test_a_short_dmd_run_moves_encoder_latents_toward_the_reference(tmp_path):
     ref = run_local(demo("reference", f"run_dir={r}/ref", "total_images=1600", "batch_size=32", "data.limit=256",
                          "reference.kind=gaussian", "inputs.tokenizer=null"), progress=False)
     cfg = demo("dmd", f"run_dir={r}/dmd", f"inputs.tokenizer={r}/tok/artifact", f"inputs.real_score={ref.artifact}",
-               "total_images=320", "dm.tokenizer_every=2", "optim.lr=1e-3", *base)
+               # 480 images: with the LightningDiT time embedding (raw t) 320 gave a ratio of 0.81 (0.79 with t*1000)
+               "total_images=480", "dm.tokenizer_every=2", "optim.lr=1e-3", *base)
     run_local(cfg, progress=False)
 
     spec = read_artifact_info(ref.artifact).latent
