@@ -99,7 +99,7 @@ def _flatten(models: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return flat
 
 
-def _hash_file(path: Path) -> str:
+def sha256_of_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,10 +116,10 @@ def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, 
     if manifest.exists():
         manifest.unlink()
     save_file(_flatten(weights), str(d / "weights.safetensors"))
-    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if ema:
         save_file(_flatten(ema), str(d / "ema.safetensors"))
-        h.update(_hash_file(d / "ema.safetensors").encode())
+        h.update(sha256_of_file(d / "ema.safetensors").encode())
     if config_yaml is not None:
         (d / "config.yaml").write_text(config_yaml)
     info.models = sorted(weights)
@@ -234,9 +234,9 @@ class Artifact:
 def content_hash_of(directory: str | Path) -> str:
     """The content hash of the weight files in `directory`, as save_artifact computes it."""
     d = Path(directory)
-    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if (d / "ema.safetensors").is_file():
-        h.update(_hash_file(d / "ema.safetensors").encode())
+        h.update(sha256_of_file(d / "ema.safetensors").encode())
     return h.hexdigest()
 
 

@@ -18,8 +18,8 @@ from dmvae_scale.models.layers import TimestepEmbedding
 from dmvae_scale.train.checkpoint import MANIFEST, CheckpointStore, ResumeRefusedError
 from dmvae_scale.train.checkpoint.meaning import METHOD_KEY, check_method_version
 from dmvae_scale.train.launch import run_local
-from dmvae_scale.train.stages import AutoencoderStage, FlowMatchingStage, build_stage, save_stage_artifact
-from plain_engine import EMA
+from dmvae_scale.train.stages import AutoencoderStage, build_stage
+from test_stages import tiny as upstream  # noqa: F401  (fixture: tokenizer, reference, dmd artifacts)
 
 T_VALUES = [0.0, 1e-4, 0.03, 0.25, 0.5, 0.7311, 0.999, 1.0]
 
@@ -70,20 +70,6 @@ def test_the_dit_feeds_the_raw_time_to_its_embedding():
 # ----------------------------------------------------------------------------------------------------------------------
 # The dmd stage's tokenizer: raw weights forward, an EMA only on request
 # ----------------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    root = tmp_path_factory.mktemp("up")
-    cfg = demo("tokenizer", f"run_dir={root}/tokenizer")
-    stage = AutoencoderStage(cfg)
-    save_stage_artifact(stage, {"tokenizer": EMA(stage.tokenizer, 0.9)}, cfg, root / "tokenizer")
-    ref_cfg = demo("reference", f"inputs.tokenizer={root}/tokenizer")
-    ref = FlowMatchingStage(ref_cfg)
-    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    ref.prepare([{"image": images, "label": torch.arange(8) % 10}])
-    save_stage_artifact(ref, {"real_score": EMA(ref.score, 0.9)}, ref_cfg, root / "reference")
-    return root
-
 
 @pytest.mark.unit
 def test_the_dmd_stage_keeps_a_tokenizer_ema_only_where_the_config_asks(upstream):

@@ -6,13 +6,13 @@ statistics are by definition TF-Inception pool3 ones, so they are tagged with th
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from dmvae_scale.artifacts import sha256_of_file
 from dmvae_scale.errors import UserError
 
 from .inception import INCEPTION_NAME, POOL_DIM
@@ -89,7 +89,7 @@ def load_stats(path: str | Path) -> FeatureStats:
         keys = set(data.files)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise StatsError(f"{path}: not a readable .npz file ({exc})") from None
-    digest = _file_sha256(path)
+    digest = sha256_of_file(path)
     if not {"mu", "sigma"} <= keys:
         raise StatsError(f"{path}: no mu/sigma arrays (keys: {sorted(keys)}); expected statistics from "
                          f"`dmvae-scale eval ref` or an ADM reference batch")
@@ -109,13 +109,6 @@ def load_stats(path: str | Path) -> FeatureStats:
     return FeatureStats(mu, sigma, num, INCEPTION_NAME, None, None, images=images, source=f"{ADM_FORMAT}:{path}",
                         file_sha256=digest)
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_comparable(reference: FeatureStats, network: str, fingerprint: Optional[str], dim: int,
