@@ -26,6 +26,28 @@ from .errors import UserError
 
 ARTIFACT_FORMAT = 1
 
+# What the saved tensors compute, beyond their layout (ARTIFACT_FORMAT) and shapes: bumped when a change of the code
+# makes weights saved before it compute another function here. Recorded in every artifact.json ("method") and in
+# every checkpoint's meaning ("method.version"); a manifest without one is version 1. Checkpoints of the stages that
+# train a DiT, and artifacts that hold one, from before a version are refused with the reason (method_refusal).
+METHOD_VERSION = 2
+METHOD_CHANGES = {  # version -> (what the weights before it were made with, what it changed to)
+    2: ("the DiT time embedding t*1000", "the DiT embeds t in [0, 1], as LightningDiT does"),
+}
+DIT_MODELS = ("real_score", "fake_score", "generator")  # the models whose function version 2 changed
+DIT_STAGES = ("reference", "dmd", "generator")  # the stages that train one
+
+
+def method_refusal(version: int, what: str) -> str | None:
+    """The one-line reason `what` (made at method `version`) cannot be used by this code, or None."""
+    if version >= METHOD_VERSION:
+        return None
+    first = min(v for v in METHOD_CHANGES if v > version)
+    before, now = METHOD_CHANGES[first]
+    return (f"{what} was made with {before} (before method version {first}: {now}), so its score model computes "
+            f"another function here; retrain it, and the stages after it, with this version (delete the old run "
+            f"directory and artifact first)")
+
 
 class ArtifactError(UserError):
     pass
@@ -62,6 +84,7 @@ class ArtifactInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     format: int = ARTIFACT_FORMAT
+    method: int = METHOD_VERSION  # what the weights compute (METHOD_VERSION); a manifest without the key is 1
 
     @property
     def id(self) -> str:
@@ -76,7 +99,7 @@ def _flatten(models: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return flat
 
 
-def _hash_file(path: Path) -> str:
+def sha256_of_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -93,10 +116,10 @@ def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, 
     if manifest.exists():
         manifest.unlink()
     save_file(_flatten(weights), str(d / "weights.safetensors"))
-    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if ema:
         save_file(_flatten(ema), str(d / "ema.safetensors"))
-        h.update(_hash_file(d / "ema.safetensors").encode())
+        h.update(sha256_of_file(d / "ema.safetensors").encode())
     if config_yaml is not None:
         (d / "config.yaml").write_text(config_yaml)
     info.models = sorted(weights)
@@ -117,11 +140,17 @@ def read_artifact_info(directory: str | Path) -> ArtifactInfo:
     try:
         raw = json.loads(manifest.read_text())
         latent = raw.pop("latent", None)
+        raw.setdefault("method", 1)  # written from method version 2 on
         info = ArtifactInfo(**raw, latent=LatentSpec(**latent) if latent else None)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ArtifactError(f"{manifest}: unreadable artifact manifest ({exc})") from None
     if info.format != ARTIFACT_FORMAT:
         raise ArtifactError(f"{manifest}: format {info.format}, this version reads {ARTIFACT_FORMAT}")
+    dits = [m for m in info.models if m in DIT_MODELS]
+    refusal = method_refusal(info.method, f"{manifest}: this {info.stage} artifact ({', '.join(dits)})") \
+        if dits else None
+    if refusal:
+        raise ArtifactError(refusal)
     return info
 
 
@@ -205,9 +234,9 @@ class Artifact:
 def content_hash_of(directory: str | Path) -> str:
     """The content hash of the weight files in `directory`, as save_artifact computes it."""
     d = Path(directory)
-    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
+    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if (d / "ema.safetensors").is_file():
-        h.update(_hash_file(d / "ema.safetensors").encode())
+        h.update(sha256_of_file(d / "ema.safetensors").encode())
     return h.hexdigest()
 
 

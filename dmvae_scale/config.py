@@ -195,6 +195,10 @@ class DMConfig:
     t_max: float = 1.0
     t_anneal_steps: int = 0  # 0: fixed range; else narrow [t_min, t_max] toward t_anneal_min_final over these steps
     t_anneal_min_final: float = 0.5
+    # An EMA of the tokenizer (optim.ema_decay) beside its raw weights in the dmd artifact. Off: the official DMD keeps
+    # none and hands the raw weights on; an EMA that moves only on the tokenizer's steps (every k-th) would keep most
+    # of the stage-1 weights and hide what distribution matching did (issue 23).
+    tokenizer_ema: bool = False
 
 
 @dataclass

@@ -5,6 +5,7 @@ CPU-sized: 16 reference images, 8 samples, 6 validation images, so FID runs with
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -63,11 +64,22 @@ def test_eval_samples_of_a_sample_run_writes_report(artifacts, reference, dinov2
     assert m["num_samples"] == 8 and m["fid"] > 1.0 and m["fd_dinov2"] > 0.0
     assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
     assert "inception_score" not in m and any("Inception Score not computed" in n for n in result["notes"])
-    # The sampler settings travel with the number.
+    # The sampler settings travel with the number, and the FID's protocol in one place.
     assert (settings["sampling.steps"], settings["sampling.cfg_scale"], settings["sampling.method"]) == \
         (2, 1.5, "ode_heun")
+    protocol = m["protocol"]
+    assert {k: protocol[k] for k in ("num_samples", "sampler", "steps", "cfg_scale", "time_shift", "label_sampling",
+                                     "dtype", "reference_images", "feature_network")} == {
+        "num_samples": 8, "sampler": "ode_heun", "steps": 2, "cfg_scale": 1.5, "time_shift": 1.0,
+        "label_sampling": "balanced: sample i has label i % num_classes", "dtype": "fp32", "reference_images": 16,
+        "feature_network": "tf-inception-2015-12-05"}
+    assert protocol["reference_sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
+    assert protocol["network_fingerprint"] == load_stats(reference).fingerprint
+    # 8 samples and 16 reference images are too few for KID's 10 disjoint subsets: said, not computed
+    assert "kid" not in m and any(n.startswith("KID not computed: 8 samples and 16 reference") for n in result["notes"])
     text = (report / "report.md").read_text()
     assert "| fid |" in text and "| sampling.steps | 2 |" in text and "![samples](grid.png)" in text
+    assert "## Protocol" in text and "| reference_sha256 | " in text
     assert (report / "grid.png").is_file()
 
 

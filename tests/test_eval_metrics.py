@@ -7,7 +7,8 @@ from scipy.ndimage import gaussian_filter
 from dmvae_scale.errors import UserError
 from dmvae_scale.eval.images import ImageFormatError, as_uint8_nchw, to_uint8_nhwc
 from dmvae_scale.eval.inception import INCEPTION_NAME
-from dmvae_scale.eval.metrics import (TooFewSamplesError, fid, inception_score, precision_recall, psnr, ssim)
+from dmvae_scale.eval.metrics import (FIDError, TooFewSamplesError, fid, inception_score, kid, precision_recall, psnr,
+                                      ssim)
 from dmvae_scale.eval.stats import FeatureStats, StatsError, load_stats
 
 pytestmark = pytest.mark.unit
@@ -89,6 +90,97 @@ def test_fid_from_features_equals_the_library_formula_when_rank_deficient():
     from_features = fid(a, b, allow_low_rank=True)
     a.features = b.features = None  # statistics only: the library's route
     assert from_features == pytest.approx(fid(a, b, allow_low_rank=True), rel=1e-6)
+
+
+def test_fid_equals_torch_fidelitys_number_on_sound_statistics():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    rng = np.random.default_rng(11)
+    a = _stats(rng.standard_normal((300, 32)) ** 2)
+    b = _stats(rng.standard_normal((200, 32)) * 1.3 + 0.2)
+    a.features = b.features = None  # the statistics route, whose square root is now checked
+    library = fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, False)
+    assert fid(a, b) == pytest.approx(library[KEY_METRIC_FID], rel=1e-12)
+
+
+def test_fid_refuses_a_complex_matrix_square_root_naming_the_sample_counts():
+    # A "covariance" with a negative eigenvalue (what an ill-conditioned, too-small sample can give in floating
+    # point): sqrt of eigenvalues (1, 1, 1, -1) is (1, 1, 1, i), an imaginary part of 1 against a real trace of 3.
+    # torch-fidelity drops the imaginary part silently and reports a number.
+    d = 4
+    bad = FeatureStats(np.zeros(d), np.diag([1.0, 1.0, 1.0, -1.0]), 5, INCEPTION_NAME, "abc")
+    ref = FeatureStats(np.zeros(d), np.eye(d), 7, INCEPTION_NAME, "abc")
+    with pytest.raises(FIDError) as err:
+        fid(bad, ref)
+    assert str(err.value) == (
+        "FID: the matrix square root of the covariances' product is complex (imaginary part 1 against a real trace "
+        "of 3; N = 5 samples and 7 reference images of 4-d tf-inception-2015-12-05 features): most likely too few "
+        "samples for the feature dimension (or statistics that are no covariance); use more images (50,000 for "
+        "gFID) rather than report this number")
+    # Rank-deficient but sound statistics (fewer samples than dimensions) leave only rounding in the imaginary
+    # part: a (rough) number, not a refusal.
+    rng = np.random.default_rng(5)
+    a, b = _stats(rng.standard_normal((40, 64))), _stats(rng.standard_normal((50, 64)))
+    a.features = b.features = None
+    assert np.isfinite(fid(a, b, allow_low_rank=True))
+
+
+def test_fid_refuses_nan_statistics():
+    rng = np.random.default_rng(6)
+    feats = rng.standard_normal((20, 8))
+    feats[3, 2] = np.nan
+    with pytest.raises(FIDError, match=r"^FID: the sample statistics hold NaN or inf \(N = 20 samples and 30 "
+                                       r"reference images of 8-d .* features\)"):
+        fid(_stats(feats), _stats(rng.standard_normal((30, 8))))
+
+
+# ------------------------------------------------------------------------------------------------------------- KID
+
+def _mmd2_by_pairs(x, y):
+    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, pair by pair."""
+    d = x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_mean_of_unbiased_mmd_over_disjoint_blocks_with_its_standard_error():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((24, 5)), rng.standard_normal((30, 5)) + 0.4
+    mean, se = kid(x, y, subsets=3, seed=7)
+    perm = np.random.default_rng(7)
+    px, py = x[perm.permutation(24)], y[perm.permutation(30)]
+    blocks = [_mmd2_by_pairs(px[i * 8:(i + 1) * 8], py[i * 10:(i + 1) * 10]) for i in range(3)]
+    assert mean == pytest.approx(np.mean(blocks), rel=1e-10)
+    assert se == pytest.approx(np.std(blocks, ddof=1) / np.sqrt(3), rel=1e-10)
+    # one block of everything is torch-fidelity's estimator (its subsets drawn from all the images)
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+    lib = kid_features_to_metric(torch.tensor(x[:20]), torch.tensor(y[:20]), kid_subsets=1, kid_subset_size=20,
+                                 verbose=False)[KEY_METRIC_KID_MEAN]
+    assert _mmd2_by_pairs(x[:20], y[:20]) == pytest.approx(float(lib), rel=1e-10)
+
+
+def test_kid_standard_error_matches_the_spread_of_independent_repeats():
+    # The point of disjoint blocks: the standard error is one. Over 40 independent sample sets the KIDs spread about
+    # as the standard errors say (within 35%), and a shift is detected where none gives ~0.
+    rng = np.random.default_rng(1)
+    d, n = 16, 400
+    shifted = [kid(rng.standard_normal((n, d)) + 0.3, rng.standard_normal((n, d)), subsets=10, seed=s)
+               for s in range(40)]
+    means, ses = np.array([m for m, _ in shifted]), np.array([s for _, s in shifted])
+    assert 0.65 < means.std(ddof=1) / np.sqrt(np.mean(ses ** 2)) < 1.35
+    assert means.mean() > 5 * ses.mean()
+    same, se = kid(rng.standard_normal((n, d)), rng.standard_normal((n, d)), subsets=10)
+    assert abs(same) < 3 * se
+
+
+def test_kid_refuses_too_few_images_for_its_subsets():
+    rng = np.random.default_rng(2)
+    with pytest.raises(TooFewSamplesError, match=r"^KID: the sample set has 15 images for 10 disjoint subsets of "
+                                                 r"at least 2; use at least 20 images or fewer subsets$"):
+        kid(rng.standard_normal((15, 4)), rng.standard_normal((40, 4)))
 
 
 def test_fid_refuses_statistics_of_another_network():

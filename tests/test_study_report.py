@@ -51,3 +51,19 @@ def test_the_report_shows_the_points_their_plot_and_the_stretch_target(tmp_path)
                                settings={}, points=[p for p in points if p["images"] == 1000])
     assert len(plain["targets"]) == 2 and not (tmp_path / "plain" / "curves_gfid_over_training.png").exists()
     assert "gFID over training" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_settings_are_escaped_for_html_only_and_kid_is_shown_with_its_standard_error(tmp_path):
+    rows = [{"name": "ours", "latent_space": "dmvae", "seed": 0, "fid": 80.0, "kid": 0.0123, "kid_se": 0.0021,
+             "classifier_accuracy": 0.8}]
+    sampler = '{"method": "ode_heun", "steps": 20}'
+    report = write_study_report(tmp_path, title="t", rows=rows, tokenizers=[], curves={}, grids={},
+                                settings={"fid sampler": sampler, "a|b": "<x> & y"})
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert '| fid sampler | {"method": "ode_heun", "steps": 20} |' in md and "&quot;" not in md
+    assert "| a\\|b | <x> & y |" in md  # a pipe would end the Markdown cell
+    assert "<td>{&quot;method&quot;: &quot;ode_heun&quot;, &quot;steps&quot;: 20}</td>" in page
+    assert "<td>&lt;x&gt; &amp; y</td>" in page and '"method"' not in page
+    assert "| ours | dmvae | 0 |  | 80.00 | 0.0123 ± 0.0021 | 0.800 |" in md
+    assert "<td>0.0123 ± 0.0021</td>" in page
+    assert report["summary"]["dmvae"]["kid"]["mean"] == pytest.approx(0.0123)

@@ -1,6 +1,6 @@
-"""Evaluations end to end: reference statistics, generated samples (gFID/IS/precision/recall/FD_DINOv2), and a
-tokenizer's reconstructions (rFID/PSNR/SSIM). Each writes metrics.json, report.md and a grid PNG, and prints one
-summary line.
+"""Evaluations end to end: reference statistics, generated samples (gFID/KID/IS/precision/recall/FD_DINOv2, with the
+protocol they were measured under), and a tokenizer's reconstructions (rFID/PSNR/SSIM). Each writes metrics.json,
+report.md and a grid PNG, and prints one summary line.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dmvae_scale.errors import UserError
 
 from .features import extract_features
 from .images import as_uint8_nchw
-from .metrics import check_sample_count, fid, inception_score, precision_recall, psnr, ssim
+from .metrics import check_sample_count, fid, inception_score, kid, precision_recall, psnr, ssim
 from .report import save_grid, write_report
 from .sources import ImageSet
 from .stats import FeatureStats, check_comparable
@@ -29,7 +29,8 @@ class EvalOptions:
     allow_few_samples: bool = False  # FID below feature-dim + 1 images: a rough number instead of a refusal
     is_splits: int = 10
     pr_k: int = 3
-    pr_max: int = 10_000  # features per side for precision/recall (ADM: the 10k-image reference batch)
+    pr_max: int = 10_000  # features per side for precision/recall and KID (ADM: the 10k-image reference batch)
+    kid_subsets: int = 10  # disjoint blocks per side for KID's mean and standard error (metrics.kid)
     progress: bool = True
 
 
@@ -62,6 +63,22 @@ def _reference_features(reference: FeatureStats, network, opts: EvalOptions) -> 
     return None
 
 
+def fid_protocol(samples: ImageSet, reference: FeatureStats, network, num_samples: int,
+                 kid_reference_images: Optional[int], opts: EvalOptions) -> dict:
+    """What an FID (and the KID beside it) was measured under, carried in the JSON beside the number: how the samples
+    were drawn (the sample set's sampling.json; None where unknown, e.g. a folder of images), how many, which
+    reference statistics (their file's sha256) and which feature network."""
+    drawn = samples.settings
+    return {"num_samples": num_samples, "sampler": drawn.get("method"), "steps": drawn.get("steps"),
+            "cfg_scale": drawn.get("cfg_scale"), "guidance_interval": drawn.get("guidance_interval"),
+            "time_shift": drawn.get("time_shift"), "label_sampling": drawn.get("label_sampling"),
+            "dtype": drawn.get("precision"), "sampling_seed": drawn.get("seed"), "generator": drawn.get("generator"),
+            "generator_weights": drawn.get("weights"), "reference": reference.source or None,
+            "reference_images": reference.num_images or None, "reference_sha256": reference.file_sha256,
+            "feature_network": network.name, "network_fingerprint": network.fingerprint,
+            "kid_reference_images": kid_reference_images, "kid_subsets": opts.kid_subsets}
+
+
 def evaluate_samples(samples: ImageSet, reference: FeatureStats, network, out_dir: str | Path,
                      opts: EvalOptions, dinov2=None, dinov2_reference: Optional[FeatureStats] = None) -> dict:
     """gFID, IS (when the network has a classifier), precision/recall (when reference features exist), FD_DINOv2."""
@@ -91,20 +108,29 @@ def evaluate_samples(samples: ImageSet, reference: FeatureStats, network, out_di
     ref_feats = _reference_features(reference, network, opts)
     if ref_feats is not None:
         metrics["precision"], metrics["recall"] = precision_recall(feats["pool"][:opts.pr_max], ref_feats, opts.pr_k)
+        if min(len(feats["pool"]), len(ref_feats)) >= 2 * opts.kid_subsets:
+            metrics["kid"], metrics["kid_se"] = kid(feats["pool"], ref_feats, opts.kid_subsets)
+        else:
+            notes.append(f"KID not computed: {len(feats['pool'])} samples and {len(ref_feats)} reference features "
+                         f"for {opts.kid_subsets} disjoint subsets of at least 2 each")
     else:
-        notes.append(f"precision/recall not computed: {reference.source} holds no reference features or images")
+        notes.append(f"precision/recall and KID not computed: {reference.source} holds no reference features or "
+                     f"images")
     if dinov2 is not None:
         dfeats = extract_features(dinov2, samples.batches(opts.batch_size), samples.total, desc="samples (DINOv2)",
                                   progress=opts.progress)["pool"]
         dstats = FeatureStats.from_features(dfeats, dinov2.name, dinov2.fingerprint, keep_features=0)
         metrics["fd_dinov2"] = fid(dstats, dinov2_reference, opts.allow_few_samples)
+    metrics["protocol"] = fid_protocol(samples, reference, network, stats.num_images,
+                                       None if ref_feats is None else len(ref_feats), opts)
     settings = {"samples": samples.description, "reference": reference.source or "-",
                 "reference_images": reference.num_images, "feature_network": network.name,
                 "network_weights": getattr(network, "source", "-"), "fingerprint": str(network.fingerprint)[:16],
                 **{f"sampling.{k}": v for k, v in samples.settings.items()}, **asdict(opts)}
     grid = save_grid(next(iter(samples.batches(64))), out_dir / "grid.png")
     write_report(out_dir, "Generated samples", metrics, settings, notes, grid)
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                      if not isinstance(v, dict))
     say("eval", f"{shown} ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
     return metrics
 

@@ -1,5 +1,5 @@
-"""The numbers: FID, Inception Score, precision/recall (torch-fidelity's math), PSNR and SSIM (by hand: no installed
-library has them for tensors).
+"""The numbers: FID, Inception Score, precision/recall (torch-fidelity's math), KID (by hand: disjoint subsets, for a
+standard error), PSNR and SSIM (by hand: no installed library has them for tensors).
 
 Each function checks what would make its number meaningless and refuses with a message that says what to do.
 """
@@ -33,28 +33,72 @@ def check_sample_count(count: int, dim: int, network: str, allow_low_rank: bool,
             f"or pass allow_low_rank=True (--allow-few-samples) for a rough, non-comparable number")
 
 
+class FIDError(UserError, ValueError):
+    """An FID that would be a wrong number (NaN statistics, a complex matrix square root): refused, never reported."""
+
+
 def _check_rank(stats: FeatureStats, role: str, allow_low_rank: bool) -> None:
     check_sample_count(stats.num_images, stats.dim, stats.network, allow_low_rank, role)
 
 
+def _counts(samples: FeatureStats, reference: FeatureStats) -> str:
+    ref = reference.num_images or "an unknown number of"
+    return f"N = {samples.num_images} samples and {ref} reference images of {samples.dim}-d {samples.network} features"
+
+
+def _check_finite(samples: FeatureStats, reference: FeatureStats) -> None:
+    for role, stats in (("sample", samples), ("reference", reference)):
+        arrays = [stats.mu, stats.sigma] + ([stats.features] if stats.features is not None else [])
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise FIDError(f"FID: the {role} statistics hold NaN or inf ({_counts(samples, reference)}): the "
+                           f"images gave non-finite features (NaN images from a diverged generator?); no FID")
+
+
+# sum |Im sqrt(eigenvalues)| above this share of sum Re: not rounding (rank-deficient but sound covariances give
+# ~1e-8) but statistics whose product has clearly negative or complex eigenvalues
+SQRT_IMAGINARY_TOLERANCE = 1e-3
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, counts: str) -> float:
+    """tr sqrt(sigma1 sigma2) as the sum of the square roots of the product's eigenvalues (torch-fidelity's
+    computation); a result with a significant imaginary part, or NaN, is refused naming the sample counts."""
+    roots = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128))
+    real, imaginary = float(roots.real.sum()), float(np.abs(roots.imag).sum())
+    if not (np.isfinite(real) and np.isfinite(imaginary)):
+        raise FIDError(f"FID: the matrix square root of the covariances' product is NaN ({counts}): the covariances "
+                       f"are degenerate, most likely from too few samples for the feature dimension; use more images")
+    if imaginary > SQRT_IMAGINARY_TOLERANCE * max(abs(real), 1.0):
+        raise FIDError(f"FID: the matrix square root of the covariances' product is complex (imaginary part "
+                       f"{imaginary:.4g} against a real trace of {real:.4g}; {counts}): most likely too few samples "
+                       f"for the feature dimension (or statistics that are no covariance); use more images (50,000 "
+                       f"for gFID) rather than report this number")
+    return real
+
+
 def fid(samples: FeatureStats, reference: FeatureStats, allow_low_rank: bool = False) -> float:
-    """Frechet distance between two Gaussians fitted to the features (torch-fidelity's computation).
+    """Frechet distance between two Gaussians fitted to the features (torch-fidelity's computation). NaN statistics
+    or a matrix square root with a significant imaginary part raise FIDError instead of giving a number.
 
     When both sides carry all their features and one has at most D of them, the same number comes from the
     features directly (`_fid_from_features`): exact, and seconds instead of minutes of a D x D eigenproblem on CPU.
     """
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
     check_comparable(reference, samples.network, samples.fingerprint, samples.dim)
     _check_rank(samples, "sample set", allow_low_rank)
     if reference.num_images:  # ADM files without arr_0 do not say; they hold 50k-image statistics
         _check_rank(reference, "reference", allow_low_rank)
+    _check_finite(samples, reference)
     f1, f2 = samples.complete_features, reference.complete_features
     if f1 is not None and f2 is not None and min(len(f1), len(f2)) <= samples.dim:
-        return _fid_from_features(f1, f2)
-    a = {"mu": samples.mu.astype(np.float64), "sigma": samples.sigma.astype(np.float64)}
-    b = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
-    return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
+        value = _fid_from_features(f1, f2)
+    else:
+        mu1, mu2 = samples.mu.astype(np.float64), reference.mu.astype(np.float64)
+        s1, s2 = samples.sigma.astype(np.float64), reference.sigma.astype(np.float64)
+        diff = mu1 - mu2
+        value = float(diff @ diff + np.trace(s1) + np.trace(s2)
+                      - 2 * trace_sqrt_product(s1, s2, _counts(samples, reference)))
+    if not np.isfinite(value):
+        raise FIDError(f"FID: the result is {value} ({_counts(samples, reference)}); no FID")
+    return value
 
 
 def _fid_from_features(x1: np.ndarray, x2: np.ndarray) -> float:
@@ -70,6 +114,45 @@ def _fid_from_features(x1: np.ndarray, x2: np.ndarray) -> float:
     tr_covmean = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
     diff = mu1 - mu2
     return float(diff @ diff + (a1 ** 2).sum() / (n1 - 1) + (a2 ** 2).sum() / (n2 - 1) - 2 * tr_covmean)
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 between the sets x (m x D) and y (n x D) with k(a, b) = (a.b / D + 1)^3: the within-set means
+    leave out the diagonal (i = j)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = (((a @ b.T) / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m, n = len(x), len(y)
+    within_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    within_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(within_x + within_y - 2.0 * kxy.mean())
+
+
+def kid(sample_features: np.ndarray, reference_features: np.ndarray, subsets: int = 10,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 estimate with the cubic polynomial kernel
+    k(a, b) = (a.b / D + 1)^3, averaged over `subsets` blocks; returns (mean, standard error of the mean).
+
+    Each set is shuffled (seeded) and cut into `subsets` disjoint blocks, block i of the samples against block i of
+    the reference. Every block's estimate is unbiased, so the mean estimates the same MMD^2 as the usual 100
+    overlapping subsets of 1,000 do; the blocks share no image, so their estimates are independent and std / sqrt(
+    subsets) is a standard error of the mean (overlapping subsets give a spread, not an error bar)."""
+    x = np.asarray(sample_features, dtype=np.float64)
+    y = np.asarray(reference_features, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"KID: sample features {x.shape} vs reference {y.shape}")
+    if subsets < 2:
+        raise ValueError(f"KID: subsets must be >= 2 for a standard error, got {subsets}")
+    for role, n in (("sample set", len(x)), ("reference", len(y))):
+        if n < 2 * subsets:
+            raise TooFewSamplesError(f"KID: the {role} has {n} images for {subsets} disjoint subsets of at least 2; "
+                                     f"use at least {2 * subsets} images or fewer subsets")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise FIDError(f"KID: the features hold NaN or inf (N = {len(x)} samples, {len(y)} reference images); no KID")
+    rng = np.random.default_rng(seed)
+    xs = np.array_split(x[rng.permutation(len(x))], subsets)
+    ys = np.array_split(y[rng.permutation(len(y))], subsets)
+    values = np.array([_mmd2_unbiased(a, b) for a, b in zip(xs, ys)])
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(subsets))
 
 
 def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:

@@ -36,11 +36,15 @@ def _fmt(value: Any) -> str:
 
 def write_report(directory: str | Path, title: str, metrics: dict[str, Any], settings: dict[str, Any],
                  notes: list[str] = (), grid: Optional[Path] = None) -> Path:
-    """`report.md` (metrics table, settings table, notes, grid) and `metrics.json` in `directory`."""
+    """`report.md` (metrics table, one table per nested dict such as the protocol, settings table, notes, grid) and
+    `metrics.json` in `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if not isinstance(v, dict)]
+    for name, table in ((k, v) for k, v in metrics.items() if isinstance(v, dict)):
+        lines += ["", f"## {name.capitalize()}", "", "| key | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
     lines += ["", "## Settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in settings.items()]
     if notes:

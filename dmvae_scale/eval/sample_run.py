@@ -23,8 +23,8 @@ from dmvae_scale.data.artifact_store import artifact_info, open_artifact
 from dmvae_scale.errors import UserError
 
 from .report import save_grid
-from .sampling import (LatentImageSampler, SamplingPlan, assemble_npz, pending_batches, png_path, prepare_output,
-                       write_pngs)
+from .sampling import (LABEL_SAMPLING, LatentImageSampler, SamplingPlan, assemble_npz, pending_batches, png_path,
+                       prepare_output, record_precision, write_pngs)
 
 
 def _sampler_overrides(overrides: Sequence[str]) -> list[str]:
@@ -90,6 +90,9 @@ class _SamplerActor:
     def batch(self, batch: int):
         return self.sampler.batch(batch)
 
+    def precision(self) -> str:
+        return self.sampler.precision
+
 
 def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
     """GPUs per sampling worker, decided from the CLUSTER's resources (a CPU laptop submitting to a GPU cluster must
@@ -106,7 +109,7 @@ def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
 
 
 def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Optional[float],
-             address: Optional[str], on_result) -> None:
+             address: Optional[str], on_result) -> set[str]:
     import ray
     from ray.exceptions import RayTaskError
 
@@ -132,6 +135,7 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
                 raise (cause if isinstance(cause, UserError) else exc) from None
             if queue:
                 inflight[actor.batch.remote(queue.pop(0))] = actor
+        return set(ray.get([actor.precision.remote() for actor in actors]))  # the arithmetic they sampled in
 
 
 def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, num_samples: Optional[int] = None,
@@ -141,7 +145,8 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     """Sample (or finish sampling) into `out`; returns the path of samples.npz."""
     started = time.perf_counter()
     plan, tok = plan_for(generator, num_per_class, num_samples, batch_size, overrides, weights, tokenizer)
-    out_dir = prepare_output(out, plan, {"tokenizer": str(tok), "generator_path": str(generator)})
+    out_dir = prepare_output(out, plan, {"tokenizer": str(tok), "generator_path": str(generator),
+                                         "label_sampling": LABEL_SAMPLING})
     pending = pending_batches(out_dir, plan)
     todo = sum(len(plan.batch_indices(b)) for b in pending)
     say("sample", f"{plan.num_samples} samples ({plan.num_classes} classes), {plan.method} {plan.steps} steps, "
@@ -157,7 +162,7 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     if pending:
         args = (str(generator), str(tok), weights, asdict(plan))
         if use_ray:
-            _run_ray(args, pending, workers, gpus_per_worker, address, on_result)
+            record_precision(out_dir, _run_ray(args, pending, workers, gpus_per_worker, address, on_result))
         else:
             dev = torch.device(device if device not in (None, "auto") else
                                ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -166,6 +171,7 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
             sampler = build_sampler(args[0], args[1], weights, plan, dev)
             for b in pending:
                 on_result(*sampler.batch(b))
+            record_precision(out_dir, {sampler.precision})
     bar.close()
     npz = assemble_npz(out_dir, plan)
     first = [np.asarray(Image.open(png_path(out_dir, i)).convert("RGB")) for i in range(min(64, plan.num_samples))]

@@ -34,6 +34,7 @@ from .images import to_uint8_nhwc
 from .sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
 
 IMAGES_DIR = "images"
+LABEL_SAMPLING = "balanced: sample i has label i % num_classes"  # SamplingPlan.labels, as sampling.json says it
 
 
 @dataclass
@@ -132,6 +133,20 @@ def prepare_output(out_dir: str | Path, plan: SamplingPlan, extra: dict) -> Path
         tmp.replace(settings_file)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     return out_dir
+
+
+def record_precision(out_dir: str | Path, used: set[str]) -> None:
+    """Add the arithmetic the samplers ran in ("bf16", "tf32", "fp32": models/hardware.inference_precision) to
+    sampling.json, joined with what an earlier, interrupted run recorded (an FID's protocol names it)."""
+    settings_file = Path(out_dir) / SAMPLING_SETTINGS_FILE
+    recorded = json.loads(settings_file.read_text())
+    before = set(filter(None, str(recorded.get("precision") or "").split("+")))
+    if not used or before | used == before:
+        return
+    recorded["precision"] = "+".join(sorted(before | used))
+    tmp = settings_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recorded, indent=2))
+    tmp.replace(settings_file)
 
 
 def pending_batches(out_dir: Path, plan: SamplingPlan) -> list[int]:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from dmvae_scale.artifacts import sha256_of_file
 from dmvae_scale.errors import UserError
 
 from .inception import INCEPTION_NAME, POOL_DIM
@@ -33,6 +34,7 @@ class FeatureStats:
     features: Optional[np.ndarray] = None  # (M, D) float32, kept for precision/recall
     images: Optional[np.ndarray] = None  # ADM's arr_0 reference images (uint8 NHWC), when read from such a file
     source: str = ""
+    file_sha256: Optional[str] = None  # of the .npz file it was read from: which reference an FID used
 
     @property
     def dim(self) -> int:
@@ -87,6 +89,7 @@ def load_stats(path: str | Path) -> FeatureStats:
         keys = set(data.files)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise StatsError(f"{path}: not a readable .npz file ({exc})") from None
+    digest = sha256_of_file(path)
     if not {"mu", "sigma"} <= keys:
         raise StatsError(f"{path}: no mu/sigma arrays (keys: {sorted(keys)}); expected statistics from "
                          f"`dmvae-scale eval ref` or an ADM reference batch")
@@ -97,13 +100,15 @@ def load_stats(path: str | Path) -> FeatureStats:
         fingerprint = str(data["fingerprint"]) or None
         features = data["features"] if "features" in keys else None
         return FeatureStats(mu, sigma, int(data["num_images"]), str(data["network"]), fingerprint, features,
-                            source=str(path))
+                            source=str(path), file_sha256=digest)
     # ADM reference batch: statistics of TF-Inception pool3 over the reference images (arr_0 when present).
     if mu.shape[0] != POOL_DIM:
         raise StatsError(f"{path}: ADM-style statistics must be {POOL_DIM}-d Inception pool3 ones, got {mu.shape[0]}-d")
     images = data["arr_0"] if "arr_0" in keys else None
     num = len(images) if images is not None else 0
-    return FeatureStats(mu, sigma, num, INCEPTION_NAME, None, None, images=images, source=f"{ADM_FORMAT}:{path}")
+    return FeatureStats(mu, sigma, num, INCEPTION_NAME, None, None, images=images, source=f"{ADM_FORMAT}:{path}",
+                        file_sha256=digest)
+
 
 
 def check_comparable(reference: FeatureStats, network: str, fingerprint: Optional[str], dim: int,

@@ -24,6 +24,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _md_cell(v: Any) -> str:
+    """A value as one Markdown table cell: shown as it is (HTML escaping belongs to the HTML page only), with the
+    characters that would end the cell or the row escaped."""
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _kid(r: dict) -> str:
+    return "nan" if r.get("kid") is None else f"{r['kid']:.4f} ± {r.get('kid_se', float('nan')):.4f}"
+
+
 def group_summary(rows: list[dict], by: str, metrics: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
     """{group: {metric: {mean, min, max, n}}} over the rows of each group."""
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -131,7 +141,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     adds a table and the target "the teacher beats raw pixels"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = ("fid", "classifier_accuracy", "final_loss")
+    metrics = ("fid", "kid", "classifier_accuracy", "final_loss")
     summary = group_summary(rows, group_by, metrics) if rows else {}
     targets = check_targets(summary, rows, ours, baseline) if rows else []
     half = check_half_budget(list(points), ours, baseline, group_by)
@@ -162,11 +172,13 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
 
     md = [f"# {title}", ""]
     md += ["## Generators", "", "| generator | " + " | ".join(k for k in ("latent_space", "seed", "samples", "fid",
-                                                                              "classifier_accuracy", "final_loss")) +
-           " |", "|" + "---|" * 7]
+                                                                              "kid ± se", "classifier_accuracy",
+                                                                              "final_loss")) +
+           " |", "|" + "---|" * 8]
     for r in rows:
         md.append(f"| {r['name']} | {r.get('latent_space', '')} | {r.get('seed', '')} | {r.get('samples', '')} | "
-                  f"{_fmt(r.get('fid', float('nan')))} | {_fmt(r.get('classifier_accuracy', float('nan')), 3)} | "
+                  f"{_fmt(r.get('fid', float('nan')))} | {_kid(r)} | "
+                  f"{_fmt(r.get('classifier_accuracy', float('nan')), 3)} | "
                   f"{_fmt(r.get('final_loss', float('nan')), 4)} |")
     if summary:
         md += ["", "Mean over seeds (range):", ""]
@@ -195,7 +207,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     md += ["", "## Curves", ""] + [f"![{k}]({p.name})" for k, p in pngs.items()]
     md += ["", "## Samples", ""] + [f"**{name}**\n\n![{name}]({p.name})\n" for name, p in grids.items()]
     md += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-    md += [f"| {k} | {html.escape(str(v))} |" for k, v in settings.items()]
+    md += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in settings.items()]
     if notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     (out / "report.md").write_text("\n".join(md) + "\n")
@@ -222,9 +234,10 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}.side{display:flex;gap:16px;flex-wrap:wrap}"
              ".side div{flex:1;min-width:260px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    keys = ("latent_space", "seed", "samples", "fid", "classifier_accuracy", "final_loss")
-    parts += ["<h2>Generators</h2>", _table(["generator", *keys], [[r["name"], *[r.get(k, "") for k in keys]]
-                                                                  for r in rows])]
+    keys = ("latent_space", "seed", "samples", "fid", "kid", "classifier_accuracy", "final_loss")
+    parts += ["<h2>Generators</h2>", _table(["generator", *keys[:4], "kid ± se", *keys[5:]],
+                                            [[r["name"], *[_kid(r) if k == "kid" else r.get(k, "") for k in keys]]
+                                             for r in rows])]
     if summary:
         parts.append("<ul>" + "".join(
             f"<li><b>{html.escape(g)}</b>: " + "; ".join(f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, "

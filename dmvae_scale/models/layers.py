@@ -90,11 +90,9 @@ class SwiGLU(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """t in [0, 1] -> sinusoidal features -> 2-layer MLP."""
-
-    # Sinusoid frequencies span 1 .. 1/max_period, designed for integer diffusion steps 0..1000; scaling t by 1000
-    # puts flow-matching time on that range so the fast frequencies resolve small differences in t.
-    time_scale = 1000.0
+    """t in [0, 1] -> sinusoidal features -> 2-layer MLP, as LightningDiT embeds time (docs/method.md, "Time
+    embedding"): features [cos(t f_k), sin(t f_k)] of the raw t with f_k = max_period^(-k / half), k < half = 128.
+    No scaling of t (before artifact method version 2 it was t * 1000, which official weights do not expect)."""
 
     def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0):
         super().__init__()
@@ -105,7 +103,7 @@ class TimestepEmbedding(nn.Module):
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = (t.float() * self.time_scale)[:, None] * freqs[None]
+        angles = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
         curve = metrics_curve(pipe.url(gen), "fm_loss")
         curves["generator fm_loss"][gen] = curve
         rows.append({"name": gen, **tags, "samples": metrics.get("num_samples"), "fid": metrics.get("fid"),
+                     "kid": metrics.get("kid"), "kid_se": metrics.get("kid_se"),
                      "classifier_accuracy": metrics.get("classifier_accuracy"),
                      "final_loss": curve[-1][1] if curve else None})
         settings[f"{gen}"] = (f"DiT depth {cfg.score.depth} width {cfg.score.hidden_size} patch {cfg.score.patch_size},"
@@ -73,7 +74,8 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
                               f" latents {cfg.data.latents}")
         settings[f"{ev.name} sampler"] = json.dumps({k: v for k, v in (read_json(storage.join(
             pipe.url(sample_step.name), "sampling.json")) or {}).items() if k in ("method", "steps", "cfg_scale",
-                                                                                  "guidance_interval", "num_samples")})
+                                                                                  "guidance_interval", "time_shift",
+                                                                                  "num_samples", "precision")})
         grid = local / f"grid-{gen}.png"
         try:
             grid.write_bytes(storage.read_bytes(storage.join(pipe.url(sample_step.name), "grid.png")))

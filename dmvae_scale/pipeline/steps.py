@@ -115,7 +115,7 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     """gFID of a sample step's images against real images (statistics shared by every eval step that names the
     same set), and the evaluator classifier's accuracy on them when the step names one."""
     from ..eval.score import RealImages, real_statistics, score_samples
-    from ..eval.sources import SAMPLES_FILE
+    from ..eval.sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
     s, pipe = step.spec, ctx.pipe
     local = ctx.work / "eval" / step.name
     local.mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,9 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     stats = real_statistics(real, ctx.work / "eval" / "_real")
     samples = local / SAMPLES_FILE
     samples.write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]), SAMPLES_FILE)))
+    # beside it, how they were drawn: the FID's protocol (sampler, steps, CFG, shift, labels, dtype) comes from it
+    (local / SAMPLING_SETTINGS_FILE).write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]),
+                                                                                 SAMPLING_SETTINGS_FILE)))
     made_from = inputs_now(pipe, step)
     classifier = None
     if "classifier" in s:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...artifacts import DIT_STAGES, METHOD_VERSION, method_refusal
 from ...config import RunConfig, to_dict
 from ...data.artifact_store import artifact_info
 from ...errors import UserError
@@ -16,6 +17,9 @@ RUNTIME_ONLY_KEYS = {
     "score.grad_checkpointing", "score.attention", "tokenizer.encoder.weights", "tokenizer.encoder.sha256",
     "reference.path",
 }
+
+
+METHOD_KEY = "method.version"  # artifacts.METHOD_VERSION of the code that saved the checkpoint; absent: 1
 
 
 class ResumeRefusedError(UserError):
@@ -38,6 +42,7 @@ def meaning_of(cfg: RunConfig, upstream_latents: dict[str, dict[str, float]] | N
     for section in MEANING_SECTIONS:
         _flatten(section, data[section], flat)
     out = {k: v for k, v in flat.items() if k not in RUNTIME_ONLY_KEYS}
+    out[METHOD_KEY] = METHOD_VERSION
     for role, latent in sorted((upstream_latents or {}).items()):
         for stat, v in latent.items():
             out[f"inputs.{role}.latent.{stat}"] = v
@@ -59,8 +64,20 @@ def refuse_changed_meaning(latest, current: dict[str, Any], zero_stage: int, mod
     """Refuse to resume checkpoint `latest` (a CheckpointInfo) when the config changes what it means, naming the
     key; models=False skips the parameter shapes (known only once the models are built)."""
     saved = latest.meaning if models else {k: v for k, v in latest.meaning.items() if not k.startswith("model.")}
+    saved = check_method_version(saved, current, f"checkpoint {latest.url}")
     check_resume(saved, current, f"checkpoint {latest.url}")
     check_zero_stage(latest.zero_stage, zero_stage, f"checkpoint {latest.url}")
+
+
+def check_method_version(saved: dict[str, Any], current: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse a checkpoint of a DiT-training stage saved before the current method version (its DiT computes another
+    function now), with the reason; the other stages' checkpoints mean what they meant, and resume. Returns `saved`
+    with the version it is taken at."""
+    version = int(saved.get(METHOD_KEY, 1))
+    refusal = method_refusal(version, where) if saved.get("stage") in DIT_STAGES else None
+    if refusal:
+        raise ResumeRefusedError(refusal)
+    return {**saved, METHOD_KEY: current.get(METHOD_KEY, version)}
 
 
 def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:

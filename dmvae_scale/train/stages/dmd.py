@@ -57,7 +57,8 @@ class DMDStage(_StageBase):
         self.discriminator = PatchDiscriminator(cfg.discriminator, in_channels=cfg.tokenizer.in_channels)
         self.losses = AutoencoderLosses(cfg)
         self.upstream = {"tokenizer": up_tok.info.id, "real_score": up_ref.info.id}
-        self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=True),
+        # raw tokenizer weights go forward (the official DMD keeps no tokenizer EMA); an EMA only on dm.tokenizer_ema
+        self._models = {"tokenizer": ModelSpec(self.tokenizer, True, cfg.optim, ema=cfg.dm.tokenizer_ema),
                         "fake_score": ModelSpec(self.fake_score, True, cfg.optim),
                         "discriminator": ModelSpec(self.discriminator, True, discriminator_optim(cfg)),
                         "real_score": ModelSpec(self.real_score, False)}
