@@ -1,0 +1,174 @@
+"""What a run reads from local caches and uploads from local directories is its own (issue #24, items 2, 3, 6, 7):
+every cache lies under this user's private root, a cached artifact is re-checked against the hash that names it,
+uploads never follow a symlink. The store is the real SeaweedFS of tests/s3_server.py."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from dmvae_scale.artifacts import ArtifactError, ArtifactInfo, save_artifact
+from dmvae_scale.data import artifact_store, storage
+from dmvae_scale.data.artifact_store import artifact_info, open_artifact, upload_artifact
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+@pytest.fixture
+def small_artifact(tmp_path):
+    d = tmp_path / "art"
+    weights = {"net": {"w": torch.arange(12.0).reshape(3, 4)}}
+    save_artifact(d, ArtifactInfo(stage="tokenizer", models=[], config_hash="c0ffee"), weights,
+                  ema={"net": {"w": torch.ones(3, 4)}}, config_yaml="stage: tokenizer\n")
+    return d
+
+
+def _objects(s3_server: str, bucket_url: str) -> dict[str, bytes]:
+    client = boto3.client("s3", endpoint_url=s3_server)
+    bucket = bucket_url[len("s3://"):]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Private caches
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_a_planted_artifact_cache_entry_is_downloaded_again(small_artifact, s3_bucket, temp_root, caplog):
+    url = f"{s3_bucket}/art"
+    upload_artifact(small_artifact, url)
+    first = open_artifact(url)
+    entry = first.directory
+    assert entry.parent == temp_root / f"dmvae-{os.geteuid()}" / "artifacts"
+    for d in (entry.parent.parent, entry.parent):
+        assert d.stat().st_mode & 0o777 == 0o700
+    original = (small_artifact / "weights.safetensors").read_bytes()
+    assert (entry / "weights.safetensors").read_bytes() == original
+
+    # A planted entry that vouches for itself: weights replaced, its own artifact.json rewritten to their hash.
+    from safetensors.torch import save_file
+    save_file({"net.w": torch.full((3, 4), 666.0)}, str(entry / "weights.safetensors"))
+    planted = json.loads((entry / "artifact.json").read_text())
+    planted["content_hash"] = artifact_store.content_hash_of(entry)
+    (entry / "artifact.json").write_text(json.dumps(planted))
+    with caplog.at_level(logging.WARNING, logger="dmvae_scale.data.artifact_store"):
+        again = open_artifact(url)
+    assert again.directory == entry
+    assert (entry / "weights.safetensors").read_bytes() == original
+    assert torch.equal(again.state("net", "raw")["w"], torch.arange(12.0).reshape(3, 4))
+    assert f"artifact cache entry {entry}: its artifact.json differs from the remote one; removing it and " \
+           f"downloading {url} again" in caplog.text
+
+    # Only the weights changed (artifact.json left alone): found by hashing them against the name's hash.
+    (entry / "weights.safetensors").write_bytes(original[:-8] + b"\0" * 8)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dmvae_scale.data.artifact_store"):
+        open_artifact(url)
+    info = artifact_info(url)
+    assert f"not to the content hash {info.content_hash} that names it; removing it and downloading {url} " \
+           f"again" in caplog.text
+    assert (entry / "weights.safetensors").read_bytes() == original
+
+
+def test_a_symlinked_or_foreign_cache_root_is_refused(small_artifact, s3_bucket, temp_root):
+    url = f"{s3_bucket}/art"
+    upload_artifact(small_artifact, url)
+    elsewhere = temp_root / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    root = temp_root / f"dmvae-{os.geteuid()}"
+    root.symlink_to(elsewhere)
+    with pytest.raises(ArtifactError, match=rf"^cache root {root}: it is a symlink \(to {elsewhere}\); refusing to "
+                                            rf"keep files there"):
+        open_artifact(url)
+    assert not any(elsewhere.iterdir())
+    root.unlink()
+    root.mkdir(mode=0o700)
+    (root / "artifacts").mkdir(mode=0o700)
+    os.chown(root / "artifacts", os.geteuid() + 4242, -1)  # as another user would have made it
+    with pytest.raises(ArtifactError, match=rf"^artifact cache {root / 'artifacts'}: it is owned by uid "
+                                            rf"{os.geteuid() + 4242}, not by this user"):
+        open_artifact(url)
+
+
+def test_the_shard_cache_is_private(s3_bucket, temp_root, tmp_path):
+    from dmvae_scale.cli import main
+    from dmvae_scale.data.stream import ImageStreamDataset
+    url = f"{s3_bucket}/fm"
+    assert main(["data", "shards", "fashion-mnist", url, "--limit", "8", "--workers", "1"]) == 0
+    ds = ImageStreamDataset(url, batch_size=4, image_size=28)
+    local = Path(ds.streams[0].local)
+    assert local.parent == temp_root / f"dmvae-{os.geteuid()}" / "stream"
+    assert local.stat().st_mode & 0o777 == 0o700
+    named = tmp_path / "mine"
+    named.mkdir()
+    named.chmod(0o777)
+    with pytest.raises(Exception, match=rf"^shard cache_dir {named}: its mode 0777 lets group or others write"):
+        ImageStreamDataset(url, batch_size=4, image_size=28, cache_dir=str(named))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Uploads never follow a symlink
+# ----------------------------------------------------------------------------------------------------------------------
+
+SECRET = b"aws_secret_access_key = MARKER-d41d8cd98f00b204"
+
+
+def test_a_symlink_in_the_log_directory_is_not_uploaded(s3_bucket, s3_server, tmp_path, caplog):
+    from dmvae_scale.config import load_config
+    from dmvae_scale.train.reporting import MetricSinks
+    secret = tmp_path / "credentials"
+    secret.write_bytes(SECRET)
+    cfg = load_config("configs/demo/tokenizer.yaml", [f"run_dir={s3_bucket}/run"])
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    sinks = MetricSinks(cfg, str(cache))
+    try:
+        link = Path(sinks.local_dir) / "credentials"
+        link.symlink_to(secret)
+        (Path(sinks.local_dir) / "linked-dir").symlink_to(tmp_path, target_is_directory=True)
+        with caplog.at_level(logging.WARNING, logger="dmvae_scale.private_cache"):
+            sinks.write(8, {"loss": 1.5})
+    finally:
+        sinks.close()
+    objects = _objects(s3_server, s3_bucket)
+    assert "run/metrics.jsonl" in objects and json.loads(objects["run/metrics.jsonl"]) == {"images": 8, "loss": 1.5}
+    assert not any(SECRET in body for body in objects.values())
+    assert f"log upload {s3_bucket}/run: skipping {link}: a symlink (to {secret}); not uploading it" in caplog.text
+    assert f"linked-dir: a symlink (to {tmp_path}); not following it" in caplog.text
+
+
+def test_artifact_and_checkpoint_uploads_skip_symlinks(small_artifact, s3_bucket, s3_server, tmp_path, caplog):
+    from dmvae_scale.train import checkpoint as ckpt
+    secret = tmp_path / "credentials"
+    secret.write_bytes(SECRET)
+    (small_artifact / "notes.txt").symlink_to(secret)
+    store = ckpt.CheckpointStore(f"{s3_bucket}/run", cache_dir=str(tmp_path / "ckcache"))
+    name = ckpt.checkpoint_name(8)
+    store.prepare(name)
+    staged = Path(store.staging_dir(name, rank=0))
+    (staged / "ranks").mkdir(parents=True)
+    (staged / "ranks" / "rank-00000.pt").write_bytes(b"state")
+    (staged / "ranks" / "stolen.pt").symlink_to(secret)
+    with caplog.at_level(logging.WARNING, logger="dmvae_scale.private_cache"):
+        upload_artifact(small_artifact, f"{s3_bucket}/art")
+        store.upload(name, rank=0)
+    objects = _objects(s3_server, s3_bucket)
+    assert f"run/checkpoints/{name}/ranks/rank-00000.pt" in objects and "art/weights.safetensors" in objects
+    assert not any(SECRET in body for body in objects.values())
+    assert f"skipping {small_artifact / 'notes.txt'}: a symlink" in caplog.text
+    assert f"checkpoint upload {s3_bucket}/run/checkpoints/{name}: skipping {staged / 'ranks' / 'stolen.pt'}: " \
+           f"a symlink" in caplog.text
