@@ -172,3 +172,73 @@ def test_artifact_and_checkpoint_uploads_skip_symlinks(small_artifact, s3_bucket
     assert f"skipping {small_artifact / 'notes.txt'}: a symlink" in caplog.text
     assert f"checkpoint upload {s3_bucket}/run/checkpoints/{name}: skipping {staged / 'ranks' / 'stolen.pt'}: " \
            f"a symlink" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shard indexes: names inside the dataset, sha256 on every shard, no compression
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory):
+    from dmvae_scale.data.shards import write_shards
+    dest = tmp_path_factory.mktemp("shards") / "fm"
+    write_shards("fashion-mnist", str(dest), limit=16, part_size=16, progress=False)
+    return dest
+
+
+def _with_index(src: Path, dest: Path, change) -> Path:
+    import shutil
+    shutil.copytree(src, dest)
+    index = json.loads((dest / "index.json").read_text())
+    change(index["shards"][0])
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest
+
+
+def test_every_shard_records_its_sha256(local_shards):
+    index = json.loads((local_shards / "index.json").read_text())
+    import hashlib
+    for shard in index["shards"]:
+        data = (local_shards / shard["raw_data"]["basename"]).read_bytes()
+        assert shard["raw_data"]["hashes"] == {"sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("bad", ["../../../etc/passwd", "/etc/passwd", "part-00000/../../x.mds", "a//b.mds"])
+def test_a_shard_basename_leaving_the_dataset_is_refused(local_shards, tmp_path, bad):
+    from dmvae_scale.data.shards import ShardIndexError
+    from dmvae_scale.data.stream import ImageStreamDataset
+    ds = _with_index(local_shards, tmp_path / "ds", lambda s: s["raw_data"].update(basename=bad))
+    with pytest.raises(ShardIndexError, match=rf"^{ds}/index.json: shard basename {bad!r} is not a safe relative "
+                                              rf"name"):
+        ImageStreamDataset(str(ds), batch_size=4, image_size=28)
+
+
+def test_a_shard_symlinked_out_of_the_dataset_is_refused(local_shards, tmp_path):
+    from dmvae_scale.data.shards import ShardIndexError, load_index
+    ds = _with_index(local_shards, tmp_path / "ds", lambda s: None)
+    name = json.loads((ds / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    outside = tmp_path / "outside.mds"
+    (ds / name).rename(outside)
+    (ds / name).symlink_to(outside)
+    with pytest.raises(ShardIndexError, match=rf"shard {name} resolves to {outside}, outside {ds}"):
+        load_index(str(ds))
+
+
+def test_a_shard_without_sha256_or_compressed_is_refused(local_shards, tmp_path, capsys):
+    from dmvae_scale.cli import main
+    from dmvae_scale.data.shards import ShardIndexError, load_index
+    sha1 = _with_index(local_shards, tmp_path / "sha1", lambda s: s["raw_data"].update(hashes={"sha1": "ab" * 20}))
+    with pytest.raises(ShardIndexError, match=r"shard part-00000/shard.00000.mds records no sha256 \(hashes: "
+                                              r"\['sha1'\]\); every shard must"):
+        load_index(str(sha1))
+    assert main(["data", "verify", str(sha1)]) == 2
+    err = capsys.readouterr().err
+    assert "records no sha256" in err and "Traceback" not in err
+
+    def compress(shard):
+        shard["compression"] = "zstd:7"
+        shard["zip_data"] = {"basename": shard["raw_data"]["basename"] + ".zstd", "bytes": 10, "hashes": {}}
+    zipped = _with_index(local_shards, tmp_path / "zipped", compress)
+    with pytest.raises(ShardIndexError, match=r"shard part-00000/shard.00000.mds is compressed \(zstd:7\); this "
+                                              r"version reads uncompressed shards only"):
+        load_index(str(zipped))

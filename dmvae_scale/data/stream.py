@@ -77,11 +77,10 @@ def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None
     """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check."""
     index = load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
     if storage.is_remote(url):
-        hashed = all(SHARD_HASH in (s["raw_data"].get("hashes") or {}) for s in index["shards"])
         local = _check_cache_dir(cache_dir, url, index) if cache_dir else default_cache_dir(url, index)
         _place_index(local, index)
         return {"remote": url, "local": local,
-                "validate_hash": SHARD_HASH if hashed else None}  # each download checked against its index entry
+                "validate_hash": SHARD_HASH}  # each download checked: load_index requires every shard's hash
     return {"remote": None, "local": os.path.abspath(url)}
 
 
