@@ -242,3 +242,29 @@ def test_a_shard_without_sha256_or_compressed_is_refused(local_shards, tmp_path,
     with pytest.raises(ShardIndexError, match=r"shard part-00000/shard.00000.mds is compressed \(zstd:7\); this "
                                               r"version reads uncompressed shards only"):
         load_index(str(zipped))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pins: inputs.<key>_sha256
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_a_pinned_upstream_with_another_content_hash_is_refused(small_artifact, s3_bucket, temp_root):
+    from dmvae_scale.config import ConfigError
+    from dmvae_scale.train.stages.common import open_upstream
+    url = f"{s3_bucket}/art"
+    upload_artifact(small_artifact, url)
+    found = artifact_info(url).content_hash
+    wanted = "0" * 64
+    with pytest.raises(ConfigError, match=rf"^inputs.tokenizer_sha256: expects content hash {wanted}, but {url} has "
+                                          rf"{found}; refusing it"):
+        open_upstream("inputs.tokenizer", url, "raw", wanted)
+    assert open_upstream("inputs.tokenizer", url, "raw", found).info.content_hash == found  # the right pin opens
+
+
+def test_a_pin_must_be_a_hash_of_a_given_input():
+    from dmvae_scale.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"^inputs.tokenizer_sha256: must be an artifact's content hash \(64 "
+                                          r"lowercase hex digits"):
+        load_config("configs/demo/generator.yaml", ["inputs.tokenizer=/x", "inputs.tokenizer_sha256=abc"])
+    with pytest.raises(ConfigError, match=r"^inputs.real_score_sha256: pins inputs.real_score, which is not given"):
+        load_config("configs/demo/generator.yaml", ["inputs.tokenizer=/x", f"inputs.real_score_sha256={'a' * 64}"])
