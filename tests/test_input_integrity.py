@@ -268,3 +268,52 @@ def test_a_pin_must_be_a_hash_of_a_given_input():
         load_config("configs/demo/generator.yaml", ["inputs.tokenizer=/x", "inputs.tokenizer_sha256=abc"])
     with pytest.raises(ConfigError, match=r"^inputs.real_score_sha256: pins inputs.real_score, which is not given"):
         load_config("configs/demo/generator.yaml", ["inputs.tokenizer=/x", f"inputs.real_score_sha256={'a' * 64}"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bounded input: image pixels, download sizes
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _png(w: int, h: int) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (w, h), 7).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_image_beyond_the_pixel_bound_is_refused_before_decoding(monkeypatch):
+    from PIL import Image
+
+    from dmvae_scale.data import shards, transforms
+    assert transforms.MAX_IMAGE_PIXELS == 2 ** 27 and Image.MAX_IMAGE_PIXELS == 2 ** 27
+    monkeypatch.setenv("DMVAE_MAX_IMAGE_PIXELS", "400")
+    assert transforms.decode_image(_png(20, 20)).size == (20, 20)  # at the bound: decoded
+    with pytest.raises(transforms.ImageTooLargeError, match=r"^image of 21 x 20 = 420 pixels exceeds the bound of "
+                                                            r"400 pixels \(a decompression bomb\?\); refusing"):
+        transforms.decode_image(_png(21, 20))
+    with pytest.raises(transforms.ImageTooLargeError):
+        shards.check_decodes(_png(21, 20))  # `data shards` counts it as corrupt (or fails, with --on-corrupt fail)
+    monkeypatch.delenv("DMVAE_MAX_IMAGE_PIXELS")
+    with pytest.raises(Image.DecompressionBombWarning):  # PIL's own warning is an error, wherever PIL opens one
+        Image.open(__import__("io").BytesIO(_png(12000, 12000)))
+
+
+def test_a_checkpoint_file_larger_than_its_manifest_says_is_not_downloaded(s3_bucket, tmp_path):
+    from dmvae_scale.train import checkpoint as ckpt
+    store = ckpt.CheckpointStore(f"{s3_bucket}/run", cache_dir=str(tmp_path / "writer"))
+    name = ckpt.checkpoint_name(8)
+    store.prepare(name)
+    staged = Path(store.staging_dir(name, rank=0))
+    (staged / "ranks").mkdir(parents=True)
+    (staged / "ranks" / "rank-00000.pt").write_bytes(b"x" * 100)
+    store.upload(name, rank=0)
+    info = store.write_manifest(name, images_seen=8, step=1, world_size=1, zero_stage=0, engines=[], meaning={},
+                                config_hash="c")
+    storage.write_bytes(f"{s3_bucket}/run/checkpoints/{name}/ranks/rank-00000.pt", b"x" * 10_000)
+    reader = ckpt.CheckpointStore(f"{s3_bucket}/run", cache_dir=str(tmp_path / "reader"))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{name}/ranks/rank-00000.pt: 10000 bytes, but the manifest of "
+                                                   rf".* lists 100; refusing to download it"):
+        reader.local_view(info)
+    assert not list((tmp_path / "reader").rglob("rank-00000.pt*"))

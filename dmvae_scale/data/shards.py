@@ -15,7 +15,6 @@ Each sample stores {"key": str, "label": int, "image": the encoded bytes as read
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -67,9 +66,10 @@ class ShardSummary:
 
 
 def check_decodes(data: bytes) -> None:
-    """Raise if the bytes are not a fully decodable image (truncated files fail at load())."""
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as img:
+    """Raise if the bytes are not a fully decodable image (truncated files fail at load()) or have more pixels than
+    transforms.max_image_pixels() (a decompression bomb)."""
+    from .transforms import open_image
+    with open_image(data) as img:
         img.load()
 
 

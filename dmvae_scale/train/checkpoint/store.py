@@ -426,6 +426,10 @@ class CheckpointStore:
                 return  # the cached copy is the checkpoint's file
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             part = f"{dst}.part"
+            size = int(fs.info(f"{base}/{rel}").get("size") or 0)
+            if size != info.files[rel]:  # refused before a byte is read: a download is capped at the manifest's size
+                raise CheckpointError(f"{self.url(info.name)}/{rel}: {size} bytes, but {where} lists "
+                                      f"{info.files[rel]}; refusing to download it")
             fs.get_file(f"{base}/{rel}", part)
             actual = sha256_file(part)
             if actual != expected:
