@@ -24,7 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
-ARTIFACT_FORMAT = 1
+# Format 2 (written now): the content hash covers weights.safetensors, ema.safetensors AND config.yaml (which shapes
+# the model a later stage builds), and artifact.json records each file's size (downloads are capped at it). Format 1
+# (hash of the weight files only, no sizes) is still read, its config.yaml then vouched for by nothing.
+ARTIFACT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class ArtifactError(UserError):
@@ -62,6 +66,7 @@ class ArtifactInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     format: int = ARTIFACT_FORMAT
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes (format 2)
 
     @property
     def id(self) -> str:
@@ -93,14 +98,14 @@ def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, 
     if manifest.exists():
         manifest.unlink()
     save_file(_flatten(weights), str(d / "weights.safetensors"))
-    h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
     if ema:
         save_file(_flatten(ema), str(d / "ema.safetensors"))
-        h.update(_hash_file(d / "ema.safetensors").encode())
     if config_yaml is not None:
         (d / "config.yaml").write_text(config_yaml)
     info.models = sorted(weights)
-    info.content_hash = h.hexdigest()
+    info.format = ARTIFACT_FORMAT
+    info.content_hash = content_hash_of(d, ARTIFACT_FORMAT)
+    info.sizes = {n: (d / n).stat().st_size for n in ARTIFACT_FILES if (d / n).is_file()}
     tmp = d / "artifact.json.tmp"
     tmp.write_text(json.dumps(asdict(info), indent=2))
     tmp.replace(manifest)
@@ -120,8 +125,9 @@ def read_artifact_info(directory: str | Path) -> ArtifactInfo:
         info = ArtifactInfo(**raw, latent=LatentSpec(**latent) if latent else None)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ArtifactError(f"{manifest}: unreadable artifact manifest ({exc})") from None
-    if info.format != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{manifest}: format {info.format}, this version reads {ARTIFACT_FORMAT}")
+    if info.format not in READABLE_FORMATS:
+        raise ArtifactError(f"{manifest}: format {info.format}, this version reads formats "
+                            f"{', '.join(map(str, READABLE_FORMATS))}")
     return info
 
 
@@ -137,7 +143,7 @@ def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
     if not files["raw"].is_file():
         raise ArtifactError(f"{files['raw']}: missing from artifact {d}")
     if verify:
-        if content_hash_of(d) != info.content_hash:
+        if content_hash_of(d, info.format) != info.content_hash:
             raise ArtifactError(f"{d}: content hash mismatch (files changed after artifact.json was written)")
     path = files[which]
     if not path.is_file():
@@ -202,9 +208,17 @@ class Artifact:
         return weights[model]
 
 
-def content_hash_of(directory: str | Path) -> str:
-    """The content hash of the weight files in `directory`, as save_artifact computes it."""
+def content_hash_of(directory: str | Path, format: int = ARTIFACT_FORMAT) -> str:
+    """The content hash of the files in `directory`, as save_artifact computes it. Format 2: sha256 over the line
+    "<name> <sha256 of the file>" of each of ARTIFACT_FILES present (config.yaml included); format 1: sha256 over the
+    hex sha256 of weights.safetensors, then of ema.safetensors when present."""
     d = Path(directory)
+    if format >= 2:
+        h = hashlib.sha256(b"dmvae-artifact-2\n")
+        for name in ARTIFACT_FILES:
+            if (d / name).is_file() or name == "weights.safetensors":
+                h.update(f"{name} {_hash_file(d / name)}\n".encode())
+        return h.hexdigest()
     h = hashlib.sha256(_hash_file(d / "weights.safetensors").encode())
     if (d / "ema.safetensors").is_file():
         h.update(_hash_file(d / "ema.safetensors").encode())

@@ -295,9 +295,16 @@ def test_an_image_beyond_the_pixel_bound_is_refused_before_decoding(monkeypatch)
         transforms.decode_image(_png(21, 20))
     with pytest.raises(transforms.ImageTooLargeError):
         shards.check_decodes(_png(21, 20))  # `data shards` counts it as corrupt (or fails, with --on-corrupt fail)
-    monkeypatch.delenv("DMVAE_MAX_IMAGE_PIXELS")
-    with pytest.raises(Image.DecompressionBombWarning):  # PIL's own warning is an error, wherever PIL opens one
-        Image.open(__import__("io").BytesIO(_png(12000, 12000)))
+    # PIL's own warning is an error in a process that imported the data package, wherever PIL opens an image (a
+    # fresh interpreter: pytest resets warning filters around each test).
+    import subprocess
+    import sys
+    code = ("import io, sys; import dmvae_scale.data.transforms; from PIL import Image\n"
+            "try:\n    Image.open(io.BytesIO(sys.stdin.buffer.read()))\n"
+            "except Image.DecompressionBombWarning as e:\n    print('refused:', e)")
+    done = subprocess.run([sys.executable, "-c", code], input=_png(12000, 12000), capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.decode().startswith("refused: Image size (144000000 pixels) exceeds "
+                                                                    "limit of 134217728 pixels"), done.stderr
 
 
 def test_a_checkpoint_file_larger_than_its_manifest_says_is_not_downloaded(s3_bucket, tmp_path):
@@ -317,3 +324,42 @@ def test_a_checkpoint_file_larger_than_its_manifest_says_is_not_downloaded(s3_bu
                                                    rf".* lists 100; refusing to download it"):
         reader.local_view(info)
     assert not list((tmp_path / "reader").rglob("rank-00000.pt*"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.yaml inside the content hash; artifact downloads capped at the recorded sizes
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_config_yaml_is_inside_the_content_hash(small_artifact):
+    from dmvae_scale.artifacts import content_hash_of, load_artifact, read_artifact_info
+    info = read_artifact_info(small_artifact)
+    assert info.format == 2 and info.content_hash == content_hash_of(small_artifact)
+    assert info.sizes == {n: (small_artifact / n).stat().st_size
+                          for n in ("weights.safetensors", "ema.safetensors", "config.yaml")}
+    (small_artifact / "config.yaml").write_text("stage: tokenizer\ntokenizer: {latent_channels: 64}\n")
+    with pytest.raises(ArtifactError, match="content hash mismatch"):
+        load_artifact(small_artifact, "raw")
+
+
+def test_a_format_1_artifact_is_still_read(small_artifact):
+    import hashlib
+
+    from dmvae_scale.artifacts import load_artifact
+    raw = json.loads((small_artifact / "artifact.json").read_text())
+    h = hashlib.sha256(hashlib.sha256((small_artifact / "weights.safetensors").read_bytes()).hexdigest().encode())
+    h.update(hashlib.sha256((small_artifact / "ema.safetensors").read_bytes()).hexdigest().encode())
+    raw.update(format=1, content_hash=h.hexdigest())
+    raw.pop("sizes")
+    (small_artifact / "artifact.json").write_text(json.dumps(raw))
+    info, weights = load_artifact(small_artifact, "ema")
+    assert info.format == 1 and torch.equal(weights["net"]["w"], torch.ones(3, 4))
+
+
+def test_an_artifact_file_larger_than_recorded_is_not_downloaded(small_artifact, s3_bucket, temp_root):
+    url = f"{s3_bucket}/art"
+    upload_artifact(small_artifact, url)
+    storage.write_bytes(f"{url}/config.yaml", b"x" * 5000)
+    recorded = json.loads((small_artifact / "artifact.json").read_text())["sizes"]["config.yaml"]
+    with pytest.raises(ArtifactError, match=rf"^{url}/config.yaml: 5000 bytes, but {url}/artifact.json records "
+                                            rf"{recorded}; refusing to download it"):
+        open_artifact(url)

@@ -85,11 +85,17 @@ def _download(url: str, info: ArtifactInfo, manifest: bytes, final: Path) -> Non
         fs, root = storage.filesystem(url)
         for name in ARTIFACT_FILES:
             remote = f"{root.rstrip('/')}/{name}"
+            if info.format >= 2 and name not in info.sizes:
+                continue  # not part of the artifact: its content hash does not cover it
             if fs.exists(remote):
+                size = int(fs.info(remote).get("size") or 0)
+                if info.format >= 2 and size != info.sizes[name]:  # refused before a byte is read
+                    raise ArtifactError(f"{url}/{name}: {size} bytes, but "
+                                        f"{url}/{MANIFEST} records {info.sizes[name]}; refusing to download it")
                 fs.get_file(remote, str(staging / name))
         if not (staging / "weights.safetensors").is_file():
             raise ArtifactError(f"{url}/weights.safetensors: missing from artifact {url}")
-        if content_hash_of(staging) != info.content_hash:
+        if content_hash_of(staging, info.format) != info.content_hash:
             raise ArtifactError(f"{url}: content hash mismatch (its files changed after artifact.json was written, "
                                 f"or are being rewritten now)")
         (staging / MANIFEST).write_bytes(manifest)
@@ -133,7 +139,7 @@ def _entry_problem(final: Path, info: ArtifactInfo, manifest: bytes) -> str | No
     try:
         if (final / MANIFEST).read_bytes() != manifest:
             return f"its {MANIFEST} differs from the remote one"
-        found = content_hash_of(final)
+        found = content_hash_of(final, info.format)
     except (OSError, ArtifactError) as exc:
         return f"unreadable ({exc})"
     if found != info.content_hash:
