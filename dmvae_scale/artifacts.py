@@ -4,7 +4,8 @@ An artifact is a directory (local path; s3:// through fsspec) holding
     weights.safetensors     raw weights, one entry per model: "<model>.<param name>"
     ema.safetensors         EMA weights, same keys (optional)
     artifact.json           stage, models, latent shape and statistics, config hash, upstream artifact ids,
-                            content hash; written LAST, so a directory without it is not an artifact
+                            content hash (format 2: of both weight files and config.yaml), each file's size;
+                            written LAST, so a directory without it is not an artifact
     config.yaml             the resolved config of the run that produced it
 Loading checks the content hash and refuses anything missing or mismatched with an error naming the file and key.
 
