@@ -4,7 +4,8 @@ An artifact is a directory (local path; s3:// through fsspec) holding
     weights.safetensors     raw weights, one entry per model: "<model>.<param name>"
     ema.safetensors         EMA weights, same keys (optional)
     artifact.json           stage, models, latent shape and statistics, config hash, upstream artifact ids,
-                            content hash; written LAST, so a directory without it is not an artifact
+                            content hash (format 2: of both weight files and config.yaml), each file's size;
+                            written LAST, so a directory without it is not an artifact
     config.yaml             the resolved config of the run that produced it
 Loading checks the content hash and refuses anything missing or mismatched with an error naming the file and key.
 
@@ -24,7 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 
-ARTIFACT_FORMAT = 1
+# Format 2 (written now): the content hash covers weights.safetensors, ema.safetensors AND config.yaml (which shapes
+# the model a later stage builds), and artifact.json records each file's size (downloads are capped at it). Format 1
+# (hash of the weight files only, no sizes) is still read, its config.yaml then vouched for by nothing.
+ARTIFACT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 # What the saved tensors compute, beyond their layout (ARTIFACT_FORMAT) and shapes: bumped when a change of the code
 # makes weights saved before it compute another function here. Recorded in every artifact.json ("method") and in
@@ -85,6 +90,7 @@ class ArtifactInfo:
     content_hash: str = ""
     format: int = ARTIFACT_FORMAT
     method: int = METHOD_VERSION  # what the weights compute (METHOD_VERSION); a manifest without the key is 1
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes (format 2)
 
     @property
     def id(self) -> str:
@@ -116,14 +122,14 @@ def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, 
     if manifest.exists():
         manifest.unlink()
     save_file(_flatten(weights), str(d / "weights.safetensors"))
-    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if ema:
         save_file(_flatten(ema), str(d / "ema.safetensors"))
-        h.update(sha256_of_file(d / "ema.safetensors").encode())
     if config_yaml is not None:
         (d / "config.yaml").write_text(config_yaml)
     info.models = sorted(weights)
-    info.content_hash = h.hexdigest()
+    info.format = ARTIFACT_FORMAT
+    info.content_hash = content_hash_of(d, ARTIFACT_FORMAT)
+    info.sizes = {n: (d / n).stat().st_size for n in ARTIFACT_FILES if (d / n).is_file()}
     tmp = d / "artifact.json.tmp"
     tmp.write_text(json.dumps(asdict(info), indent=2))
     tmp.replace(manifest)
@@ -144,8 +150,9 @@ def read_artifact_info(directory: str | Path) -> ArtifactInfo:
         info = ArtifactInfo(**raw, latent=LatentSpec(**latent) if latent else None)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ArtifactError(f"{manifest}: unreadable artifact manifest ({exc})") from None
-    if info.format != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{manifest}: format {info.format}, this version reads {ARTIFACT_FORMAT}")
+    if info.format not in READABLE_FORMATS:
+        raise ArtifactError(f"{manifest}: format {info.format}, this version reads formats "
+                            f"{', '.join(map(str, READABLE_FORMATS))}")
     dits = [m for m in info.models if m in DIT_MODELS]
     refusal = method_refusal(info.method, f"{manifest}: this {info.stage} artifact ({', '.join(dits)})") \
         if dits else None
@@ -166,7 +173,7 @@ def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
     if not files["raw"].is_file():
         raise ArtifactError(f"{files['raw']}: missing from artifact {d}")
     if verify:
-        if content_hash_of(d) != info.content_hash:
+        if content_hash_of(d, info.format) != info.content_hash:
             raise ArtifactError(f"{d}: content hash mismatch (files changed after artifact.json was written)")
     path = files[which]
     if not path.is_file():
@@ -231,9 +238,17 @@ class Artifact:
         return weights[model]
 
 
-def content_hash_of(directory: str | Path) -> str:
-    """The content hash of the weight files in `directory`, as save_artifact computes it."""
+def content_hash_of(directory: str | Path, format: int = ARTIFACT_FORMAT) -> str:
+    """The content hash of the files in `directory`, as save_artifact computes it. Format 2: sha256 over the line
+    "<name> <sha256 of the file>" of each of ARTIFACT_FILES present (config.yaml included); format 1: sha256 over the
+    hex sha256 of weights.safetensors, then of ema.safetensors when present."""
     d = Path(directory)
+    if format >= 2:
+        h = hashlib.sha256(b"dmvae-artifact-2\n")
+        for name in ARTIFACT_FILES:
+            if (d / name).is_file() or name == "weights.safetensors":
+                h.update(f"{name} {sha256_of_file(d / name)}\n".encode())
+        return h.hexdigest()
     h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
     if (d / "ema.safetensors").is_file():
         h.update(sha256_of_file(d / "ema.safetensors").encode())

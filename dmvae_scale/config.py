@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,6 +260,11 @@ class InputsConfig:
     tokenizer_weights: Literal["ema", "raw"] = "ema"
     real_score: Optional[str] = None  # the reference stage's artifact: the frozen real score model of stage 3
     generator: Optional[str] = None
+    # Pins: the content hash (artifact.json's content_hash, 64 hex digits) the artifact of inputs.<key> must have;
+    # an artifact with another is refused, naming the key and both hashes.
+    tokenizer_sha256: Optional[str] = None
+    real_score_sha256: Optional[str] = None
+    generator_sha256: Optional[str] = None
 
 
 @dataclass
@@ -651,8 +657,32 @@ def inputs_used(cfg: RunConfig) -> set[str]:
     return {"inputs.tokenizer"}  # decoder, generator
 
 
+PINNED_INPUTS = ("tokenizer", "real_score", "generator")
+
+
+def _validate_pins(cfg: RunConfig) -> None:
+    for role in PINNED_INPUTS:
+        pin = getattr(cfg.inputs, f"{role}_sha256")
+        if pin is None:
+            continue
+        if not isinstance(pin, str) or not re.fullmatch(r"[0-9a-f]{64}", pin):
+            raise ConfigError(f"inputs.{role}_sha256: must be an artifact's content hash (64 lowercase hex digits, "
+                              f"its artifact.json's content_hash), got {pin!r}")
+        if getattr(cfg.inputs, role) is None:
+            raise ConfigError(f"inputs.{role}_sha256: pins inputs.{role}, which is not given; give it or remove "
+                              f"the pin")
+
+
+def pinned_input(key: str, pin: Optional[str], found: str, path: str) -> None:
+    """Refuse an upstream artifact whose content hash is not the one its pin (inputs.<key>_sha256) names."""
+    if pin is not None and found != pin:
+        raise ConfigError(f"{key}_sha256: expects content hash {pin}, but {path} has {found}; refusing it (another "
+                          f"artifact than the one pinned, or a changed one)")
+
+
 def _validate_inputs(cfg: RunConfig) -> None:
     """Every input given must be used: name the first one this stage would ignore."""
+    _validate_pins(cfg)
     used = inputs_used(cfg)
     for key in INPUT_KEYS:
         value = _input_value(cfg, key)

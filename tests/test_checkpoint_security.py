@@ -360,24 +360,25 @@ def temp_root(tmp_path, monkeypatch):
 
 def test_the_cache_root_is_created_private_to_this_user(temp_root):
     cache = Path(ckpt.CheckpointStore("s3://bucket/run").cache_dir)
-    root = temp_root / f"dmvae-ckpt-{os.geteuid()}"
+    root = temp_root / f"dmvae-{os.geteuid()}" / "checkpoints"
     assert cache.parent == root
-    for d in (root, cache):
+    for d in (root.parent, root, cache):
         assert d.stat().st_mode & 0o777 == 0o700 and d.stat().st_uid == os.geteuid()
 
 
 def test_a_symlinked_cache_root_is_refused(temp_root):
     elsewhere = temp_root / "elsewhere"
     elsewhere.mkdir(mode=0o700)
-    (temp_root / f"dmvae-ckpt-{os.geteuid()}").symlink_to(elsewhere)
-    with pytest.raises(ckpt.CheckpointError, match=r"dmvae-ckpt-\d+: it is a symlink .*refusing to keep "
-                                                   r"checkpoint files there"):
+    (temp_root / f"dmvae-{os.geteuid()}").mkdir(mode=0o700)
+    (temp_root / f"dmvae-{os.geteuid()}" / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(ckpt.CheckpointError, match=r"dmvae-\d+/checkpoints: it is a symlink .*refusing to keep "
+                                                   r"files there"):
         _ = ckpt.CheckpointStore("s3://bucket/run").cache_dir
     assert not any(elsewhere.iterdir())
 
 
 def test_a_cache_root_others_can_write_or_own_is_refused(temp_root, monkeypatch):
-    root = temp_root / f"dmvae-ckpt-{os.geteuid()}"
+    root = temp_root / f"dmvae-{os.geteuid()}"
     root.mkdir()
     root.chmod(0o777)
     with pytest.raises(ckpt.CheckpointError, match=r"its mode 0777 lets group or others write into it"):

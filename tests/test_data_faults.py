@@ -32,7 +32,7 @@ def test_damaged_shard_in_the_object_store_fails_at_once_naming_it_and_a_restore
     name = _damage(url)
     started = time.monotonic()
     ds = ImageStreamDataset(url, batch_size=8, image_size=28, shuffle=False, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ShardDataError, match=rf"^{url}: shard {name} does not match its index \(sha1 .*\), "
+    with pytest.raises(ShardDataError, match=rf"^{url}: shard {name} does not match its index \(sha256 .*\), "
                                              rf"found (reading|downloading it for) sample"):
         for _ in make_loader(ds, num_workers=1):
             pass

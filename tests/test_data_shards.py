@@ -94,7 +94,7 @@ def test_verify_counts_and_finds_tampered_and_missing_shards(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["data", "verify", str(dest)]) == 1
     out = capsys.readouterr().out
-    assert "PROBLEMS" in out and f"bad shard: part-00001/{shard.name}: sha1" in out
+    assert "PROBLEMS" in out and f"bad shard: part-00001/{shard.name}: sha256" in out
 
     shard.unlink()
     with pytest.raises(StorageError, match=f"shard part-00001/{shard.name} listed in index.json is missing"):
@@ -114,7 +114,7 @@ def test_verify_names_undecodable_sample(tmp_path, capsys):
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
     good = buf.getvalue()
-    with MDSWriter(out=str(tmp_path / "ds"), columns=COLUMNS, hashes=["sha1"]) as w:
+    with MDSWriter(out=str(tmp_path / "ds"), columns=COLUMNS, hashes=["sha256"]) as w:
         w.write({"key": "a/good", "label": 0, "image": good})
         w.write({"key": "a/broken", "label": 1, "image": good[:40]})
         w.write({"key": "a/good", "label": 0, "image": good})

@@ -124,7 +124,7 @@ def test_generator_and_tokenizer_on_s3_sample_the_same_images(local_run, artifac
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(np.load(npz)["arr_0"], data["arr_0"])
-    copies = [d for d in (tmp_path / "dmvae-artifacts").iterdir() if d.is_dir()]
+    copies = [d for d in (tmp_path / f"dmvae-{os.geteuid()}" / "artifacts").iterdir() if d.is_dir()]
     assert len(copies) == 2  # generator and tokenizer, each fetched once into a directory named by its content hash
 
 

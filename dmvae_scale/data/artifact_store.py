@@ -7,12 +7,16 @@ only after its files match the content hash, so a half-downloaded artifact is ne
 
 upload_artifact(local_dir, url) puts artifact.json last, so a reader never sees a half-uploaded artifact as complete.
 
-The cache lies under $TMPDIR (tempfile.gettempdir(), like the shard and checkpoint caches): point TMPDIR at a large
-local volume on cluster nodes.
+The cache is this user's (`$TMPDIR/dmvae-<uid>/artifacts`, private_cache: 0700, refused when it is a symlink or
+someone else's), beside the shard and checkpoint caches: point TMPDIR at a large local volume on cluster nodes. A
+cached entry is trusted by nothing it says itself: at every open its files are hashed again and must match the content
+hash that names the entry and that the remote artifact.json records; an entry that does not (planted, modified, cut
+short) is removed and downloaded again, with a warning.
 """
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -22,13 +26,17 @@ from pathlib import Path
 from dmvae_scale.artifacts import ARTIFACT_FILES, Artifact, ArtifactError, ArtifactInfo, content_hash_of, \
     read_artifact_info
 
+from ..private_cache import local_files, user_cache
 from . import storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "artifact.json"
 
 
 def cache_root() -> Path:
-    return Path(tempfile.gettempdir()) / "dmvae-artifacts"
+    """This user's artifact download cache, $TMPDIR/dmvae-<uid>/artifacts (created 0700 and checked)."""
+    return Path(user_cache("artifacts", "artifact cache", ArtifactError))
 
 
 def _remote_info(url: str) -> tuple[ArtifactInfo, bytes]:
@@ -77,11 +85,17 @@ def _download(url: str, info: ArtifactInfo, manifest: bytes, final: Path) -> Non
         fs, root = storage.filesystem(url)
         for name in ARTIFACT_FILES:
             remote = f"{root.rstrip('/')}/{name}"
+            if info.format >= 2 and name not in info.sizes:
+                continue  # not part of the artifact: its content hash does not cover it
             if fs.exists(remote):
+                size = int(fs.info(remote).get("size") or 0)
+                if info.format >= 2 and size != info.sizes[name]:  # refused before a byte is read
+                    raise ArtifactError(f"{url}/{name}: {size} bytes, but "
+                                        f"{url}/{MANIFEST} records {info.sizes[name]}; refusing to download it")
                 fs.get_file(remote, str(staging / name))
         if not (staging / "weights.safetensors").is_file():
             raise ArtifactError(f"{url}/weights.safetensors: missing from artifact {url}")
-        if content_hash_of(staging) != info.content_hash:
+        if content_hash_of(staging, info.format) != info.content_hash:
             raise ArtifactError(f"{url}: content hash mismatch (its files changed after artifact.json was written, "
                                 f"or are being rewritten now)")
         (staging / MANIFEST).write_bytes(manifest)
@@ -101,12 +115,36 @@ def open_artifact(location: str | os.PathLike) -> Artifact:
     # Keyed by the weights' hash AND the config's: a deterministic rerun into another store makes the same weights
     # with another config.yaml (other input paths), which must not be served from the first one's copy.
     key = f"{info.content_hash}-{info.config_hash}"
-    final = cache_root() / key
-    with _locked(cache_root() / f"{key}.lock"):
-        if not (final / MANIFEST).is_file():
-            _download(location, info, manifest, final)
-            return Artifact(location, final, info, verified=True)
-    return Artifact(location, final, read_artifact_info(final))
+    root = cache_root()
+    final = root / key
+    with _locked(root / f"{key}.lock"):
+        if (final / MANIFEST).is_file() or final.is_symlink():
+            problem = _entry_problem(final, info, manifest)
+            if problem is None:
+                return Artifact(location, final, info, verified=True)
+            log.warning(f"artifact cache entry {final}: {problem}; removing it and downloading {location} again")
+            if final.is_symlink():
+                final.unlink()
+            else:
+                shutil.rmtree(final)
+        _download(location, info, manifest, final)
+        return Artifact(location, final, info, verified=True)
+
+
+def _entry_problem(final: Path, info: ArtifactInfo, manifest: bytes) -> str | None:
+    """None when the cached entry is the remote artifact: a real directory whose files hash to the content hash
+    that names it (the remote artifact.json's) and whose artifact.json is the remote one; else what is wrong."""
+    if final.is_symlink() or not final.is_dir():
+        return "not a directory of this cache (a symlink?)"
+    try:
+        if (final / MANIFEST).read_bytes() != manifest:
+            return f"its {MANIFEST} differs from the remote one"
+        found = content_hash_of(final, info.format)
+    except (OSError, ArtifactError) as exc:
+        return f"unreadable ({exc})"
+    if found != info.content_hash:
+        return f"its files hash to {found}, not to the content hash {info.content_hash} that names it"
+    return None
 
 
 def open_tokenizer(location: str | os.PathLike, which: str = "ema"):
@@ -129,8 +167,11 @@ def upload_artifact(local_dir: str | os.PathLike, url: str) -> None:
     root = root.rstrip("/")
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")
-    for name in sorted(os.listdir(local_dir)):
-        if name != MANIFEST and (local_dir / name).is_file():
-            fs.put_file(str(local_dir / name), f"{root}/{name}")
-    fs.put_file(str(local_dir / MANIFEST), f"{root}/{MANIFEST}")
+    files = dict((rel, src) for src, rel in local_files(str(local_dir), f"artifact upload {url}") if "/" not in rel)
+    if MANIFEST not in files:
+        raise ArtifactError(f"{local_dir}/{MANIFEST}: not a regular file; nothing uploaded")
+    for name in sorted(files):
+        if name != MANIFEST:
+            fs.put_file(files[name], f"{root}/{name}")
+    fs.put_file(files[MANIFEST], f"{root}/{MANIFEST}")
 

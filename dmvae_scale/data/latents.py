@@ -36,6 +36,7 @@ from dmvae_scale.errors import UserError
 
 from . import storage
 from .artifact_store import open_tokenizer
+from .shards import SHARD_HASH
 from .stream import ImageStreamDataset, _EpochAware, streaming_locations
 from .transforms import sample_rng
 
@@ -112,7 +113,7 @@ def cache_latents(src: str, dest: str, tokenizer_dir: str, *, weights: str = "em
         raise UserError(f"{dest} is not empty; choose an empty destination for the latent cache")
     batch_means, inv_stds, count, shape = [], [], 0, None
     try:
-        with MDSWriter(out=out_dir, columns=LATENT_COLUMNS, hashes=["sha1"]) as writer, \
+        with MDSWriter(out=out_dir, columns=LATENT_COLUMNS, hashes=[SHARD_HASH]) as writer, \
                 show_progress(total=total, unit="img", desc=f"cache-latents {dest}", enabled=progress) as bar, \
                 torch.inference_mode():
             for batch in (loader if attach is None else attach(_with_mirrors(loader))):

@@ -15,14 +15,15 @@ Each sample stores {"key": str, "label": int, "image": the encoded bytes as read
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 from ..log import progress as show_progress
@@ -33,7 +34,7 @@ from .shard_sources import ImageSource, SourceSample, open_source, read_encoded
 
 FORMAT = 1
 COLUMNS = {"key": "str", "label": "int", "image": "bytes"}
-SHARD_HASH = "sha1"  # recorded per shard in index.json; `data verify` recomputes it
+SHARD_HASH = "sha256"  # recorded for every shard in index.json (required); `data verify` recomputes it
 DEFAULT_PART_SIZE = 2048
 DEFAULT_SHARD_BYTES = 1 << 26
 
@@ -65,9 +66,10 @@ class ShardSummary:
 
 
 def check_decodes(data: bytes) -> None:
-    """Raise if the bytes are not a fully decodable image (truncated files fail at load())."""
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as img:
+    """Raise if the bytes are not a fully decodable image (truncated files fail at load()) or have more pixels than
+    transforms.max_image_pixels() (a decompression bomb)."""
+    from .transforms import open_image
+    with open_image(data) as img:
         img.load()
 
 
@@ -256,6 +258,7 @@ def load_index(dest: str, check_files: bool = True) -> dict:
         hint = " (an interrupted conversion: re-run `dmvae-scale data shards`)" \
             if _read_json(storage.join(dest, "plan.json")) else ""
         raise storage.StorageError(f"{dest}: no index.json, not a complete shard dataset{hint}")
+    check_index(index, storage.join(dest, "index.json"), None if storage.is_remote(dest) else dest)
     if check_files:
         fs, root = storage.filesystem(dest)
         root = root.rstrip("/")
@@ -267,3 +270,41 @@ def load_index(dest: str, check_files: bool = True) -> dict:
             raise storage.StorageError(f"{dest}: shard {', '.join(missing[:3])}{more} listed in index.json is "
                                        f"missing; re-run `dmvae-scale data shards` or restore the file")
     return index
+
+
+class ShardIndexError(UserError):
+    """An index.json whose shard names, hashes or compression this version does not read; names the file."""
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_index(index: Any, where: str, local_dir: str | None = None) -> None:
+    """Refuse an index unless every shard: has a basename of `[A-Za-z0-9_.-]` segments joined by '/' (no '.' or
+    '..', not absolute) that, for a local dataset, resolves inside `local_dir`; is uncompressed (Streaming would
+    decompress a whole shard in memory); records its SHARD_HASH (a shard without one would go unchecked)."""
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ShardIndexError(f"{where}: no list of shards; not an MDS index")
+    root = os.path.realpath(local_dir) if local_dir else None
+    for shard in shards:
+        raw = shard.get("raw_data") if isinstance(shard, dict) else None
+        name = raw.get("basename") if isinstance(raw, dict) else None
+        parts = name.split("/") if isinstance(name, str) else []
+        if not parts or any(not _SEGMENT.match(p) or p in (".", "..") for p in parts):
+            raise ShardIndexError(f"{where}: shard basename {name!r} is not a safe relative name (letters, digits, "
+                                  f"'_', '.', '-' segments; no '..'); refusing the dataset")
+        if root is not None:
+            real = os.path.realpath(os.path.join(local_dir, *parts))
+            if not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise ShardIndexError(f"{where}: shard {name} resolves to {real}, outside {root}; refusing the "
+                                      f"dataset")
+        if shard.get("compression") or shard.get("zip_data"):
+            raise ShardIndexError(f"{where}: shard {name} is compressed ({shard.get('compression')}); this version "
+                                  f"reads uncompressed shards only (Streaming would decompress each whole shard in "
+                                  f"memory). Rewrite it with `dmvae-scale data shards`")
+        digest = (raw.get("hashes") or {}).get(SHARD_HASH)
+        if not isinstance(digest, str) or not re.match(r"^[0-9a-f]{64}$", digest):
+            raise ShardIndexError(f"{where}: shard {name} records no {SHARD_HASH} (hashes: "
+                                  f"{sorted(raw.get('hashes') or {})}); every shard must, or it would be read "
+                                  f"unchecked. Rewrite it with `dmvae-scale data shards` (or `data cache-latents`)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dmvae_scale.errors import UserError
+from dmvae_scale.private_cache import local_files
 
 CONNECT_TIMEOUT_S = 3.0
 # A small object (a JSON file, a marker) that has not moved in this long is a stuck connection, not a slow one.
@@ -313,7 +314,9 @@ def exists(url: str) -> bool:
 
 
 def upload_dir(local_dir: str, url: str) -> None:
-    """Copy every file of `local_dir` to `url/` (flat: shard files and the part index)."""
+    """Copy every regular file of `local_dir` to `url/` (flat: shard files and the part index); a symlink is skipped
+    with a warning, never followed."""
     fs, path = filesystem(url)  # remote: put_file retries transient errors
-    for name in sorted(os.listdir(local_dir)):
-        fs.put_file(os.path.join(local_dir, name), f"{path.rstrip('/')}/{name}")
+    for src, rel in local_files(local_dir, f"upload {url}"):
+        if "/" not in rel:
+            fs.put_file(src, f"{path.rstrip('/')}/{rel}")

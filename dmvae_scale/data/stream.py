@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Callable
 
 import torch
@@ -32,6 +31,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState  # Streaming 0.13 internals; pinned in pyproject
 
 from dmvae_scale.errors import UserError
+from dmvae_scale.private_cache import named_private_dir, private_dir, user_cache
 
 from . import storage
 from .shards import SHARD_HASH, load_index
@@ -52,11 +52,14 @@ def default_cache_dir(url: str, index: dict) -> str:
     dataset rewritten at the same URL (a rerun of `data shards`, a latent cache remade by a new tokenizer) would
     otherwise be read from the stale copy of the old one."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "dmvae-stream-cache", f"{digest}-{index_digest(index)}")
+    return private_dir(os.path.join(user_cache("stream", "shard cache", UserError), f"{digest}-{index_digest(index)}"),
+                       "shard cache", UserError)
 
 
 def _check_cache_dir(cache_dir: str, url: str, index: dict) -> str:
-    """A cache directory the user named must hold nothing, or a copy of this very dataset."""
+    """A cache directory the user named must be private (private_cache) and hold nothing, or a copy of this very
+    dataset."""
+    cache_dir = named_private_dir(cache_dir, "shard cache_dir", UserError)
     cached = os.path.join(cache_dir, "index.json")
     if os.path.isfile(cached):
         try:
@@ -74,11 +77,27 @@ def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None
     """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check."""
     index = load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
     if storage.is_remote(url):
-        hashed = all(SHARD_HASH in (s["raw_data"].get("hashes") or {}) for s in index["shards"])
         local = _check_cache_dir(cache_dir, url, index) if cache_dir else default_cache_dir(url, index)
+        _place_index(local, index)
         return {"remote": url, "local": local,
-                "validate_hash": SHARD_HASH if hashed else None}  # each download checked against its index entry
+                "validate_hash": SHARD_HASH}  # each download checked: load_index requires every shard's hash
     return {"remote": None, "local": os.path.abspath(url)}
+
+
+def _place_index(local: str, index: dict) -> None:
+    """Put the index checked here (load_index) into the cache, where Streaming reads it instead of downloading
+    index.json once more: the names and hashes it uses are the ones that were checked."""
+    path = os.path.join(local, "index.json")
+    try:
+        with open(path) as f:
+            if index_digest(json.load(f)) == index_digest(index):
+                return
+    except (OSError, ValueError):
+        pass
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+    os.replace(tmp, path)
 
 
 class ShardDataError(UserError):

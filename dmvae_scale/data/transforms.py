@@ -12,20 +12,57 @@ depend on which worker reads it or when.
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dmvae_scale.errors import UserError
 from dmvae_scale.seeds import sample_seed
 
 CROP_MODES = ("random", "center", "adm")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (grayscale is replicated to three channels)."""
+# The most pixels an image may have before it is decoded: 2**27 (134 megapixels, e.g. 11585 x 11585; 384 MiB as RGB),
+# far above any photo of ImageNet and its like. DMVAE_MAX_IMAGE_PIXELS changes it. PIL's own bound is set to it and
+# its DecompressionBombWarning made an error, so a bomb is refused wherever PIL opens an image in this process.
+MAX_IMAGE_PIXELS = 2 ** 27
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class ImageTooLargeError(UserError):
+    """An image whose header declares more pixels than the bound: refused before it is decoded."""
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("DMVAE_MAX_IMAGE_PIXELS")
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"DMVAE_MAX_IMAGE_PIXELS: must be a whole number of pixels, got {value!r}") from None
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> a PIL image, opened (header read) but refused before decoding when it has more pixels than
+    max_image_pixels() (a decompression bomb: a few KiB that decode to gigabytes)."""
     img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    bound = max_image_pixels()
+    if w * h > bound:
+        raise ImageTooLargeError(f"image of {w} x {h} = {w * h} pixels exceeds the bound of {bound} pixels (a "
+                                 f"decompression bomb?); refusing to decode it (DMVAE_MAX_IMAGE_PIXELS raises it)")
+    return img
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> RGB PIL image (grayscale is replicated to three channels); refused beyond the pixel bound."""
+    img = open_image(data)
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
 

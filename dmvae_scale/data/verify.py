@@ -1,7 +1,7 @@
 """`dmvae-scale data verify`: is a shard dataset complete and intact?
 
 Reads every shard listed in index.json once (local or remote), and checks
-    shard integrity   present, size as recorded, sha1 as recorded
+    shard integrity   present, size as recorded, sha256 as recorded
     samples           count vs dataset.json, duplicate keys, label histogram
     content           every image decodes (image shards); every latent is finite (latent shards)
 """

@@ -14,6 +14,7 @@ from ..batch_keys import FEATURES_KEY
 from ..config import RunConfig, config_hash, to_dict
 from ..data import storage
 from ..errors import UserError
+from ..private_cache import local_files
 from .loop import LoopHook
 
 
@@ -63,11 +64,8 @@ class MetricSinks:
             self.wandb.log(metrics, step=images)
         if self.remote:  # small files: copy the whole logs directory up at each interval
             fs, root = storage.filesystem(self.cfg.run_dir)
-            for dirpath, _, files in os.walk(self.local_dir):
-                for name in files:
-                    src = os.path.join(dirpath, name)
-                    rel = os.path.relpath(src, self.local_dir).replace(os.sep, "/")
-                    fs.put_file(src, f"{root.rstrip('/')}/{rel}")
+            for src, rel in local_files(self.local_dir, f"log upload {self.cfg.run_dir}"):  # never a symlink
+                fs.put_file(src, f"{root.rstrip('/')}/{rel}")
 
     def close(self) -> None:
         self.tb.close()

@@ -23,12 +23,12 @@ import contextlib
 import hashlib
 import os
 import re
-import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from ...errors import UserError
+from ...private_cache import private_dir as _private_dir
 
 
 class CheckpointError(UserError):
@@ -106,30 +106,8 @@ def mismatch(path: str, expected: str, actual: str, where: str) -> CheckpointErr
 # ----------------------------------------------------------------------------------------------------------------------
 
 def private_dir(path: str, what: str = "checkpoint cache") -> str:
-    """Create `path` (mode 0700) unless it exists, then refuse it unless lstat shows a real directory (not a
-    symlink) owned by this user and writable by nobody else. Its parent must exist."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise CheckpointError(f"{what} {path}: cannot create it ({exc}); set TMPDIR to a directory of "
-                              f"yours") from exc
-    st = os.lstat(path)
-    uid = os.geteuid()
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = f"it is a symlink (to {os.readlink(path)})"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "it is not a directory"
-    elif st.st_uid != uid:
-        problem = f"it is owned by uid {st.st_uid}, not by this user (uid {uid})"
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = f"its mode {stat.S_IMODE(st.st_mode):04o} lets group or others write into it"
-    if problem:
-        raise CheckpointError(f"{what} {path}: {problem}; refusing to keep checkpoint files there (someone else "
-                              f"could plant them). Remove it, or set TMPDIR to a directory of yours")
-    return path
+    """private_cache.private_dir, refusing with a CheckpointError."""
+    return _private_dir(path, what, CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ time or size. Before anything of a checkpoint is read (restore, export), every f
 sha256 (`local_view`); what may be read and how is integrity.py's. The run directory can be local (a shared
 filesystem when workers span nodes) or an object store URL (s3://...): then workers write to a local staging
 directory and upload, and a resume downloads to a local cache under a directory of this user's
-(`$TMPDIR/dmvae-ckpt-<uid>`, 0700, refused if anyone else could write to it), whose files are checked against the
+(`$TMPDIR/dmvae-<uid>/checkpoints`, 0700, refused if anyone else could write to it), whose files are checked against the
 manifest at every use and fetched again when they do not match.
 
 Format 2 (this version) lists sha256 hashes. A manifest of another format - format 1 listed sizes only - is refused
@@ -37,13 +37,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ...data import storage
+from ...private_cache import local_files, user_cache
 from .durable import fsync_path, parallel
 from .integrity import (CheckpointError, CheckpointView, check_name, check_relpath, hash_files, join_inside, mismatch,
                         private_dir, sha256_file, sha256_stream)
@@ -82,8 +82,9 @@ def checkpoint_name(images_seen: int) -> str:
 
 
 def cache_root() -> str:
-    """This user's root of checkpoint caches: $TMPDIR/dmvae-ckpt-<uid> (created 0700 and checked when used)."""
-    return os.path.join(tempfile.gettempdir(), f"dmvae-ckpt-{os.geteuid()}")
+    """This user's root of checkpoint caches: $TMPDIR/dmvae-<uid>/checkpoints (private_cache: created 0700 and
+    checked, as the root above it)."""
+    return user_cache("checkpoints", "checkpoint cache", CheckpointError)
 
 
 def _signing_key() -> bytes | None:
@@ -148,7 +149,7 @@ class CheckpointStore:
                 path = private_dir(os.path.abspath(self._cache_dir))
             else:
                 digest = hashlib.sha256(self.root.encode()).hexdigest()[:16]
-                path = private_dir(os.path.join(private_dir(cache_root()), digest))
+                path = private_dir(os.path.join(cache_root(), digest))
             self._cache_checked = path
         return self._cache_checked
 
@@ -292,11 +293,7 @@ class CheckpointStore:
         local = self.staging_dir(name, rank)
         fs, root = self._fs()
         base = f"{root.rstrip('/')}/{name}"
-        pairs = []
-        for dirpath, _, files in os.walk(local):
-            for f in files:
-                src = os.path.join(dirpath, f)
-                pairs.append((src, f"{base}/{os.path.relpath(src, local).replace(os.sep, '/')}"))
+        pairs = [(src, f"{base}/{rel}") for src, rel in local_files(local, f"checkpoint upload {self.url(name)}")]
         parallel(lambda pair: fs.put_file(*pair), pairs)
         shutil.rmtree(local, ignore_errors=True)
 
@@ -429,6 +426,10 @@ class CheckpointStore:
                 return  # the cached copy is the checkpoint's file
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             part = f"{dst}.part"
+            size = int(fs.info(f"{base}/{rel}").get("size") or 0)
+            if size != info.files[rel]:  # refused before a byte is read: a download is capped at the manifest's size
+                raise CheckpointError(f"{self.url(info.name)}/{rel}: {size} bytes, but {where} lists "
+                                      f"{info.files[rel]}; refusing to download it")
             fs.get_file(f"{base}/{rel}", part)
             actual = sha256_file(part)
             if actual != expected:

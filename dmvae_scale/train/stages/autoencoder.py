@@ -113,7 +113,8 @@ class AutoencoderStage(_MeasuresLatentStats, _StageBase):
         else:
             check_stage_inputs(cfg)
             self.teacher_spec = stage_teacher_spec(cfg)
-            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights,
+                               cfg.inputs.tokenizer_sha256)
             self.tokenizer = _tokenizer_from(cfg, up)
             if "discriminator" in up.info.models:  # "decoder + GAN trained further": continue the upstream critic
                 up.load(self.discriminator, "discriminator", "raw")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...artifacts import Artifact, ArtifactError, ArtifactInfo, LatentSpec, load_into
-from ...config import RunConfig, to_dict
+from ...config import RunConfig, pinned_input, to_dict
 from ...data.artifact_store import artifact_info, open_artifact
 from ...data.storage import StorageError
 from ...distributed.teachers import TeacherSpec, build_teacher, spec_from_config, tokenizer_encoder_spec
@@ -73,13 +73,14 @@ class Upstream:
             raise StageInputError(f"{self.key}: {exc}") from None
 
 
-def open_upstream(key: str, path: str, which: str) -> Upstream:
+def open_upstream(key: str, path: str, which: str, pin: Optional[str] = None) -> Upstream:
     """Open an upstream artifact (local or s3://: manifest, config, weights checked against the content hash) or
-    fail naming the key and the file."""
+    fail naming the key and the file. `pin` (inputs.<key>_sha256): the content hash it must have."""
     try:
         artifact = open_artifact(path)
-        upstream_cfg = artifact.config()
+        pinned_input(key, pin, artifact.info.content_hash, path)
         artifact.weights(which)  # read and checked now: a bad input fails before any model is built
+        upstream_cfg = artifact.config()
     except (ArtifactError, StorageError) as exc:
         raise StageInputError(f"{key}: {exc}") from None
     return Upstream(key, path, artifact, upstream_cfg, which)
@@ -179,6 +180,7 @@ def stage_teacher_spec(cfg: RunConfig) -> Optional[TeacherSpec]:
             info = artifact_info(cfg.inputs.tokenizer)
         except (ArtifactError, StorageError) as exc:
             raise StageInputError(f"inputs.tokenizer: {exc}") from None
+        pinned_input("inputs.tokenizer", cfg.inputs.tokenizer_sha256, info.content_hash, cfg.inputs.tokenizer)
         if info.extra.get("tokenizer_kind", "dmvae") == "kl_vae":
             why = "the KL-VAE baseline's encoder is a conv net of its own, not a registry teacher"
             if cfg.teacher.remote:

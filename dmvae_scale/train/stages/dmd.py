@@ -28,10 +28,11 @@ class DMDStage(_StageBase):
         super().__init__(cfg, rank)
         stage_teacher_spec(cfg)  # none: refuses teacher.remote
         check_stage_inputs(cfg)
-        up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+        up_tok = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights,
+                               cfg.inputs.tokenizer_sha256)
         self.tokenizer = _tokenizer_from(cfg, up_tok)  # trainability of the encoder: tokenizer.encoder.frozen
         _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up_tok.path}")
-        up_ref = open_upstream("inputs.real_score", cfg.inputs.real_score, "ema")
+        up_ref = open_upstream("inputs.real_score", cfg.inputs.real_score, "ema", cfg.inputs.real_score_sha256)
         if up_ref.info.latent is None:
             raise StageInputError(f"inputs.real_score: {up_ref.path}/artifact.json has no latent statistics "
                                   f"(key 'latent'); re-run the reference stage, which measures them")

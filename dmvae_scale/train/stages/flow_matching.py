@@ -130,7 +130,8 @@ class FlowMatchingStage(_MeasuresLatentStats, _StageBase):
         self.cached = cfg.data.latents is not None  # batches carry cached latents: no encoder runs here
         self.teacher_spec = None if self.cached else stage_teacher_spec(cfg)
         if uses_tokenizer:
-            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights)
+            up = open_upstream("inputs.tokenizer", cfg.inputs.tokenizer, cfg.inputs.tokenizer_weights,
+                               cfg.inputs.tokenizer_sha256)
             self.tokenizer = _tokenizer_from(cfg, up).eval().requires_grad_(False)
             _check_score_shape(cfg, self.tokenizer.latent_shape, f"the tokenizer of inputs.tokenizer={up.path}")
             self.upstream = {"tokenizer": up.info.id}
