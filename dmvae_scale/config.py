@@ -587,7 +587,7 @@ def validate(cfg: RunConfig) -> None:
     _need(dist.max_failures >= 0, f"distributed.max_failures: must be >= 0, got {dist.max_failures}")
     _need(dist.resize_check_s > 0, f"distributed.resize_check_s: must be a positive number of seconds, got "
                                    f"{dist.resize_check_s}")
-    uneven = [w for w in range(low, high) if cfg.batch_size % w]  # elastic only (high: the check below)
+    uneven = [w for w in range(low, high + 1) if cfg.batch_size % w] if is_elastic(cfg) else []
     _need(not uneven, f"batch_size: {cfg.batch_size} is not divisible by world size {', '.join(map(str, uneven))} "
                       f"of distributed.num_workers={[low, high]}; every world size in the range must divide the "
                       f"global batch: use batch_size={_multiple_of_all(low, high, dist.grad_accum, cfg.batch_size)} "
