@@ -178,7 +178,7 @@ def test_elastic_stage_loses_a_node_goes_on_with_one_worker_and_grows_back(node_
     from dmvae_scale.train.launch import train
     cluster, nodes = node_cluster
     run_dir = f"{s3_bucket}/elastic"
-    total = 240
+    total = 400  # long enough on one worker for Ray Train's resize check to see the node that joins
     cfg = toys.toy_config(run_dir, "distributed.num_workers=[1, 2]", f"total_images={total}", "ckpt_every_images=32",
                           "log_every_images=16", "distributed.max_failures=3", "distributed.resize_check_s=5")
     store = ckpt.CheckpointStore(run_dir)
@@ -221,8 +221,8 @@ def test_elastic_stage_loses_a_node_goes_on_with_one_worker_and_grows_back(node_
 
     # It went on with one worker from the checkpoint before the loss, and said so.
     went_on = [(int(i), int(w), int(was), int(b), int(m), int(a)) for i, w, was, b, m, a in re.findall(
-        r"going on at (\d+) of 240 images with world size (\d+) \(was (\d+)\); global batch (\d+) = \d+ x micro "
-        r"(\d+) x accumulation (\d+)", text)]
+        rf"going on at (\d+) of {total} images with world size (\d+) \(was (\d+)\); global batch (\d+) = \d+ x "
+        r"micro (\d+) x accumulation (\d+)", text)]
     print("\n".join(ln for ln in text.splitlines() if "going on at" in ln or "starting at" in ln))
     shrink = [g for g in went_on if g[1] == 1 and g[2] == 2]
     assert shrink, f"no 'going on ... world size 1 (was 2)' line; events {events}"
