@@ -169,7 +169,9 @@ class TrainLoop:
                     seen += out.images * self.world_size
                     self._accumulate(out.metrics)
                     for hook in self.hooks:
-                        hook.after_micro_batch(self)
+                        per_batch = getattr(hook, "after_micro_batch", None)  # hooks are duck-typed
+                        if per_batch is not None:
+                            per_batch(self)
                 self._after_optimizer_steps()
                 self.steps += 1
                 self.images_seen += seen
