@@ -188,7 +188,7 @@ def _add_train(sub):
     p.add_argument("--launcher", choices=("auto", "ray", "local"), default="auto",
                    help="ray: DeepSpeed workers under Ray Train (embedded loopback Ray without --address); local: "
                         "this process only; auto (default): ray when --address is given or "
-                        "distributed.num_workers > 1, else local")
+                        "distributed.num_workers > 1 (or an elastic [min, max] with max > 1), else local")
     p.add_argument("--device", default="auto", help="auto (default: cuda where available), cpu or cuda (local "
                                                     "launcher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line still prints)")
@@ -453,7 +453,8 @@ def _add_estimate(sub):
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation without a config (default 1)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (without a config)")
     p.add_argument("--gpu", default="H200", help="GPU type: H200, H100, 'H100 PCIe', A100, B200, L40S, ...")
-    p.add_argument("--gpus", type=int, default=None, help="GPU count (default: the config's num_workers, else 8)")
+    p.add_argument("--gpus", type=int, default=None, help="GPU count (default: the config's num_workers, an elastic range's max; "
+                                                          "else 8)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of the GPU, overriding the table")
     p.add_argument("--epochs", type=float, default=None, help="length in epochs (replaces the config's total_images)")

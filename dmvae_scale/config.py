@@ -238,7 +238,10 @@ class TeacherConfig:
 
 @dataclass
 class DistributedConfig:
-    num_workers: int = 1
+    # An int: that many workers, always. A list [min, max]: elastic (Ray Train's elastic scaling): the run goes on
+    # with fewer workers after a node loss (never below min) and grows back up to max when nodes join; the global
+    # batch stays batch_size at any world size (worker_range, batch_split).
+    num_workers: int | list[int] = 1
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # fp16 would need per-engine loss scaling: not offered
@@ -247,6 +250,10 @@ class DistributedConfig:
     grad_accum: int = 1
     address: Optional[str] = None
     max_failures: int = 2  # Ray Train restarts of the worker group after a crash (user errors are never retried)
+    # Elastic runs: seconds between Ray Train's looks for room to grow a running group back towards max. A resize
+    # restarts the group from the latest checkpoint (work since it is done again), so keep it well above the
+    # checkpoint interval's duration.
+    resize_check_s: float = 60.0
     # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
     # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
     timeout_s: int = 1800
@@ -318,7 +325,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        none = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_type_name(a) for a in args) + none
     if origin in (tuple, list):
         args = typing.get_args(tp)
         inner = _type_name(args[0]) if args else "value"
@@ -520,6 +528,46 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def is_elastic(cfg: RunConfig) -> bool:
+    """distributed.num_workers is a [min, max] range (Ray Train's elastic scaling)."""
+    return isinstance(cfg.distributed.num_workers, (list, tuple))
+
+
+def worker_range(cfg: RunConfig) -> tuple[int, int]:
+    """(min, max) workers: (n, n) for a fixed distributed.num_workers=n. Planning (the launcher's choice, CPUs
+    reserved, estimates, the teacher's chunk) uses max; the run itself uses the world size it was given."""
+    n = cfg.distributed.num_workers
+    if not isinstance(n, (list, tuple)):
+        _need(n > 0, f"distributed.num_workers: must be positive, got {n}")
+        return int(n), int(n)
+    _need(len(n) == 2, f"distributed.num_workers: a fixed count or a list [min, max] of two counts, got {list(n)}")
+    low, high = int(n[0]), int(n[1])
+    _need(1 <= low <= high, f"distributed.num_workers: need 1 <= min <= max in [min, max], got {list(n)}")
+    return low, high
+
+
+def batch_split(cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(micro-batch per worker, gradient-accumulation steps) at world size `world`, so that every optimiser step
+    takes the global batch_size = world x micro x accumulation at any world size. At the range's max (or a fixed
+    num_workers) it is (batch_size / (max x grad_accum), grad_accum); at a smaller world the micro-batch stays at
+    most that size (what a worker's memory was planned for) and the accumulation makes up the difference."""
+    _, high = worker_range(cfg)
+    planned = cfg.batch_size // (high * cfg.distributed.grad_accum)
+    if world < 1 or cfg.batch_size % world or planned < 1:
+        raise ConfigError(f"batch_size: {cfg.batch_size} cannot be split over {world} workers x "
+                          f"distributed.grad_accum={cfg.distributed.grad_accum}; make it a multiple of both")
+    per_worker = cfg.batch_size // world
+    micro = max(d for d in range(1, min(planned, per_worker) + 1) if per_worker % d == 0)
+    return micro, per_worker // micro
+
+
+def _multiple_of_all(low: int, high: int, grad_accum: int, near: int) -> int:
+    """The smallest multiple of every world size in [low, high] (and of high x grad_accum) at or above `near`."""
+    import math
+    step = math.lcm(*range(low, high + 1), high * grad_accum)
+    return max(step, -(-near // step) * step)
+
+
 def _validate_optim(cfg: RunConfig) -> None:
     """AdamW's ranges: a negative learning rate or a beta of 1 trains nothing (or diverges) without an error."""
     o = cfg.optim
@@ -544,12 +592,19 @@ def validate(cfg: RunConfig) -> None:
     _need(cfg.log_images_every_images >= 0, f"log_images_every_images: must be >= 0 (0: never), got "
                                             f"{cfg.log_images_every_images}")
     _need(cfg.max_nonfinite_steps >= 0, f"max_nonfinite_steps: must be >= 0, got {cfg.max_nonfinite_steps}")
-    _need(dist.num_workers > 0, f"distributed.num_workers: must be positive, got {dist.num_workers}")
+    low, high = worker_range(cfg)  # refuses a malformed num_workers
     _need(dist.grad_accum > 0, f"distributed.grad_accum: must be positive, got {dist.grad_accum}")
     _need(dist.max_failures >= 0, f"distributed.max_failures: must be >= 0, got {dist.max_failures}")
-    _need(cfg.batch_size % (dist.num_workers * dist.grad_accum) == 0,
+    _need(dist.resize_check_s > 0, f"distributed.resize_check_s: must be a positive number of seconds, got "
+                                   f"{dist.resize_check_s}")
+    uneven = [w for w in range(low, high + 1) if cfg.batch_size % w] if is_elastic(cfg) else []
+    _need(not uneven, f"batch_size: {cfg.batch_size} is not divisible by world size {', '.join(map(str, uneven))} "
+                      f"of distributed.num_workers={[low, high]}; every world size in the range must divide the "
+                      f"global batch: use batch_size={_multiple_of_all(low, high, dist.grad_accum, cfg.batch_size)} "
+                      f"or narrow the range")
+    _need(cfg.batch_size % (high * dist.grad_accum) == 0,
           f"batch_size: {cfg.batch_size} is not divisible by distributed.num_workers x distributed.grad_accum "
-          f"= {dist.num_workers * dist.grad_accum}")
+          f"= {high * dist.grad_accum}" + (" (num_workers: the range's max)" if is_elastic(cfg) else ""))
     _validate_optim(cfg)
     _need(0.0 <= cfg.optim.ema_decay < 1.0, f"optim.ema_decay: must be in [0, 1), got {cfg.optim.ema_decay}")
     _need(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {cfg.optim.warmup_steps}")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import ArtifactError, load_into
-from ..config import ConfigError, RunConfig, validate_teacher
+from ..config import ConfigError, RunConfig, validate_teacher, worker_range
 from ..data.artifact_store import open_artifact
 from ..data.storage import StorageError
 from ..models.bundled_inception import BUNDLED_INCEPTION_SHA256, find_bundled_inception
@@ -259,7 +259,8 @@ def encoder_teacher(spec: TeacherSpec, encoder: VisionTransformer) -> Teacher:
 
 def _compute_settings(cfg: RunConfig) -> dict:
     """Chunk, device and dtype of the feature computation: they belong to the spec because they change the bits."""
-    micro_batch = cfg.batch_size // (cfg.distributed.num_workers * cfg.distributed.grad_accum)
+    # the planned micro-batch (at the max of an elastic range): the same at any world size, so are the features
+    micro_batch = cfg.batch_size // (worker_range(cfg)[1] * cfg.distributed.grad_accum)
     # The device the features are computed on: the service's when remote, the worker's otherwise.
     on_gpu = cfg.teacher.num_gpus > 0 if cfg.teacher.remote else cfg.distributed.use_gpu
     return {"chunk": cfg.teacher.chunk or micro_batch, "device": "cuda" if on_gpu else "cpu",

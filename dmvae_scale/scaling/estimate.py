@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..config import DiTConfig, RunConfig
+from ..config import DiTConfig, RunConfig, worker_range
 from ..errors import UserError
 from ..models import dit as dit_module
 from ..models.dit import LightningDiT, param_count, resolve_shape
@@ -373,7 +373,7 @@ def estimate_run(cfg: RunConfig, *, num_gpus: Optional[int] = None, gpu: str = "
     if cfg.stage not in ("generator", "reference"):
         raise EstimateError(f"estimate covers the DiT stages (generator, reference); {cfg.stage!r} trains other "
                             "models")
-    gpus = num_gpus or cfg.distributed.num_workers
+    gpus = num_gpus or worker_range(cfg)[1]  # an elastic run: planned at its max
     accum = cfg.distributed.grad_accum
     if cfg.batch_size % (gpus * accum):
         raise EstimateError(f"batch_size={cfg.batch_size} does not split over {gpus} GPUs x grad_accum={accum}; "

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..log import say
-from ..config import ConfigError, RunConfig, SamplerConfig, from_dict, load_config, read_yaml
+from ..config import ConfigError, RunConfig, SamplerConfig, from_dict, load_config, read_yaml, worker_range
 from ..errors import UserError
 from ..eval.score import RealImages
 from ..models.dit import param_count, resolve_shape
@@ -348,7 +348,7 @@ class SweepRunner:
         say("sweep", f"{self.sweep.name}: {len(self.points)} points, {len(self.points) - len(todo)} finished "
                      f"earlier; up to {self.sweep.max_concurrent} at once -> {self.out}")
         real_stats = self.real_stats() if self.sweep.eval.enabled else None
-        workers = max(p.cfg.distributed.num_workers for p in self.points)
+        workers = max(worker_range(p.cfg)[1] for p in self.points)
         needs_ray = self.train_fn is None and any(
             not (Path(p.cfg.run_dir) / "artifact" / "artifact.json").is_file() for p in todo)
         session = ray_session(self.address, num_cpus=max(os.cpu_count() or 1, workers * self.sweep.max_concurrent)) \

@@ -111,8 +111,8 @@ def _indexed_images(dataset, batch_size: int, images: int, seed: int) -> Iterato
 class _TrackedBatches(LoopHook):
     """A batch source that is a part of a checkpoint: its state is the reader's position after the batches the loop
     has CONSUMED, not after those handed out (a prefetching feature source takes the next batch before the loop
-    steps on this one). It records the position after each batch it hands out, and the loop's after_step (one per
-    batch taken) moves the consumed mark forward."""
+    steps on this one). It records the position after each batch it hands out, and the loop's after_micro_batch
+    (one per batch taken) moves the consumed mark forward."""
 
     def __init__(self):
         self._pending: deque = deque()
@@ -124,7 +124,7 @@ class _TrackedBatches(LoopHook):
             self._pending.append(self._position())
             yield batch
 
-    def after_step(self, loop) -> None:
+    def after_micro_batch(self, loop) -> None:
         if self._pending:
             self._consumed = self._pending.popleft()
 

@@ -14,7 +14,8 @@ The wrapper adds what DeepSpeed leaves to the caller:
   - `save` / `load` of its own ZeRO shards, as one of the parts a checkpoint holds (checkpoint/manager.py);
 The non-finite guard wraps these engines (guard.py).
 Activation checkpointing is the models' own (DiTConfig.grad_checkpointing: torch non-reentrant checkpointing, which
-works under ZeRO 1-3); gradient accumulation is DeepSpeed's (distributed.grad_accum micro-batches per step).
+works under ZeRO 1-3); gradient accumulation is DeepSpeed's: `accumulation` micro-batches per step
+(config.batch_split: distributed.grad_accum at the planned world size, more at a smaller one of an elastic run).
 """
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def deepspeed_config(optim: OptimConfig, dist_cfg: DistributedConfig, *, micro_batch: int, world_size: int,
-                     load_universal: bool = False, zero_stage: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config of one trainable model, generated from the typed run config (never hand-written)."""
+                     load_universal: bool = False, zero_stage: int | None = None,
+                     accumulation: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of one trainable model, generated from the typed run config (never hand-written).
+    accumulation: gradient-accumulation steps at this world size (default distributed.grad_accum)."""
+    accumulation = dist_cfg.grad_accum if accumulation is None else accumulation
     stage = dist_cfg.zero_stage if zero_stage is None else zero_stage
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
@@ -104,8 +108,8 @@ def deepspeed_config(optim: OptimConfig, dist_cfg: DistributedConfig, *, micro_b
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": dist_cfg.grad_accum,
-        "train_batch_size": micro_batch * dist_cfg.grad_accum * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
         "gradient_clipping": float(optim.grad_clip or 0.0),
         "zero_optimization": zero,
         # bf16 runs as autocast around the stage step (fp32 master weights = the module's weights); DeepSpeed's
@@ -241,7 +245,7 @@ def _prepare_frozen(name: str, module: nn.Module, device: torch.device, zero_sta
 def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, micro_batch: int, rank: int,
                   world_size: int, device: torch.device, load_universal: bool = False,
                   shard_frozen_above_bytes: int = FROZEN_SHARD_BYTES,
-                  on_file_saved: Callable[[str], None] | None = None) -> EngineSet:
+                  on_file_saved: Callable[[str], None] | None = None, accumulation: int | None = None) -> EngineSet:
     """Wrap every trainable model in a DeepSpeed engine and prepare frozen ones; process group must exist.
     on_file_saved(path) is called as each checkpoint file is written (the checkpoint writer's early flush)."""
     import deepspeed
@@ -262,7 +266,7 @@ def build_engines(models: dict[str, ModelSpec], dist_cfg: DistributedConfig, *, 
         if not params:
             raise EngineConfigError(f"model '{name}' is trainable but has no parameter with requires_grad")
         cfg = deepspeed_config(spec.optim, dist_cfg, micro_batch=micro_batch, world_size=world_size,
-                               load_universal=load_universal)
+                               load_universal=load_universal, accumulation=accumulation)
         warmup = warmup_lambda(spec.optim.warmup_steps)
         ds_engine, *_ = deepspeed.initialize(
             model=spec.module.to(device), model_parameters=params, optimizer=_adamw(spec.optim, device),

@@ -7,8 +7,11 @@ precision, stop handling and data readers; the launcher only decides where the w
     address "ray://HOST:10001" or "HOST:6379"   a remote cluster
 A `TorchTrainer` starts `distributed.num_workers` workers (gloo on CPU, NCCL on GPU). Failure handling: a worker that
 dies makes Ray Train restart the worker group (up to `distributed.max_failures` times); every restarted worker
-resumes from the run directory's latest complete checkpoint, which our manifest decides (checkpoint.py). A user error
-in a worker (a missing artifact, a refused resume) comes back as a result and fails at once, never retried. The
+resumes from the run directory's latest complete checkpoint, which our manifest decides (checkpoint.py). With
+`num_workers: [min, max]` the group is elastic (Ray Train's `ScalingConfig(num_workers=(min, max))`): a restart
+takes as many workers as the cluster has room for (at least min), and a running group is resized up when room
+appears (checked every `distributed.resize_check_s`); either way the workers resume through the universal
+checkpoint. A user error in a worker (a missing artifact, a refused resume) comes back as a result and fails at once, never retried. The
 workers report metrics and a pointer to the latest checkpoint to Ray Train at every log interval. The driver refuses
 up front a run directory whose checkpoints mean something else than the config, and forwards SIGTERM/SIGINT to the
 workers, which checkpoint and stop; a run that ends before total_images raises, saying how to resume.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..log import say
-from ..config import RunConfig, dump_yaml, require_inputs
+from ..config import RunConfig, dump_yaml, is_elastic, require_inputs, worker_range
 from ..data import storage
 from ..distributed.ray_session import ray_session
 from ..errors import UserError
@@ -93,9 +96,10 @@ def choose_launcher(launcher: str, cfg: RunConfig, address: Optional[str] = None
     if launcher not in LAUNCHERS:
         raise UserError(f"launcher {launcher!r} must be one of {', '.join(LAUNCHERS)}")
     workers = cfg.distributed.num_workers
+    _, most = worker_range(cfg)
     if launcher == "auto":
-        return "ray" if workers > 1 or address is not None or cfg.distributed.address is not None else "local"
-    if launcher == "local" and workers != 1:
+        return "ray" if most > 1 or address is not None or cfg.distributed.address is not None else "local"
+    if launcher == "local" and most != 1:
         raise UserError(f"launcher local runs one worker in this process, but distributed.num_workers={workers}; "
                         f"use launcher ray or auto")
     return launcher
@@ -148,6 +152,23 @@ def _save_resolved_config(cfg: RunConfig) -> None:
 # Ray
 # ----------------------------------------------------------------------------------------------------------------------
 
+def scaling_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """ScalingConfig's worker count: an int for a fixed group, (min, max) and the resize check for an elastic one."""
+    low, high = worker_range(cfg)
+    if not is_elastic(cfg):
+        return {"num_workers": high}
+    return {"num_workers": (low, high), "elastic_resize_monitor_interval_s": float(cfg.distributed.resize_check_s)}
+
+
+def _on_this_node() -> dict[str, Any]:
+    """Actor options that keep a run's helper on the driver's node: a worker node that goes away must not take it
+    along (the restarted worker group looks it up; Ray Train's own controller is placed the same way)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
+
+
 def _control_actor():
     import ray
 
@@ -169,7 +190,7 @@ def _control_actor():
         def requests(self) -> tuple[bool, bool]:
             return self.stop, self.preempt
 
-    return RunControl.remote()
+    return RunControl.options(**_on_this_node()).remote()
 
 
 @contextlib.contextmanager
@@ -275,7 +296,7 @@ def run_local(cfg: RunConfig, device: str = "auto", progress: bool = True, *, st
     """Train cfg.stage in this process: the worker at world size 1 (DeepSpeed over gloo on loopback), resuming
     automatically from cfg.run_dir, writing checkpoints, metrics and the artifact there."""
     began = time.perf_counter()
-    if cfg.distributed.num_workers != 1:
+    if worker_range(cfg)[1] != 1:
         raise UserError(f"distributed.num_workers={cfg.distributed.num_workers}: the local launcher runs one worker "
                         f"in this process; use --launcher ray (or set it to 1)")
     use_gpu = _local_device(device) == "cuda"
@@ -300,7 +321,8 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
     address = address if address is not None else cfg.distributed.address
     dcfg = cfg.distributed
     cfg, wandb_project = _prepare(cfg, stage_factory)
-    num_cpus = max(os.cpu_count() or 1, int(dcfg.num_workers * cpus_per_worker + 0.999))
+    _, high = worker_range(cfg)
+    num_cpus = max(os.cpu_count() or 1, int(high * cpus_per_worker + 0.999))
     with ray_session(address, num_cpus=num_cpus), _forwarded_stop_signals() as on_stop:
         control = _control_actor()
         if control_hook is not None:
@@ -315,7 +337,7 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
         storage_path, storage_fs = _ray_storage(cfg)
         trainer = TorchTrainer(
             ray_train_loop, train_loop_config={"job": job},
-            scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=dcfg.use_gpu,
+            scaling_config=ScalingConfig(**scaling_kwargs(cfg), use_gpu=dcfg.use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo"),
             run_config=RayRunConfig(name=run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,

@@ -46,7 +46,12 @@ class LoopSummary:
 
 
 class LoopHook:
-    """Override what you need. `loop.images_seen`, `loop.steps` and `loop.state_dict()` are available."""
+    """Override what you need. `loop.images_seen`, `loop.steps` and `loop.state_dict()` are available.
+    after_micro_batch runs after each batch the stage stepped on (`accumulation` of them make one optimiser step);
+    after_step after each optimiser step (the only place a checkpoint can be taken: no gradients are pending)."""
+
+    def after_micro_batch(self, loop: "TrainLoop") -> None:
+        pass
 
     def after_step(self, loop: "TrainLoop") -> None:
         pass
@@ -65,13 +70,20 @@ class TrainLoop:
     world_size multiplies each worker's images into the global count; reduce_metrics (e.g. an all-reduce
     mean) runs only at log intervals. Resume by load_state_dict() before run(), with batches that start at the
     restored images_seen.
+
+    One iteration is one optimiser step: `accumulation` micro-batches (config.batch_split: it depends on the world
+    size, so the global batch does not), each a `stage.step` with the same step index; the engines apply the
+    gradients on the last (DeepSpeed's gradient_accumulation_steps is the same number). `steps` counts optimiser
+    steps, so a step index (the learning-rate warm-up, a stage's alternation) means the same at any world size.
     """
 
     def __init__(self, stage: Stage, engines: dict[str, Engine], cfg: RunConfig,
                  emas: dict | None = None, hooks: Iterable[LoopHook] = (), device: torch.device | str = "cpu",
                  world_size: int = 1, rank: int = 0, is_main: bool = True, progress: bool = True,
-                 reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+                 reduce_metrics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 accumulation: int = 1):
         self.stage = stage
+        self.accumulation = max(1, int(accumulation))
         self.cfg = cfg
         self.guard = NonFiniteGuard(world_size, device, cfg.max_nonfinite_steps)
         self.engines = {name: GuardedEngine(e, self.guard) for name, e in engines.items()}
@@ -142,20 +154,27 @@ class TrainLoop:
         iterator: Iterator = iter(batches)
         try:
             while self.images_seen < total:
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    raise UserError(f"the data ran out after {self.images_seen} of total_images={total} images; "
-                                    f"the batch source must repeat epochs") from None
-                # Every random draw of the step is a function of (seed, rank, images seen): a resumed run continues
-                # the same trajectory whatever ran between two steps (checkpoints, image grids).
-                seed_step(cfg.seed, self.rank, self.images_seen)
-                out = self.stage.step(self._to_device(batch), self.steps, self.engines)
+                position, seen = self.images_seen, 0
+                for _ in range(self.accumulation):
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        raise UserError(f"the data ran out after {position} of total_images={total} images; "
+                                        f"the batch source must repeat epochs") from None
+                    # Every random draw of a micro-batch is a function of (seed, rank, images seen before it): a
+                    # resumed run continues the same trajectory whatever ran between two steps (checkpoints, grids).
+                    seed_step(cfg.seed, self.rank, position)
+                    out = self.stage.step(self._to_device(batch), self.steps, self.engines)
+                    position += out.images * self.world_size
+                    seen += out.images * self.world_size
+                    self._accumulate(out.metrics)
+                    for hook in self.hooks:
+                        per_batch = getattr(hook, "after_micro_batch", None)  # hooks are duck-typed
+                        if per_batch is not None:
+                            per_batch(self)
                 self._after_optimizer_steps()
                 self.steps += 1
-                seen = out.images * self.world_size
                 self.images_seen += seen
-                self._accumulate(out.metrics)
                 bar.update(seen)
                 # Log first, then the cadence work: a checkpoint at N images then never precedes the metrics of N
                 # (a run killed between the two would resume after a line it never wrote).

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from ..log import say
+from ..config import batch_split, is_elastic
 from ..data import storage
 from ..data.artifact_store import upload_artifact
 from ..errors import UserError
@@ -74,10 +75,9 @@ class Worker:
         dcfg = self.cfg.distributed
         self.device = device_for(dcfg.use_gpu)
         init_distributed(dcfg.use_gpu, dcfg.timeout_s)
-        if self.cfg.batch_size % (self.world * dcfg.grad_accum):
-            raise UserError(f"batch_size: {self.cfg.batch_size} is not divisible by {self.world} workers x "
-                            f"distributed.grad_accum={dcfg.grad_accum}")
-        self.per_rank_batch = self.cfg.batch_size // (self.world * dcfg.grad_accum)
+        # The global batch is batch_size at any world size (an elastic run's changes included): each worker takes
+        # `accumulation` micro-batches of per_rank_batch images per optimiser step.
+        self.per_rank_batch, self.accumulation = batch_split(self.cfg, self.world)
         self.checkpointer = CheckpointManager(self.cfg, rank=self.rank, world=self.world,
                                               local_rank=self.local_rank, device=self.device)
         self.stop = StopSignal(job.control, under_ray=job.control is not None)
@@ -102,7 +102,7 @@ class Worker:
         self.engine_set = build_engines(models, cfg.distributed, micro_batch=self.per_rank_batch, rank=self.rank,
                                         world_size=self.world, device=self.device,
                                         load_universal=self.checkpointer.universal, on_file_saved=file_written,
-                                        **kwargs)
+                                        accumulation=self.accumulation, **kwargs)
         set_precision = getattr(self.stage, "set_precision", None)
         if set_precision is not None:  # one autocast region per forward, opened by the stage (train/precision.py)
             set_precision(self.engine_set.precision, self.device.type)
@@ -115,9 +115,12 @@ class Worker:
         self.loop = TrainLoop(self.stage, engines, cfg, emas=self.emas, device=self.device, world_size=self.world,
                               rank=self.rank, is_main=self.rank == 0,
                               progress=self.job.progress and self.job.control is None,
-                              reduce_metrics=lambda m: mean_over_workers(m, self.world, self.device))
-        # a stage whose steps alternate costs names its cycle, so the count is the mean over one whole cycle
-        self.flops = FlopCounter(self.per_rank_batch, steps=getattr(self.stage, "flop_cycle", 1))
+                              reduce_metrics=lambda m: mean_over_workers(m, self.world, self.device),
+                              accumulation=self.accumulation)
+        # a stage whose steps alternate costs names its cycle, so the count is the mean over one whole cycle (of
+        # optimiser steps: `accumulation` batches each)
+        self.flops = FlopCounter(self.per_rank_batch,
+                                 steps=getattr(self.stage, "flop_cycle", 1) * self.accumulation)
         # What a checkpoint holds: parts that save and load their own state (checkpoint/manager.py).
         parts = {"loop": self.loop, "data": self.batches, "rng": RNGState(), "flops": self.flops,
                  **{f"ema.{name}": ema for name, ema in self.emas.items()}}
@@ -148,6 +151,20 @@ class Worker:
                                                   share_encoder=self.cfg.distributed.zero_stage < 3)
             return self._run(stack)
 
+    def _say_world(self, was: Optional[int]) -> None:
+        """Rank 0 says how the global batch is made at this world size: always in an elastic run, and whenever a
+        resume changed the world size (the universal checkpoint took the state over)."""
+        if self.rank != 0 or not (is_elastic(self.cfg) or (was is not None and was != self.world)):
+            return
+        cfg, loop = self.cfg, self.loop
+        split = (f"global batch {cfg.batch_size} = {self.world} x micro {self.per_rank_batch} x accumulation "
+                 f"{self.accumulation}")
+        if was is None:
+            say("train", f"starting at 0 of {cfg.total_images} images with world size {self.world}; {split}")
+        else:
+            say("train", f"going on at {loop.images_seen} of {cfg.total_images} images with world size {self.world} "
+                         f"(was {was}); {split}")
+
     def _prepare_fresh(self) -> None:
         seed_step(self.cfg.seed, self.rank, 0)
         prepare = getattr(self.stage, "needs_prepare", None)
@@ -160,6 +177,7 @@ class Worker:
         fresh = not ckpt.restore()
         if fresh:
             self._prepare_fresh()
+        self._say_world(None if fresh else ckpt.latest.world_size)
         sinks = MetricSinks(cfg, ckpt.store.cache_dir, self.job.wandb_project) if self.rank == 0 else None
         if sinks is not None:
             stack.callback(sinks.close)
@@ -179,7 +197,7 @@ class Worker:
         try:
             # No autocast region here: a run-long region would feed every forward the first step's bf16 weights.
             batches = grid.wrap(self.attach(iter(self.batches)))
-            loop.run(flops.wrap(batches, start_step=loop.steps))
+            loop.run(flops.wrap(batches, start_step=loop.steps * self.accumulation))
         except StopRequested:
             status = "stopped"
             message = (f"stopped on request at {loop.images_seen} of total_images={cfg.total_images} images; "
