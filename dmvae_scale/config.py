@@ -242,8 +242,9 @@ class DistributedConfig:
     grad_accum: int = 1
     address: Optional[str] = None
     max_failures: int = 2  # Ray Train restarts of the worker group after a crash (user errors are never retried)
-    # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
-    # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
+    # Seconds a collective may wait before the worker names it (rank, operation) and fails, so that Ray Train restarts
+    # the group from the last checkpoint (train/watchdog.py). Host-side waits between collectives (rank 0 fetching a
+    # large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
     timeout_s: int = 1800
 
 

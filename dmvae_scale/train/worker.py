@@ -40,6 +40,7 @@ from .loop import LoopHook, TrainLoop
 from .reporting import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
 from .precision import compute_paths, describe_paths
 from .rng import RNGState, seed_everything, seed_step
+from .watchdog import backend_timeout_s, watched, watching
 
 
 class StopRequested(Exception):
@@ -73,7 +74,7 @@ class Worker:
         self.rank, self.world, self.local_rank = dist_env()
         dcfg = self.cfg.distributed
         self.device = device_for(dcfg.use_gpu)
-        init_distributed(dcfg.use_gpu, dcfg.timeout_s)
+        init_distributed(dcfg.use_gpu, backend_timeout_s(dcfg.timeout_s))
         if self.cfg.batch_size % (self.world * dcfg.grad_accum):
             raise UserError(f"batch_size: {self.cfg.batch_size} is not divisible by {self.world} workers x "
                             f"distributed.grad_accum={dcfg.grad_accum}")
@@ -136,6 +137,8 @@ class Worker:
 
     def run(self) -> WorkerResult:
         with contextlib.ExitStack() as stack:
+            # a collective that stalls past distributed.timeout_s is named and fails this worker (watchdog.py)
+            stack.enter_context(watching(self.cfg.distributed.timeout_s, self.rank, self.world))
             stack.callback(self.stop.close)
             stack.callback(self.checkpointer.close)
             self.build()
@@ -216,7 +219,8 @@ class Worker:
                 save_stage_artifact(self.stage, views, self.cfg, local)
                 if store.remote:
                     upload_artifact(local, target)  # artifact.json last
-        dist.barrier()
+        with watched("barrier(artifact written)"):
+            dist.barrier()
         return target
 
 
