@@ -76,7 +76,10 @@ def watched(name: str) -> Iterator[None]:
                                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
                                      ) from exc
     finally:
-        _ops.remove(op)
+        if _ops and _ops[-1] is op:  # nested operations end innermost first
+            _ops.pop()
+        else:
+            _ops[:] = [o for o in _ops if o is not op]
 
 
 class Watchdog:
