@@ -254,8 +254,9 @@ class DistributedConfig:
     # restarts the group from the latest checkpoint (work since it is done again), so keep it well above the
     # checkpoint interval's duration.
     resize_check_s: float = 60.0
-    # Seconds a collective may wait before the process group gives up. Host-side waits between collectives (rank 0
-    # fetching a large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
+    # Seconds a collective may wait before the worker names it (rank, operation) and fails, so that Ray Train restarts
+    # the group from the last checkpoint (train/watchdog.py). Host-side waits between collectives (rank 0 fetching a
+    # large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
     timeout_s: int = 1800
 
 

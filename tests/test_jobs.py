@@ -296,3 +296,31 @@ def test_redact_masks_secret_names_and_values():
     text = jobs.redact({"env_vars": {"AWS_SECRET_ACCESS_KEY": "x" * 20, "S3_ENDPOINT_URL": "http://h"},
                         "log": f"key {FAKE_SECRET} used"}, secrets=[FAKE_SECRET])
     assert text == {"env_vars": {"AWS_SECRET_ACCESS_KEY": "***", "S3_ENDPOINT_URL": "http://h"}, "log": "key *** used"}
+
+
+@pytest.mark.unit
+def test_the_job_package_is_checked_before_upload_without_git_and_run_outputs(tmp_path):
+    pkg = tmp_path / "pkg"
+    for rel, mib in [(".git/objects/pack/big.pack", 400), ("runs/run/ckpt/zero.pt", 300), ("sub/__pycache__/m.pyc", 1),
+                     ("code.py", 0), ("data/weights.bin", 0)]:
+        path = pkg / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(mib * 2**20)  # sparse: its size counts, no disk is used
+    (pkg / "code.py").write_text("x = 1\n")
+    limit = jobs.package_limit_bytes()
+    assert limit == 100 * 2**20  # the Job API uploads through the dashboard, which takes 100 MiB per request
+    assert jobs.check_package(pkg, "py_modules") == 6  # .git, runs/ and caches are not counted
+    with open(pkg / "data" / "weights.bin", "wb") as f:
+        f.truncate(101 * 2**20)
+    with pytest.raises(UserError) as refused:
+        jobs.check_package(pkg, "py_modules")
+    assert str(refused.value) == (
+        f"py_modules {pkg}: 101.0 MiB to upload, over Ray's limit of 100.0 MiB per package; largest files: "
+        f"data/weights.bin (101.0 MiB), code.py (0.0 MiB); move them out (run outputs and data belong in the store) "
+        f"or list them in a .rayignore there")
+    # what is excluded from the count is excluded from the upload, and .gitignore's any-depth entries join it
+    sub = jobs.build_submission(str(DEMO / "tokenizer.yaml"), ["run_dir=/tmp/r"])
+    shutil.rmtree(sub.staging_dir)
+    assert {".git", "runs", ".cache", "__pycache__", "*.egg-info", ".venv"} <= set(sub.runtime_env["excludes"])
+    assert "/build" not in sub.runtime_env["excludes"] and "build" not in sub.runtime_env["excludes"]

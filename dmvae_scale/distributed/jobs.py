@@ -27,6 +27,7 @@ loopback and the private ranges (ray_session.PRIVATE_NETWORKS; https:// is alway
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shlex
@@ -171,6 +172,62 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The job package: checked before upload
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Never uploaded (Ray's runtime_env `excludes`; a name matches at any depth): version control, run outputs, caches.
+PACKAGE_EXCLUDES = (".git", "runs", ".cache", ".venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+
+
+def package_excludes(checkout: Optional[Path] = None) -> list[str]:
+    """PACKAGE_EXCLUDES and the checkout's .gitignore entries that match at any depth (no '/' but a trailing one):
+    Ray reads only ignore files inside an uploaded directory, and the checkout's is one level above the package."""
+    out = list(PACKAGE_EXCLUDES)
+    ignore = (checkout or package_dir().parent) / ".gitignore"
+    if ignore.is_file():
+        for line in ignore.read_text().splitlines():
+            entry = line.strip().rstrip("/")
+            if entry and not entry.startswith(("#", "!")) and "/" not in entry and entry not in out:
+                out.append(entry)
+    return out
+
+
+def package_limit_bytes() -> int:
+    """What Ray accepts for one package of a job: the dashboard's request limit (the Job API uploads through it)
+    and the GCS's message limit, from the installed Ray."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env import packaging
+    return min(ray_constants.DASHBOARD_CLIENT_MAX_SIZE, packaging.GCS_STORAGE_MAX_SIZE)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def check_package(root: Path, what: str, excludes: Iterable[str] = PACKAGE_EXCLUDES,
+                  limit: Optional[int] = None) -> int:
+    """The bytes of `root` Ray would upload (names matching `excludes` left out, at any depth); refused with the
+    largest files named when that reaches the limit. Counted uncompressed: an upper bound of Ray's zip."""
+    patterns = list(excludes)
+    skip = lambda name: any(fnmatch.fnmatch(name, p) for p in patterns)  # noqa: E731
+    files: list[tuple[int, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not skip(d))
+        for name in filenames:
+            if not skip(name):
+                path = os.path.join(dirpath, name)
+                files.append((os.lstat(path).st_size, os.path.relpath(path, root)))
+    total = sum(size for size, _ in files)
+    limit = package_limit_bytes() if limit is None else limit
+    if total >= limit:
+        largest = ", ".join(f"{rel} ({_mib(size)})" for size, rel in sorted(files, reverse=True)[:5])
+        raise UserError(f"{what} {root}: {_mib(total)} to upload, over Ray's limit of {_mib(limit)} per package; "
+                        f"largest files: {largest}; move them out (run outputs and data belong in the store) or "
+                        f"list them in a .rayignore there")
+    return total
+
+
 def build_submission(config: str, overrides: list[str] = (), code: str = "checkout",
                      ship_credentials: Optional[bool] = None,
                      entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
@@ -234,10 +291,12 @@ def _runtime_env(staging: Path, code: str, ship_credentials: Optional[bool],
     if credentials != "none":
         env["AWS_SHARED_CREDENTIALS_FILE"] = _write_credentials(staging / CREDENTIALS_FILE, keys)
     env.update(extra_env or {})
-    runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": env}
+    excludes = package_excludes()
+    runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": env, "excludes": excludes}
+    check_package(staging, "the job's working directory", excludes)
     if code == "checkout":
         runtime_env["py_modules"] = [str(package_dir())]
-        runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+        check_package(package_dir(), "the code (--code checkout)", excludes)
     return runtime_env, credentials
 
 

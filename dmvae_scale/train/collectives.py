@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..log import say
 from ..localhost import environ, free_port
+from .watchdog import watched
 
 STOP_CHECK_EVERY = 10  # steps between checks of the stop request (one tiny all-reduce)
 
@@ -26,18 +27,20 @@ def dist_env() -> tuple[int, int, int]:
         int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
+def broadcast(obj: Any, what: str = "") -> Any:
+    """Rank 0's `obj` on every rank (`what` names it when the broadcast stalls)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with watched(f"broadcast({what})" if what else "broadcast"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def all_ok(ok: bool, device: torch.device) -> bool:
-    """True on every rank only when `ok` is True on every rank."""
+def all_ok(ok: bool, device: torch.device, what: str = "") -> bool:
+    """True on every rank only when `ok` is True on every rank (`what` names it when the all-reduce stalls)."""
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    with watched(f"all_reduce({what})" if what else "all_reduce"):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
 
 
 def mean_over_workers(means: dict[str, torch.Tensor], world: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -45,7 +48,8 @@ def mean_over_workers(means: dict[str, torch.Tensor], world: int, device: torch.
     if not keys or world == 1:
         return means
     stacked = torch.stack([means[k].float().reshape(()) for k in keys]).to(device)
-    dist.all_reduce(stacked)
+    with watched("all_reduce(metric means)"):
+        dist.all_reduce(stacked)
     stacked /= world
     return dict(zip(keys, stacked))
 
@@ -114,5 +118,7 @@ class StopSignal:
         """NO_STOP, PREEMPTED or STOP, the same on every worker (collective: call at the same steps)."""
         flag = torch.tensor([float(self._local())], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            with watched("all_reduce(stop check)"):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                return int(flag.item())
         return int(flag.item())

@@ -47,15 +47,17 @@ class EngineConfigError(UserError):
 # Process group and precision
 # ----------------------------------------------------------------------------------------------------------------------
 
-def init_distributed(use_gpu: bool, timeout_s: int = 1800) -> None:
+def init_distributed(use_gpu: bool, timeout_s: float = 1800) -> None:
     """Join (or create) the process group through DeepSpeed: NCCL on GPU, gloo on CPU.
 
     On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce op (80-140 s on first use). That op only serves
     inference all-reduce; training collectives go through torch.distributed gloo either way, so we mark it
     unavailable and skip the build.
 
-    `timeout_s` (distributed.timeout_s) bounds every collective, including the wait of the other ranks while rank 0
-    downloads or converts a large checkpoint: raise it for multi-hundred-GB checkpoints on slow object storage.
+    `timeout_s` (the worker passes watchdog.backend_timeout_s(distributed.timeout_s)) bounds every collective,
+    including the wait of the other ranks while rank 0 downloads or converts a large checkpoint: raise
+    distributed.timeout_s for multi-hundred-GB checkpoints on slow object storage. Under Ray Train the group already
+    exists (TorchConfig.timeout_s, set from the same value) and DeepSpeed joins it.
     """
     import datetime
 

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .watchdog import watched
+
 
 def _partition(numel: int, world: int) -> int:
     return math.ceil(numel / world)
@@ -98,7 +100,8 @@ class ShardedEMA:
         for n, local in self.shadow.items():
             if self.world > 1:
                 parts = [torch.empty_like(local) for _ in range(self.world)]
-                dist.all_gather(parts, local.contiguous())
+                with watched(f"all_gather(EMA {n})"):
+                    dist.all_gather(parts, local.contiguous())
                 flat = torch.cat(parts)
             else:
                 flat = local

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .watchdog import watched
 
 
 class TrainingDivergedError(UserError):
@@ -35,8 +36,11 @@ class NonFiniteGuard:
         finite = torch.isfinite(loss.detach()).all().to(torch.float32)
         if self.world > 1:
             finite = finite.to(self.device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        ok = bool(finite.item() >= 1.0)  # the guard's one host read per backward
+            with watched("all_reduce(nonfinite guard)"):
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                ok = bool(finite.item() >= 1.0)  # the guard's one host read per backward
+        else:
+            ok = bool(finite.item() >= 1.0)
         if not ok:
             self._skipped_now = True
         return ok

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .api import WorkerJob, WorkerResult
 from .collectives import single_process_env
 from .reporting import import_wandb
+from .watchdog import backend_timeout_s
 from .worker import ray_train_loop, run_worker
 
 
@@ -339,7 +340,9 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
             ray_train_loop, train_loop_config={"job": job},
             scaling_config=ScalingConfig(**scaling_kwargs(cfg), use_gpu=dcfg.use_gpu,
                                          resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo"),
+            # Ray Train creates the process group (DeepSpeed then reuses it): its timeout is ours (watchdog.py)
+            torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo",
+                                     timeout_s=int(backend_timeout_s(dcfg.timeout_s) + 0.999)),
             run_config=RayRunConfig(name=run_name(cfg), storage_path=storage_path, storage_filesystem=storage_fs,
                                     failure_config=FailureConfig(max_failures=dcfg.max_failures),
                                     checkpoint_config=CheckpointConfig(num_to_keep=2)))

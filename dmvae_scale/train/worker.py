@@ -41,6 +41,7 @@ from .loop import LoopHook, TrainLoop
 from .reporting import FlopCounter, ImageGrid, LogHook, MetricSinks, analytic_flops_per_image
 from .precision import compute_paths, describe_paths
 from .rng import RNGState, seed_everything, seed_step
+from .watchdog import backend_timeout_s, watched, watching
 
 
 class StopRequested(Exception):
@@ -74,7 +75,7 @@ class Worker:
         self.rank, self.world, self.local_rank = dist_env()
         dcfg = self.cfg.distributed
         self.device = device_for(dcfg.use_gpu)
-        init_distributed(dcfg.use_gpu, dcfg.timeout_s)
+        init_distributed(dcfg.use_gpu, backend_timeout_s(dcfg.timeout_s))
         # The global batch is batch_size at any world size (an elastic run's changes included): each worker takes
         # `accumulation` micro-batches of per_rank_batch images per optimiser step.
         self.per_rank_batch, self.accumulation = batch_split(self.cfg, self.world)
@@ -139,6 +140,8 @@ class Worker:
 
     def run(self) -> WorkerResult:
         with contextlib.ExitStack() as stack:
+            # a collective that stalls past distributed.timeout_s is named and fails this worker (watchdog.py)
+            stack.enter_context(watching(self.cfg.distributed.timeout_s, self.rank, self.world))
             stack.callback(self.stop.close)
             stack.callback(self.checkpointer.close)
             self.build()
@@ -234,7 +237,8 @@ class Worker:
                 save_stage_artifact(self.stage, views, self.cfg, local)
                 if store.remote:
                     upload_artifact(local, target)  # artifact.json last
-        dist.barrier()
+        with watched("barrier(artifact written)"):
+            dist.barrier()
         return target
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ...log import say
 from ...config import RunConfig, config_hash, dump_yaml
 from ..collectives import all_ok, broadcast
+from ..watchdog import watched
 from ..deepspeed_engine import DS_CHECKPOINT_TAG, convert_to_universal
 from ..loop import LoopHook
 from .durable import file_written, writing_checkpoint
@@ -92,7 +93,7 @@ class CheckpointManager(LoopHook):
         when the config changes what it means (config keys, upstream latent statistics, parameter shapes)."""
         cfg = self.cfg
         self.meaning = meaning_of(cfg, upstream_latents(cfg), param_shapes(models))
-        latest = broadcast(self.store.latest() if self.rank == 0 else None)
+        latest = broadcast(self.store.latest() if self.rank == 0 else None, "latest checkpoint")
         if latest is not None:
             refuse_changed_meaning(latest, self.meaning, cfg.distributed.zero_stage)
         self.latest = latest
@@ -158,7 +159,7 @@ class CheckpointManager(LoopHook):
             result = fn()
         except Exception as exc:  # every worker learns of it
             error = exc
-        if not all_ok(error is None, self.device):
+        if not all_ok(error is None, self.device, f"resume: {what}"):
             if error is not None:
                 raise error
             raise CheckpointError(f"checkpoint {latest.url}: {what} failed on another worker (its error names the "
@@ -208,7 +209,8 @@ def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_stat
     every worker and leaves the directory without a manifest, so it is never resumed from."""
     if rank == 0:
         store.prepare(name)
-    dist.barrier()
+    with watched(f"barrier(checkpoint {name})"):
+        dist.barrier()
     local = store.staging_dir(name, rank)
     error = None
     hashes: dict[str, str] = {}
@@ -228,18 +230,19 @@ def write_checkpoint(store: CheckpointStore, name: str, engines: dict, rank_stat
         store.upload(name, rank)
     except Exception as exc:  # every rank learns that the save failed; nobody writes a manifest
         error = exc
-    if not all_ok(error is None, device):
+    if not all_ok(error is None, device, f"checkpoint {name} written"):
         raise CheckpointError(f"checkpoint {store.url(name)} failed on a worker"
                               f"{f': {error}' if error else ''}; it stays incomplete and is never "
                               f"resumed from") from error
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, hashes)
+    with watched(f"all_gather_object(checkpoint {name} hashes)"):
+        dist.all_gather_object(gathered, hashes)
     info = None
     if rank == 0:
         store.sync(name)
         info = store.write_manifest(name, **manifest, sha256=_merge_hashes(gathered))
         store.prune(background=True)  # joined by the next save and at the end of the run
-    return broadcast(info)
+    return broadcast(info, f"checkpoint {name} manifest")
 
 
 def _relative_hashes(local: str, hashes: dict[str, str], everything_here: bool, also: list[str]) -> dict[str, str]:
