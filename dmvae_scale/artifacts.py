@@ -91,10 +91,14 @@ class ArtifactInfo:
     format: int = ARTIFACT_FORMAT
     method: int = METHOD_VERSION  # what the weights compute (METHOD_VERSION); a manifest without the key is 1
     sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes (format 2)
+    # Format 2: the hash of the weight files alone (format 1's content hash). The id is made from it, so an id names
+    # the weights wherever the artifact was written (config.yaml holds run_dir and input paths); checked with the
+    # content hash wherever the files are (hash_problem).
+    weights_hash: str = ""
 
     @property
     def id(self) -> str:
-        return f"{self.stage}-{self.content_hash[:12]}"
+        return f"{self.stage}-{(self.weights_hash or self.content_hash)[:12]}"
 
 
 def _flatten(models: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -128,7 +132,7 @@ def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, 
         (d / "config.yaml").write_text(config_yaml)
     info.models = sorted(weights)
     info.format = ARTIFACT_FORMAT
-    info.content_hash = content_hash_of(d, ARTIFACT_FORMAT)
+    info.content_hash, info.weights_hash = _hashes(d, ARTIFACT_FORMAT)
     info.sizes = {n: (d / n).stat().st_size for n in ARTIFACT_FILES if (d / n).is_file()}
     tmp = d / "artifact.json.tmp"
     tmp.write_text(json.dumps(asdict(info), indent=2))
@@ -173,8 +177,10 @@ def load_artifact(directory: str | Path, which: str = "ema", verify: bool = True
     if not files["raw"].is_file():
         raise ArtifactError(f"{files['raw']}: missing from artifact {d}")
     if verify:
-        if content_hash_of(d, info.format) != info.content_hash:
-            raise ArtifactError(f"{d}: content hash mismatch (files changed after artifact.json was written)")
+        problem = hash_problem(d, info)
+        if problem:
+            raise ArtifactError(f"{d}: content hash mismatch ({problem}: files changed after artifact.json was "
+                                f"written)")
     path = files[which]
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact {d} has no {which} weights; set inputs.tokenizer_weights=raw "
@@ -238,21 +244,38 @@ class Artifact:
         return weights[model]
 
 
+def _hashes(directory: str | Path, format: int) -> tuple[str, str]:
+    """(content hash, weights hash) of `directory`, each file hashed once; the weights hash is "" for format 1
+    (whose content hash is one already)."""
+    d = Path(directory)
+    files = {n: sha256_of_file(d / n) for n in ARTIFACT_FILES if (d / n).is_file() or n == "weights.safetensors"}
+    weights = hashlib.sha256(files["weights.safetensors"].encode())
+    if "ema.safetensors" in files:
+        weights.update(files["ema.safetensors"].encode())
+    if format < 2:
+        return weights.hexdigest(), ""
+    content = hashlib.sha256(b"dmvae-artifact-2\n")
+    for name, digest in files.items():
+        content.update(f"{name} {digest}\n".encode())
+    return content.hexdigest(), weights.hexdigest()
+
+
+def hash_problem(directory: str | Path, info: "ArtifactInfo") -> str | None:
+    """None when the files of `directory` hash to what `info` records (content hash and, format 2, weights hash,
+    which the id is made of); else what differs."""
+    content, weights = _hashes(directory, info.format)
+    if content != info.content_hash:
+        return f"its files hash to {content}, not to the content hash {info.content_hash}"
+    if info.format >= 2 and weights != info.weights_hash:
+        return f"its weights hash to {weights}, not to the weights hash {info.weights_hash or '(none)'} of its id"
+    return None
+
+
 def content_hash_of(directory: str | Path, format: int = ARTIFACT_FORMAT) -> str:
     """The content hash of the files in `directory`, as save_artifact computes it. Format 2: sha256 over the line
     "<name> <sha256 of the file>" of each of ARTIFACT_FILES present (config.yaml included); format 1: sha256 over the
-    hex sha256 of weights.safetensors, then of ema.safetensors when present."""
-    d = Path(directory)
-    if format >= 2:
-        h = hashlib.sha256(b"dmvae-artifact-2\n")
-        for name in ARTIFACT_FILES:
-            if (d / name).is_file() or name == "weights.safetensors":
-                h.update(f"{name} {sha256_of_file(d / name)}\n".encode())
-        return h.hexdigest()
-    h = hashlib.sha256(sha256_of_file(d / "weights.safetensors").encode())
-    if (d / "ema.safetensors").is_file():
-        h.update(sha256_of_file(d / "ema.safetensors").encode())
-    return h.hexdigest()
+    hex sha256 of weights.safetensors, then of ema.safetensors when present (format 2's weights hash)."""
+    return _hashes(directory, format)[0]
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

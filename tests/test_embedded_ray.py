@@ -3,8 +3,10 @@ port on 127.0.0.1, and this process's auth environment as it was after the block
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -70,3 +72,46 @@ def test_embedded_ray_has_token_auth_with_a_fresh_token_and_listens_on_loopback_
                     assert ("joined" in run.stdout) is joins, run.stderr[-2000:]
         assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
     assert tokens[0] != tokens[1]  # fresh per instance, not ~/.ray/auth_token
+
+
+def test_another_ray_instance_on_the_machine_does_not_change_the_embedded_one(monkeypatch, tmp_path):
+    """Issue #21: with a Ray head already running here (started the usual way, so a plain `ray.init()` would join it
+    through /tmp/ray/ray_current_cluster), `ray_session()` still starts its own instance with the resources asked
+    for, and the other head keeps running, untouched."""
+    import ray
+
+    from dmvae_scale.distributed.ray_session import ray_session
+    from dmvae_scale.localhost import free_port
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "other-head.log", "w")
+    other = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                              f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                              "--num-cpus=3", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        probe = "import ray; ray.init(); print('joined', ray.get_runtime_context().gcs_address)"
+        deadline = time.monotonic() + 120
+        joined = ""
+        while time.monotonic() < deadline and other.poll() is None:  # the precondition: plain ray.init() joins it
+            run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+            joined = run.stdout
+            if f"127.0.0.1:{port}" in joined:
+                break
+            time.sleep(2)
+        assert f"joined 127.0.0.1:{port}" in joined, (tmp_path / "other-head.log").read_text()[-2000:]
+        with ray_session(num_cpus=1, log_to_driver=False) as session:
+            assert session.started
+            assert ray.get_runtime_context().gcs_address != f"127.0.0.1:{port}"
+            assert ray.cluster_resources().get("CPU") == 1.0  # ours, not the other head's 3
+        assert other.poll() is None  # the other instance is left running
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        try:
+            other.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(other.pid, signal.SIGKILL)
+            other.wait(30)
+        log.close()

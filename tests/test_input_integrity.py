@@ -13,7 +13,7 @@ import boto3
 import pytest
 import torch
 
-from dmvae_scale.artifacts import ArtifactError, ArtifactInfo, save_artifact
+from dmvae_scale.artifacts import ArtifactError, ArtifactInfo, content_hash_of, save_artifact
 from dmvae_scale.data import artifact_store, storage
 from dmvae_scale.data.artifact_store import artifact_info, open_artifact, upload_artifact
 
@@ -63,7 +63,7 @@ def test_a_planted_artifact_cache_entry_is_downloaded_again(small_artifact, s3_b
     from safetensors.torch import save_file
     save_file({"net.w": torch.full((3, 4), 666.0)}, str(entry / "weights.safetensors"))
     planted = json.loads((entry / "artifact.json").read_text())
-    planted["content_hash"] = artifact_store.content_hash_of(entry)
+    planted["content_hash"] = content_hash_of(entry)
     (entry / "artifact.json").write_text(json.dumps(planted))
     with caplog.at_level(logging.WARNING, logger="dmvae_scale.data.artifact_store"):
         again = open_artifact(url)
@@ -331,7 +331,7 @@ def test_a_checkpoint_file_larger_than_its_manifest_says_is_not_downloaded(s3_bu
 # ----------------------------------------------------------------------------------------------------------------------
 
 def test_config_yaml_is_inside_the_content_hash(small_artifact):
-    from dmvae_scale.artifacts import content_hash_of, load_artifact, read_artifact_info
+    from dmvae_scale.artifacts import load_artifact, read_artifact_info
     info = read_artifact_info(small_artifact)
     assert info.format == 2 and info.content_hash == content_hash_of(small_artifact)
     assert info.sizes == {n: (small_artifact / n).stat().st_size
@@ -363,3 +363,27 @@ def test_an_artifact_file_larger_than_recorded_is_not_downloaded(small_artifact,
     with pytest.raises(ArtifactError, match=rf"^{url}/config.yaml: 5000 bytes, but {url}/artifact.json records "
                                             rf"{recorded}; refusing to download it"):
         open_artifact(url)
+
+
+@pytest.mark.unit
+def test_the_id_names_the_weights_wherever_the_artifact_was_written(small_artifact, tmp_path):
+    """config.yaml is inside the content hash but holds paths (run_dir, inputs): two stores holding the same
+    weights give the same id, different content hashes; a forged weights hash is refused."""
+    import shutil
+
+    from dmvae_scale.artifacts import hash_problem, load_artifact, read_artifact_info
+    other = tmp_path / "elsewhere"
+    shutil.copytree(small_artifact, other)
+    with open(other / "config.yaml", "a") as f:
+        f.write("# run_dir: s3://another-store/runs/tokenizer\n")
+    manifest = json.loads((other / "artifact.json").read_text())
+    manifest["content_hash"] = content_hash_of(other)
+    manifest["sizes"]["config.yaml"] = (other / "config.yaml").stat().st_size
+    (other / "artifact.json").write_text(json.dumps(manifest))
+    a, b = read_artifact_info(small_artifact), read_artifact_info(other)
+    assert a.content_hash != b.content_hash and a.id == b.id and a.weights_hash == b.weights_hash
+    assert hash_problem(other, b) is None
+    manifest["weights_hash"] = "0" * 64
+    (other / "artifact.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="content hash mismatch .*not to the weights hash 0000"):
+        load_artifact(other, "raw")

@@ -23,7 +23,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from dmvae_scale.artifacts import ARTIFACT_FILES, Artifact, ArtifactError, ArtifactInfo, content_hash_of, \
+from dmvae_scale.artifacts import ARTIFACT_FILES, Artifact, ArtifactError, ArtifactInfo, hash_problem, \
     read_artifact_info
 
 from ..private_cache import local_files, user_cache
@@ -95,9 +95,10 @@ def _download(url: str, info: ArtifactInfo, manifest: bytes, final: Path) -> Non
                 fs.get_file(remote, str(staging / name))
         if not (staging / "weights.safetensors").is_file():
             raise ArtifactError(f"{url}/weights.safetensors: missing from artifact {url}")
-        if content_hash_of(staging, info.format) != info.content_hash:
-            raise ArtifactError(f"{url}: content hash mismatch (its files changed after artifact.json was written, "
-                                f"or are being rewritten now)")
+        problem = hash_problem(staging, info)
+        if problem:
+            raise ArtifactError(f"{url}: content hash mismatch ({problem}: its files changed after artifact.json "
+                                f"was written, or are being rewritten now)")
         (staging / MANIFEST).write_bytes(manifest)
         staging.rename(final)
     finally:
@@ -139,12 +140,10 @@ def _entry_problem(final: Path, info: ArtifactInfo, manifest: bytes) -> str | No
     try:
         if (final / MANIFEST).read_bytes() != manifest:
             return f"its {MANIFEST} differs from the remote one"
-        found = content_hash_of(final, info.format)
+        problem = hash_problem(final, info)
     except (OSError, ArtifactError) as exc:
         return f"unreadable ({exc})"
-    if found != info.content_hash:
-        return f"its files hash to {found}, not to the content hash {info.content_hash} that names it"
-    return None
+    return f"{problem} that names it" if problem else None
 
 
 def open_tokenizer(location: str | os.PathLike, which: str = "ema"):

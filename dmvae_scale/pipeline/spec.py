@@ -225,5 +225,6 @@ def _check_steps(pipe: Pipeline) -> None:
 
 
 def artifact_id(manifest: dict) -> str:
-    """The id an artifact's manifest gives it: its stage and the start of its content hash."""
-    return f"{manifest['stage']}-{manifest['content_hash'][:12]}"
+    """The id an artifact's manifest gives it: its stage and the start of its weights hash (format 2; format 1:
+    its content hash, which covers the weights alone). ArtifactInfo.id says the same."""
+    return f"{manifest['stage']}-{(manifest.get('weights_hash') or manifest['content_hash'])[:12]}"
