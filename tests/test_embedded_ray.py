@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` says it runs (Ray's default temp dir)
 
 
 def _tree(pid: int) -> set[int]:
@@ -92,16 +94,16 @@ def test_another_ray_instance_on_the_machine_does_not_change_the_embedded_one(mo
                               "--num-cpus=3", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
-        probe = "import ray; ray.init(); print('joined', ray.get_runtime_context().gcs_address)"
+        # Wait until the head has registered itself where a plain ray.init() looks (a file an earlier head may have
+        # left naming a dead address: probing before would hang on it), then check that ray.init() joins it.
         deadline = time.monotonic() + 120
-        joined = ""
-        while time.monotonic() < deadline and other.poll() is None:  # the precondition: plain ray.init() joins it
-            run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-            joined = run.stdout
-            if f"127.0.0.1:{port}" in joined:
+        while time.monotonic() < deadline and other.poll() is None:
+            if CURRENT_CLUSTER.is_file() and CURRENT_CLUSTER.read_text().strip() == f"127.0.0.1:{port}":
                 break
-            time.sleep(2)
-        assert f"joined 127.0.0.1:{port}" in joined, (tmp_path / "other-head.log").read_text()[-2000:]
+            time.sleep(0.5)
+        probe = "import ray; ray.init(); print('joined', ray.get_runtime_context().gcs_address)"
+        run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert f"joined 127.0.0.1:{port}" in run.stdout, (tmp_path / "other-head.log").read_text()[-2000:]
         with ray_session(num_cpus=1, log_to_driver=False) as session:
             assert session.started
             assert ray.get_runtime_context().gcs_address != f"127.0.0.1:{port}"
@@ -115,3 +117,5 @@ def test_another_ray_instance_on_the_machine_does_not_change_the_embedded_one(mo
             os.killpg(other.pid, signal.SIGKILL)
             other.wait(30)
         log.close()
+        if CURRENT_CLUSTER.is_file() and CURRENT_CLUSTER.read_text().strip() == f"127.0.0.1:{port}":
+            CURRENT_CLUSTER.unlink()  # the stopped head's address: leave no stale pointer behind

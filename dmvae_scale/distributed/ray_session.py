@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 from ..errors import UserError
+from ..localhost import environ
 
 # Ray kills a job's driver this long after `ray job stop` sends it SIGTERM (default 3 s): long enough here for the
 # workers to write their stop checkpoint. Read by the Ray head's job manager (cluster files and the embedded Ray).
@@ -142,20 +143,13 @@ def embedded_token() -> Iterator[str]:
     """A fresh random Ray token in this process's environment for the block (RAY_AUTH_MODE=token), then the
     environment as it was. Ray 2.x starts a ray.init() cluster with token auth when RAY_AUTH_MODE=token, and without
     RAY_AUTH_TOKEN it would write and reuse one token for every cluster of the user in ~/.ray/auth_token."""
-    saved = {k: os.environ.get(k) for k in AUTH_ENV}
     token = secrets.token_hex(32)
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-    reload_auth_settings()
     try:
-        yield token
+        with environ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, remove=["RAY_AUTH_TOKEN_PATH"]):
+            reload_auth_settings()
+            yield token
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reload_auth_settings()
+        reload_auth_settings()  # the variables (AUTH_ENV) are as they were again
 
 
 @contextlib.contextmanager
