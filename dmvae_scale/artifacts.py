@@ -109,12 +109,21 @@ def _flatten(models: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return flat
 
 
+_CHUNK = 8 * 2**20
+
+
+def sha256_of_stream(f) -> str:
+    """Hex sha256 of what is left to read in the binary stream `f` (the package's one file-hashing loop)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(_CHUNK), b""):
+        digest.update(block)  # releases the GIL: files hash in parallel on threads
+    return digest.hexdigest()
+
+
 def sha256_of_file(path: str | Path) -> str:
-    h = hashlib.sha256()
+    """Hex sha256 of a file: artifacts, checkpoint files, weights files and reference statistics all use this."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_of_stream(f)
 
 
 def save_artifact(directory: str | Path, info: ArtifactInfo, weights: dict[str, dict[str, torch.Tensor]],

@@ -19,7 +19,6 @@ ImageNet mean/std normalisation DINOv2 was trained with is applied inside `forwa
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..artifacts import sha256_of_file  # noqa: F401 (re-exported: the weights files' check)
 from ..errors import UserError
 from .layers import SwiGLU
 
@@ -215,14 +215,6 @@ def resample_patch_kernel(weight: torch.Tensor, patch_size: int) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------------
-
-def sha256_of_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def verify_sha256(path: str | Path, expected: str | None, what: str) -> None:
     """Raise WeightsFileError naming the file, the expected and the actual hash when they differ."""

@@ -20,13 +20,13 @@ sha256 the manifest records for every file, a private per-user cache, and pickle
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from ...artifacts import sha256_of_file as sha256_file, sha256_of_stream as sha256_stream  # noqa: F401
 from ...errors import UserError
 from ...private_cache import private_dir as _private_dir
 
@@ -73,28 +73,6 @@ def join_inside(base: str, rel: str, what: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Hashes
 # ----------------------------------------------------------------------------------------------------------------------
-
-_CHUNK = 8 * 2**20
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_CHUNK)
-            if not block:
-                return digest.hexdigest()
-            digest.update(block)  # releases the GIL: files hash in parallel on threads
-
-
-def sha256_stream(f) -> str:
-    digest = hashlib.sha256()
-    while True:
-        block = f.read(_CHUNK)
-        if not block:
-            return digest.hexdigest()
-        digest.update(block)
-
 
 def mismatch(path: str, expected: str, actual: str, where: str) -> CheckpointError:
     return CheckpointError(f"{path}: sha256 {actual}, but {where} lists {expected}; the file changed after the "
