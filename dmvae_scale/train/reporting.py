@@ -133,8 +133,9 @@ class FlopCounter:
                          for h, r in state.get("per_step_per_image", [])]
 
     def wrap(self, batches: Iterator, start_step: int = 0) -> Iterator:
-        """Count the steps of index < `steps` that are still to come (`start_step`: the loop's step count; a run
-        resumed past them counts nothing). Counting runs a step under a dispatch mode whose numerics differ in the
+        """Count the batches of index < `steps` that are still to come (`start_step`: the batches taken before,
+        the loop's optimiser steps x its accumulation, as the worker passes both; a run resumed past them counts
+        nothing). Counting runs a step under a dispatch mode whose numerics differ in the
         last bits (SiLU's backward, for one): which steps are counted depends on the step index only, so a resumed
         run takes exactly the steps an uninterrupted one takes."""
         self._gen = self._counted(iter(batches), max(0, self.steps - int(start_step)))
