@@ -25,8 +25,20 @@ def test_missing_files_name_the_path_and_the_package(tmp_path):
     with pytest.raises(DatasetMissingError, match="apt-get install dataset-fashion-mnist") as err:
         load_fashion_mnist("train", root=tmp_path)
     assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(err.value)
-    with pytest.raises(UserError, match="'valid'.*'train' or 'test'"):
+    with pytest.raises(UserError, match=r"^Fashion-MNIST split 'valid' is unknown; use one of train, test, "
+                                        r"train-fit, val \('val': the last 10,000 training images"):
         load_fashion_mnist("valid")
+
+
+def test_the_validation_split_is_carved_from_training_images_disjoint_from_the_fit_part():
+    train, train_labels = load_fashion_mnist("train")
+    fit, fit_labels = load_fashion_mnist("train-fit")
+    val, val_labels = load_fashion_mnist("val")
+    assert (len(fit), len(val)) == (50_000, 10_000)
+    assert np.array_equal(np.concatenate([fit, val]), train)
+    assert np.array_equal(np.concatenate([fit_labels, val_labels]), train_labels)
+    # no test image is in it (the published test split is another file), and every class is there in number
+    assert min(np.bincount(val_labels, minlength=10)) > 900
 
 
 def test_image_array_dataset_contract_and_deterministic_flip():

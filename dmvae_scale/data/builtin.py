@@ -22,6 +22,12 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 _FILE_PREFIX = {"train": "train", "test": "t10k"}
+# A validation split carved from the training images, for choices a study makes (KL weight, generator length, teacher
+# settings) without looking at the test split: "val" is the last 10,000 training images, "train-fit" the other 50,000.
+# "train" stays all 60,000 (what earlier runs read); a run that chooses on "val" trains on "train-fit".
+VAL_IMAGES = 10_000
+_CARVED = {"train-fit": slice(0, 60_000 - VAL_IMAGES), "val": slice(60_000 - VAL_IMAGES, 60_000)}
+SPLITS = (*_FILE_PREFIX, *_CARVED)
 
 
 class DatasetMissingError(UserError):
@@ -44,9 +50,18 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str = "train", root: Path | str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N, 28, 28) and labels int64 (N,) of split "train" (60k) or "test" (10k)."""
-    if split not in _FILE_PREFIX:
-        raise UserError(f"Fashion-MNIST split {split!r} is unknown; use 'train' or 'test'")
+    """Images uint8 (N, 28, 28) and labels int64 (N,) of split "train" (60k), "test" (10k), or the training images'
+    two disjoint parts "train-fit" (the first 50k) and "val" (the last 10k)."""
+    if split not in SPLITS:
+        raise UserError(f"Fashion-MNIST split {split!r} is unknown; use one of {', '.join(SPLITS)} ('val': the last "
+                        f"{VAL_IMAGES:,} training images, 'train-fit': the rest)")
+    if split in _CARVED:
+        images, labels = load_fashion_mnist("train", root)
+        part = _CARVED[split]
+        if len(images) != 60_000:
+            raise DatasetMissingError(f"Fashion-MNIST train under {root}: {len(images)} images, not 60,000; the "
+                                      f"'{split}' split is carved from the full training set")
+        return images[part].copy(), labels[part].copy()
     root = Path(root)
     prefix = _FILE_PREFIX[split]
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 0x803)
