@@ -67,3 +67,31 @@ def test_settings_are_escaped_for_html_only_and_kid_is_shown_with_its_standard_e
     assert "| ours | dmvae | 0 |  | 80.00 | 0.0123 ± 0.0021 | 0.800 |" in md
     assert "<td>0.0123 ± 0.0021</td>" in page
     assert report["summary"]["dmvae"]["kid"]["mean"] == pytest.approx(0.0123)
+
+
+def test_the_report_pairs_arms_by_seed_and_gives_each_difference_an_interval_and_a_verdict(tmp_path):
+    def row(space, seed, fid, acc):
+        return {"name": f"{space}_s{seed}", "latent_space": space, "seed": seed, "fid": fid,
+                "classifier_accuracy": acc}
+    rows = [row("dmvae", 0, 50.0, 0.80), row("dmvae", 1, 52.0, 0.81), row("dmvae", 2, 51.0, 0.79),
+            row("kl_vae", 0, 60.0, 0.75), row("kl_vae", 1, 61.5, 0.70), row("kl_vae", 2, 60.5, 0.80),
+            row("kl_vae", 3, 99.0, 0.10)]  # seed 3 has no dmvae partner: not paired
+    report = write_study_report(tmp_path, title="t", rows=rows, tokenizers=[], curves={}, grids={}, settings={})
+    by_metric = {d["metric"]: d for d in report["paired"]}
+    fid = by_metric["fid"]
+    assert fid["seeds"] == [0, 1, 2] and fid["differences"] == [-10.0, -9.5, -9.5] and fid["verdict"] == "holds"
+    acc = by_metric["classifier_accuracy"]  # +0.05, +0.11, -0.01: spans 0
+    assert acc["mean"] == pytest.approx(0.05) and acc["verdict"] == "not shown (interval spans 0)"
+    md = (tmp_path / "report.md").read_text()
+    lo, hi = fid["interval"]
+    assert f"| fid | dmvae - kl_vae | -9.667 | [{lo:+.3f}, {hi:+.3f}] | 3 | holds |" in md
+    assert "<h2>Paired differences by seed</h2>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_failed_arm_evaluation_is_a_note_not_a_crash(tmp_path):
+    rows = [{"name": "a", "latent_space": "dmvae", "seed": 0, "fid": 50.0},
+            {"name": "b", "latent_space": "kl_vae", "seed": 0, "fid": float("nan")}]
+    report = write_study_report(tmp_path, title="t", rows=rows, tokenizers=[], curves={}, grids={}, settings={})
+    assert report["paired"] == []
+    assert "- paired fid, dmvae vs kl_vae: fid: not a finite number for kl_vae seed 0" in \
+        (tmp_path / "report.md").read_text()

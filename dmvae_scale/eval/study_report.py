@@ -17,6 +17,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..errors import UserError
+from .paired import compare_arms
+
+PAIRED_METRICS = ("fid", "kid", "classifier_accuracy")
+
 
 def _fmt(v: Any, digits: int = 2) -> str:
     if isinstance(v, float):
@@ -66,6 +71,24 @@ def check_targets(summary: dict, rows: list[dict], ours: str, baseline: str,
                                     f"vs {baseline} {b['mean']:.2f} (range {b['min']:.2f}..{b['max']:.2f}, "
                                     f"{b['n']} seeds): difference {b['mean'] - a['mean']:+.2f}"})
     return targets
+
+
+def paired_table(rows: list[dict], ours: str, by: str) -> tuple[list[dict], list[str]]:
+    """Our group against every other one, seed by seed (eval/paired.py), on each metric both have: (the differences'
+    JSON, notes for comparisons that could not be made)."""
+    out, notes = [], []
+    for other in sorted({r[by] for r in rows} - {ours}):
+        for metric in PAIRED_METRICS:
+            if not any(r.get(metric) is not None for r in rows if r[by] in (ours, other)):
+                continue
+            try:
+                diff = compare_arms([r for r in rows if "seed" in r], ours, other, metric, by=by)
+            except UserError as exc:
+                notes.append(f"paired {metric}, {ours} vs {other}: {exc}")
+                continue
+            if diff.seeds:
+                out.append(diff.to_json())
+    return out, notes
 
 
 def check_half_budget(points: list[dict], ours: str, baseline: str, by: str = "latent_space") -> Optional[dict]:
@@ -144,6 +167,12 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     metrics = ("fid", "kid", "classifier_accuracy", "final_loss")
     summary = group_summary(rows, group_by, metrics) if rows else {}
     targets = check_targets(summary, rows, ours, baseline) if rows else []
+    paired, paired_notes = paired_table(rows, ours, group_by) if rows else ([], [])
+    notes = [*notes, *paired_notes]
+    paired_header = ["metric", "difference", "mean", "interval", "paired seeds", "verdict"]
+    paired_rows = [[d["metric"], f"{d['a']} - {d['b']}", f"{d['mean']:+.3f}",
+                    f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]", len(d["seeds"]), d["verdict"]]
+                   for d in paired]
     half = check_half_budget(list(points), ours, baseline, group_by)
     if half is not None:
         targets.append(half)
@@ -185,6 +214,12 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         for group, ms in summary.items():
             parts = [f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, n={v['n']})" for m, v in ms.items()]
             md.append(f"- **{group}**: " + "; ".join(parts))
+    if paired_rows:
+        level = paired[0]["level"]
+        md += ["", f"## Paired differences by seed ({level:.0%} intervals: the wider of a bootstrap over seed pairs "
+                   f"and Student's t; a verdict holds only when the interval excludes 0)", "",
+               "| " + " | ".join(paired_header) + " |", "|" + "---|" * len(paired_header)]
+        md += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in paired_rows]
     if tokenizers:
         md += ["", "## Tokenizers (reconstructions of real test images)", "",
                "| tokenizer | rFID | PSNR | SSIM | images |", "|---|---|---|---|---|"]
@@ -213,8 +248,10 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes,
-                                           (probe_header, probe_rows), (point_header, point_rows)))
-    report = {"title": title, "rows": rows, "summary": summary, "tokenizers": tokenizers, "targets": targets,
+                                           (probe_header, probe_rows), (point_header, point_rows),
+                                           (paired_header, paired_rows)))
+    report = {"title": title, "rows": rows, "summary": summary, "paired": paired, "tokenizers": tokenizers,
+              "targets": targets,
               "probes": list(probes), "points": list(points),
               "settings": settings, "files": sorted(p.name for p in out.iterdir())}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -228,7 +265,8 @@ def _table(header: list[str], body: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
-def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table, point_table) -> str:
+def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table, point_table,
+          paired_table_=((), ())) -> str:
     """The same report as one self-contained page (images inlined as data URLs)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
@@ -243,6 +281,8 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
             f"<li><b>{html.escape(g)}</b>: " + "; ".join(f"{m} {v['mean']:.3f} ({v['min']:.3f}..{v['max']:.3f}, "
                                                         f"n={v['n']})" for m, v in ms.items()) + "</li>"
             for g, ms in summary.items()) + "</ul>")
+    if paired_table_[1]:
+        parts += ["<h2>Paired differences by seed</h2>", _table(*paired_table_)]
     if tokenizers:
         parts += ["<h2>Tokenizers</h2>", _table(["tokenizer", "rFID", "PSNR", "SSIM", "images"],
                                                 [[t["name"], t.get("rfid", ""), t.get("psnr", ""), t.get("ssim", ""),
