@@ -587,7 +587,31 @@ def _add_pipeline(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_add_demo, _add_pipeline, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export,
+def _add_study(sub):
+    p = sub.add_parser("study", help="the evidence study (configs/study): arms by full-chain seeds, choices on the "
+                                     "validation split, paired differences in the report; resumable like a pipeline")
+    p.add_argument("config_dir", help="directory with study.yaml (configs/study)")
+    p.add_argument("overrides", nargs="*", help="pipeline overrides for both phases (STEP:key=value, *:key=value, "
+                                                  "key=value)")
+    p.add_argument("--store", required=True, help="where every output goes: a directory or s3://bucket/prefix")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded loopback Ray)")
+    p.add_argument("--work-dir", default=None, help="local scratch (default under ~/.cache/dmvae-scale/pipeline)")
+    p.add_argument("--check", action="store_true", help="check every config, print both phases' plans, run nothing")
+
+    def run(args):
+        import os
+        from .pipeline.study import run_study
+        if args.check:
+            print("\n".join(run_study(args.config_dir, args.store, args.overrides, check=True,
+                                      address=args.address, work_dir=args.work_dir)))
+            return 0
+        from .distributed.ray_session import ray_session
+        with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):
+            run_study(args.config_dir, args.store, args.overrides, address=args.address, work_dir=args.work_dir)
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_add_demo, _add_pipeline, _add_study, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export,
             _add_estimate, _add_scaling]
 
 

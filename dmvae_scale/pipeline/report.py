@@ -37,7 +37,7 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
     rows, tokenizers, grids = [], [], {}
     curves: dict[str, dict[str, list]] = {"generator fm_loss": {}, "tokenizer l1": {}}
     settings: dict[str, Any] = {"store": pipe.store, "overrides": " ".join(pipe.global_overrides) or "-"}
-    probes, points = [], []
+    probes, points, validation = [], [], []
     for ev in pipe.steps:
         metrics = read_json(storage.join(pipe.url(ev.name), "metrics.json")) \
             if ev.kind in ("eval", "eval_tokenizer", "probe") else None
@@ -60,6 +60,11 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
             points.append({"name": gen, **tags, "images": int(sample_step.spec["images"]),
                            "total_images": cfg.total_images, "fid": metrics.get("fid"),
                            "classifier_accuracy": metrics.get("classifier_accuracy")})
+            continue
+        split = str(ev.spec.get("split", "test"))
+        if split != "test":  # a choice's score (a study's validation split): not comparable with the test rows
+            validation.append(f"{ev.name} ({gen}, {', '.join(f'{k} {v}' for k, v in tags.items())}): gFID "
+                              f"{metrics.get('fid', float('nan')):.2f} against the {split} split")
             continue
         points.append({"name": gen, **tags, "images": cfg.total_images, "total_images": cfg.total_images,
                        "fid": metrics.get("fid"), "classifier_accuracy": metrics.get("classifier_accuracy")})
@@ -85,7 +90,8 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
     report = write_study_report(local, title=str(s.get("title", "dmvae-scale study")), rows=rows,
                                 tokenizers=tokenizers, curves=curves, grids=grids, settings=settings,
                                 group_by=str(s.get("group_by", "latent_space")), ours=str(s.get("ours", "dmvae")),
-                                baseline=str(s.get("baseline", "kl_vae")), probes=probes, points=points)
+                                baseline=str(s.get("baseline", "kl_vae")), probes=probes, points=points,
+                                notes=[f"validation (choices, not in the tables): {v}" for v in validation])
     put_files(local, pipe.url(step.name), sorted(p.name for p in local.iterdir() if p.is_file()))
     met = ", ".join(f"{t['target']}: {'met' if t['met'] else 'MISSED'} ({t['measured']})" for t in report["targets"])
     return f"report {pipe.url(step.name)}/report.html" + (f"; {met}" if met else "")
