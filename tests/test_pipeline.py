@@ -97,10 +97,12 @@ def test_the_plan_names_each_steps_state_and_where_its_training_runs(tmp_path, c
     assert main(["pipeline", str(DEMO), "--store", str(tmp_path / "store"), "--check", "generator:launcher=ray"]) == 0
     plan = capsys.readouterr().out.splitlines()
     assert len(plan) == len(load_pipeline(DEMO, str(tmp_path / "store")).steps) and all(" to run " in ln for ln in plan)
-    assert plan[0].startswith("1. shards") and not plan[0].endswith("launcher)")
+    assert plan[0].startswith("1. shards") and "launcher)" not in plan[0]
     by_name = {ln.split()[1]: ln for ln in plan}
-    assert by_name["teacher"].endswith("runs/teacher (local launcher)")
-    assert by_name["generator"].endswith("runs/generator (ray launcher)")
+    assert by_name["shards"].endswith("data/shards; driver (local): 1 process(es)")  # the demo says launcher: auto
+    assert by_name["teacher"].endswith("runs/teacher (local launcher); driver (local): 1 worker in-process")
+    assert by_name["generator"].endswith("runs/generator (ray launcher); ray train: 1 workers x 0 GPU")
+    assert by_name["samples"].endswith("ray workers: 1 actors x 1 CPU, 1 GPU if the cluster has GPUs")
 
 
 @pytest.mark.unit

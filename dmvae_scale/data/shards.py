@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 
 from ..log import progress as show_progress
@@ -173,10 +173,20 @@ def _merged_index(done_parts: list[dict]) -> dict:
     return {"version": 2, "shards": shards}
 
 
+# Runs write_part over the pending parts elsewhere (the pipeline's Ray tasks), yielding each part's done record as it
+# finishes, in any order: run_parts(write_part, [(task,), ...]).
+PartRunner = Callable[[Callable[["_PartTask"], dict], list[tuple["_PartTask"]]], Iterable[dict]]
+
+
 def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1, part_size: int = DEFAULT_PART_SIZE,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, on_corrupt: str = "skip", limit: int | None = None,
-                 classes_file: str | None = None, progress: bool = True) -> ShardSummary:
-    """Convert `src` (folder tree or built-in set name) into MDS shards at `dest`; resumable, see module doc."""
+                 classes_file: str | None = None, progress: bool = True,
+                 run_parts: Optional[PartRunner] = None) -> ShardSummary:
+    """Convert `src` (folder tree or built-in set name) into MDS shards at `dest`; resumable, see module doc.
+
+    run_parts: where the parts are written (default: here, or a spawned pool of `workers` processes). Each part is
+    the same bytes wherever it is written, and the merged index is made here from the parts' done records, so the
+    output does not depend on where its parts ran."""
     if on_corrupt not in ("skip", "fail"):
         raise UserError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
     if part_size <= 0 or workers <= 0:
@@ -202,7 +212,11 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
     already = sum(min(part_size, len(source.samples) - i * part_size) for i in done_parts)
     bar = show_progress(total=len(source.samples), initial=already, unit="img", desc=f"shards {dest}", enabled=progress)
     try:
-        if workers == 1 or len(pending) <= 1:
+        if run_parts is not None:
+            for done in run_parts(_write_part, [(task,) for task in pending]):
+                done_parts[done["part"]] = done
+                bar.update(done["samples"] + len(done["corrupt"]))
+        elif workers == 1 or len(pending) <= 1:
             results = map(_write_part, pending)
             for done in results:
                 done_parts[done["part"]] = done

@@ -20,6 +20,7 @@ from PIL import Image
 from ..log import progress as show_progress, say
 from dmvae_scale.config import load_config
 from dmvae_scale.data.artifact_store import artifact_info, open_artifact
+from dmvae_scale.distributed.placement import largest_nodes, node_fits
 from dmvae_scale.errors import UserError
 
 from .report import save_grid
@@ -93,6 +94,10 @@ class _SamplerActor:
     def precision(self) -> str:
         return self.sampler.precision
 
+    def node(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
 
 def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
     """GPUs per sampling worker, decided from the CLUSTER's resources (a CPU laptop submitting to a GPU cluster must
@@ -109,7 +114,8 @@ def gpus_for_workers(requested: Optional[float], cluster_gpus: float) -> float:
 
 
 def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Optional[float],
-             address: Optional[str], on_result) -> set[str]:
+             address: Optional[str], on_result, cpus_per_worker: float = 1.0,
+             nodes: Optional[list] = None) -> set[str]:
     import ray
     from ray.exceptions import RayTaskError
 
@@ -119,7 +125,11 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
         cleanup.callback(lambda: [ray.kill(actor) for actor in actors])
         gpus_per_worker = gpus_for_workers(gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0)))
         say("sample", f"{min(workers, len(pending))} Ray workers, {gpus_per_worker:g} GPU each")
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_SamplerActor)
+        if not node_fits(cpus_per_worker, gpus_per_worker):  # an actor no node holds would wait forever
+            raise UserError(f"sample: {cpus_per_worker:g} CPU and {gpus_per_worker:g} GPU per sampling worker, but "
+                            f"no node of the Ray cluster holds that (nodes: {largest_nodes()}); ask for less (the "
+                            f"step's cpus / gpus)")
+        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_SamplerActor)
         actors = [actor_cls.remote(*args, gpus_per_worker > 0) for _ in range(min(workers, len(pending)))]
         queue, inflight = list(pending), {}
         for actor in actors:
@@ -135,14 +145,18 @@ def _run_ray(args: tuple, pending: list[int], workers: int, gpus_per_worker: Opt
                 raise (cause if isinstance(cause, UserError) else exc) from None
             if queue:
                 inflight[actor.batch.remote(queue.pop(0))] = actor
+        if nodes is not None:
+            nodes.extend(ray.get([actor.node.remote() for actor in actors]))
         return set(ray.get([actor.precision.remote() for actor in actors]))  # the arithmetic they sampled in
 
 
 def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, num_samples: Optional[int] = None,
                batch_size: int = 64, workers: int = 1, overrides: Sequence[str] = (), tokenizer: Optional[str] = None,
                weights: str = "ema", use_ray: bool = True, address: Optional[str] = None,
-               gpus_per_worker: Optional[float] = None, device: Optional[str] = None, progress: bool = True) -> Path:
-    """Sample (or finish sampling) into `out`; returns the path of samples.npz."""
+               gpus_per_worker: Optional[float] = None, device: Optional[str] = None, progress: bool = True,
+               cpus_per_worker: float = 1.0, nodes: Optional[list] = None) -> Path:
+    """Sample (or finish sampling) into `out`; returns the path of samples.npz. With Ray, `nodes` (a list) gets the
+    node id of each sampling actor."""
     started = time.perf_counter()
     plan, tok = plan_for(generator, num_per_class, num_samples, batch_size, overrides, weights, tokenizer)
     out_dir = prepare_output(out, plan, {"tokenizer": str(tok), "generator_path": str(generator),
@@ -162,7 +176,8 @@ def run_sample(generator: str, out: str, num_per_class: Optional[int] = None, nu
     if pending:
         args = (str(generator), str(tok), weights, asdict(plan))
         if use_ray:
-            record_precision(out_dir, _run_ray(args, pending, workers, gpus_per_worker, address, on_result))
+            record_precision(out_dir, _run_ray(args, pending, workers, gpus_per_worker, address, on_result,
+                                               cpus_per_worker, nodes))
         else:
             dev = torch.device(device if device not in (None, "auto") else
                                ("cuda" if torch.cuda.is_available() else "cpu"))

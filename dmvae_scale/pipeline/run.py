@@ -42,13 +42,24 @@ def _check_only(pipe: Pipeline, only: list[str]) -> None:
 
 
 def plan(pipe: Pipeline, address: Optional[str] = None) -> list[str]:
-    """`pipeline --check`: one line per step saying whether it is complete and where it would run."""
-    lines = []
+    """`pipeline --check`: one line per step saying whether it is complete, where it would run and with what
+    (resources.describe: "ray workers: 4 tasks x 1 CPU, 0 GPU", "ray train: 64 workers x 1 GPU", "driver (local)")."""
+    from ..errors import UserError
+    from .resources import describe
+    lines, unreadable = [], None
     for i, step in enumerate(pipe.steps, 1):
         cfg = pipe.train_config(step) if step.kind == "train" else None
-        done = "complete" if step_complete(pipe, step, cfg, clean=False) else "to run"
+        done = "unknown"
+        if unreadable is None:  # a store this machine cannot read (no credentials, no network): the plan still prints
+            try:
+                done = "complete" if step_complete(pipe, step, cfg, clean=False) else "to run"
+            except UserError as exc:
+                unreadable = str(exc)
         where = f" ({pipe.launcher_of(step, cfg, address)} launcher)" if cfg is not None else ""
-        lines.append(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}{where}")
+        lines.append(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}{where}; "
+                     f"{describe(pipe, step, address)}")
+    if unreadable is not None:
+        lines.append(f"(step states unknown: the store is not readable from here: {unreadable.splitlines()[0]})")
     return lines
 
 

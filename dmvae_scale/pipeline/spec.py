@@ -18,7 +18,9 @@ is fixed: data/NAME (shards), runs/NAME (run directory; its artifact at runs/NAM
 samples/NAME, eval/NAME. Overrides: `STEP:key=value` for one step (a train step's config keys, e.g.
 `tokenizer:total_images=640`, or another step's fields, e.g. `samples:per_class=5`), `*:key=value` for every other
 step that has that field (`*:per_class=2`, `*:launcher=ray`), `key=value` for every train step. `launcher:` (top
-level, or a train step's field) says where a train step runs (train/launch.py's choose_launcher: ray, local or auto).
+level, or a step's field) says where a step runs: a train step by train/launch.py's choose_launcher (ray, local or
+auto); a shards, cache_latents, sample or evaluation step as Ray work on the workers or in this process, with the
+step's cpus/gpus/workers (pipeline/resources.py).
 A sample step with `images: N` samples the generator run's checkpoint at N images seen (it must be kept) instead of its
 final artifact: a point on a gFID-over-training curve.
 """
@@ -41,14 +43,17 @@ LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample
 # The fields of a step that name an earlier step it reads, and what kind that step must be.
 STEP_INPUTS = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
                "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
-FIELDS = {"shards": {"source", "split", "limit", "workers"},
+# Where a heavy step runs and with what (pipeline/resources.py): launcher (ray, local, auto), cpus and gpus per task or
+# actor, workers at once.
+PLACED = {"launcher", "cpus", "gpus"}
+FIELDS = {"shards": {"source", "split", "limit", "workers", "part_size"} | PLACED,
           "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher", "launcher"},
-          "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"},
-          "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"},
-          "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"},
+          "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"} | PLACED,
+          "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"} | PLACED,
+          "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"} | PLACED,
           "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
-          "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"},
-          "probe": {"teacher", "limit", "weights", "seed"},
+          "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"} | PLACED,
+          "probe": {"teacher", "limit", "weights", "seed"} | PLACED,
           "report": {"title", "group_by", "ours", "baseline"}}
 
 
@@ -203,10 +208,12 @@ def _apply_override(pipe: Pipeline, text: str) -> None:
 
 
 def _check_steps(pipe: Pipeline) -> None:
+    from .resources import check_resources
     for step in pipe.steps:  # every stage config loads and validates here, before any resource is used
         if str(step.spec.get("launcher", pipe.launcher)) not in LAUNCHERS:
             raise PipelineError(f"step {step.name}: launcher {step.spec['launcher']!r} must be one of "
                                 f"{', '.join(LAUNCHERS)}")
+        check_resources(step, pipe.launcher)  # cpus, gpus, workers: one line naming the field and the fix
         if step.kind == "train":
             try:
                 cfg = pipe.train_config(step)

@@ -1,17 +1,30 @@
 """What each kind of step does, one function per kind with one signature: `run(ctx, step) -> one summary line`.
 Every output goes under the store (pipe.url(step.name)); local files (samples being drawn, evaluation scratch) under
-ctx.work, kept across reruns so a partly done step resumes."""
+ctx.work, kept across reruns so a partly done step resumes.
+
+The heavy steps (shards, cache_latents, sample, eval, eval_tokenizer, probe) run where resources.resources_of says:
+launcher ray sends their work to Ray tasks or actors on the worker nodes (the driver plans, waits and writes small
+files: merged indexes, inputs.json, metrics.json, placement.json naming the nodes the work ran on); launcher local runs
+it in this process, as before. Both write the same outputs (tests/test_pipeline_cluster.py)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..log import say
 from ..data import storage
-from .spec import Pipeline, PipelineError, Step
+from .resources import Resources, ray_call, ray_map, resources_of
+from .spec import LAYOUT, Pipeline, PipelineError, Step
 from .state import current_artifact, inputs_now
+
+PLACEMENT_FILE = "placement.json"  # beside a step's output: where its work ran (Ray node ids)
+REAL_STATS_DIR = ".real"  # under the store's eval/: real-image FID statistics shared by the eval steps on workers
 
 
 @dataclass
@@ -50,24 +63,64 @@ def finish_eval(ctx: StepContext, step: Step, made_from: Optional[str], metrics:
     storage.write_bytes(storage.join(url, "metrics.json"), json.dumps(metrics, indent=2, default=str).encode())
 
 
+def placement(ctx: StepContext, step: Step) -> Resources:
+    return resources_of(step, ctx.pipe.launcher, ctx.address)
+
+
+@contextlib.contextmanager
+def on_workers(ctx: StepContext, step: Step, res: Resources) -> Iterator[list]:
+    """A Ray connection for the step's work (the job's cluster, --address, or an embedded head); yields the list the
+    work appends its node ids to, written to placement.json beside the output at the end."""
+    import ray
+
+    from ..distributed.ray_session import ray_session
+    nodes: list[str] = []
+    with ray_session(ctx.address, num_cpus=max(1, math.ceil(res.cpus * res.workers)), log_to_driver=False):
+        say("pipeline", f"step {step.name}: {res.describe(step.kind)}")
+        yield nodes
+        record = {"step": step.name, "where": "ray", "nodes": sorted(set(nodes)),
+                  "driver_node": ray.get_runtime_context().get_node_id()}
+        storage.write_bytes(storage.join(ctx.pipe.url(step.name), PLACEMENT_FILE), json.dumps(record).encode())
+
+
+def work_device(res: Resources) -> str:
+    """The device a Ray task of the step computes on: the GPU it was granted, else its CPUs."""
+    return "cuda" if res.gpus else "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
 
 def run_shards(ctx: StepContext, step: Step) -> str:
-    from ..data.shards import write_shards
-    s = step.spec
-    summary = write_shards(str(s.get("source", "fashion-mnist")), ctx.pipe.url(step.name),
-                           split=str(s.get("split", "train")), limit=s.get("limit"), workers=int(s.get("workers", 1)))
-    return summary.line()
+    """Each part of the conversion is one Ray task (launcher ray; at most `workers` at once) or a process of a local
+    pool; the driver lists the source, plans the parts and merges their indexes (data/shards.py)."""
+    from ..data.shards import DEFAULT_PART_SIZE, write_shards
+    s, res = step.spec, placement(ctx, step)
+    write = functools.partial(write_shards, str(s.get("source", "fashion-mnist")), ctx.pipe.url(step.name),
+                              split=str(s.get("split", "train")), limit=s.get("limit"), workers=res.workers,
+                              part_size=int(s.get("part_size", DEFAULT_PART_SIZE)))
+    if res.where == "local":
+        return write().line()
+    with on_workers(ctx, step, res) as nodes:
+        return write(progress=False, run_parts=lambda fn, args: ray_map(step, res, fn, args, nodes)).line()
 
 
 def run_cache_latents(ctx: StepContext, step: Step) -> str:
+    """The whole cache is encoded by one Ray task on a worker (its GPU when the step asks for one), not split into
+    ranges: the cache's shard boundaries (one writer's size limit over the whole sequence) and its measured
+    statistics (the mean over its batches) are what a cache written in one process holds, byte for byte, so a cache
+    made on the cluster equals one made locally and the generator trained on it is the same."""
     from ..data.latents import cache_latents
-    s, pipe = step.spec, ctx.pipe
-    summary = cache_latents(pipe.url(s["data"]), pipe.url(step.name), pipe.artifact_url(s["tokenizer"]),
-                            weights=str(s.get("weights", "ema")), batch_size=int(s.get("batch_size", 64)),
-                            workers=0, limit=s.get("limit"))
+    s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
+    args = (pipe.url(s["data"]), pipe.url(step.name), pipe.artifact_url(s["tokenizer"]))
+    encode = functools.partial(cache_latents, weights=str(s.get("weights", "ema")),
+                               batch_size=int(s.get("batch_size", 64)), workers=0, limit=s.get("limit"))
+    if res.where == "local":
+        return encode(*args).line()
+    with on_workers(ctx, step, res) as nodes:
+        summary = ray_call(step, res, functools.partial(encode, device=work_device(res), progress=False), *args,
+                           nodes=nodes)
     return summary.line()
 
 
@@ -104,30 +157,78 @@ def run_sample(ctx: StepContext, step: Step) -> str:
         generator = checkpoint_artifact(pipe.url(s["generator"]), int(s["images"]),
                                         str(ctx.work / "checkpoint_artifacts" / f"{made_by}-{int(s['images'])}"))
         say("pipeline", f"step {step.name}: sampling {s['generator']}'s checkpoint at {int(s['images'])} images")
-    npz = sample(generator, str(local), num_per_class=s.get("per_class"), num_samples=s.get("num_samples"),
-                 batch_size=int(s.get("batch_size", 50)), workers=int(s.get("workers", 1)),
-                 overrides=list(s.get("overrides", [])), address=ctx.address)
+    res = placement(ctx, step)
+    draw = functools.partial(sample, generator, str(local), num_per_class=s.get("per_class"),
+                             num_samples=s.get("num_samples"), batch_size=int(s.get("batch_size", 50)),
+                             workers=res.workers, overrides=list(s.get("overrides", [])), address=ctx.address)
+    if res.where == "local":
+        npz = draw(use_ray=False)
+    else:  # sampling actors on the workers; the driver writes their images into the set
+        with on_workers(ctx, step, res) as nodes:
+            npz = draw(use_ray=True, gpus_per_worker=res.gpus, cpus_per_worker=res.cpus, nodes=nodes)
     put_files(local, pipe.url(step.name), ["sampling.json", "grid.png", Path(npz).name])
     return f"samples -> {pipe.url(step.name)}"
 
 
+def _real_stats_shared(real, stats_url: str, local: Path, device: str) -> Path:
+    """On a worker: the real images' FID statistics from the store's shared copy, else computed here and put there
+    (every eval step naming the same set, on whatever node, reuses them)."""
+    from ..eval.score import real_statistics
+    name = f"{real.key()}.npz"
+    path = local / "_real" / name
+    if storage.exists(storage.join(stats_url, name)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(storage.read_bytes(storage.join(stats_url, name)))
+        return path
+    path = real_statistics(real, local / "_real", device=device)
+    storage.write_bytes(storage.join(stats_url, name), path.read_bytes())
+    return path
+
+
+def score_on_worker(real, stats_url: str, samples_url: str, classifier_url: Optional[str], out_url: str,
+                    device: str) -> dict:
+    """An eval step's work as one Ray task: real statistics, the samples' Inception features and scores, the
+    classifier's accuracy; its report files go to out_url, its metrics back to the driver."""
+    from ..eval.score import score_samples
+    from ..eval.sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
+    with tempfile.TemporaryDirectory(prefix="dmvae-eval-") as tmp:
+        local = Path(tmp)
+        stats = _real_stats_shared(real, stats_url, local, device)
+        fetch_files(samples_url, [SAMPLES_FILE, SAMPLING_SETTINGS_FILE], local)
+        classifier = None if classifier_url is None else fetch_files(
+            classifier_url, ["classifier.safetensors", "classifier.json"], local / "classifier")
+        metrics = score_samples(local / SAMPLES_FILE, stats, local / "out", classifier=classifier, device=device)
+        put_files(local / "out", out_url, sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
+    return metrics
+
+
 def run_eval(ctx: StepContext, step: Step) -> str:
     """gFID of a sample step's images against real images (statistics shared by every eval step that names the
-    same set), and the evaluator classifier's accuracy on them when the step names one."""
+    same set), and the evaluator classifier's accuracy on them when the step names one. Launcher ray: all of it in
+    one Ray task on a worker (score_on_worker)."""
     from ..eval.score import RealImages, real_statistics, score_samples
     from ..eval.sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
-    s, pipe = step.spec, ctx.pipe
-    local = ctx.work / "eval" / step.name
-    local.mkdir(parents=True, exist_ok=True)
+    s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     real = RealImages(str(s.get("source", "fashion-mnist")), str(s.get("split", "test")), s.get("limit"),
                       s.get("image_size"))
+    made_from = inputs_now(pipe, step)
+    if res.where == "ray":
+        with on_workers(ctx, step, res) as nodes:
+            metrics = ray_call(step, res, score_on_worker, real, storage.join(pipe.store, LAYOUT["eval"],
+                                                                              REAL_STATS_DIR),
+                               pipe.url(s["samples"]), pipe.url(s["classifier"]) if "classifier" in s else None,
+                               pipe.url(step.name), work_device(res), nodes=nodes)
+            metrics["tags"] = dict(s.get("tags") or {})
+            finish_eval(ctx, step, made_from, metrics)
+        return f"FID {metrics['fid']:.2f}"
+    local = ctx.work / "eval" / step.name
+    local.mkdir(parents=True, exist_ok=True)
     stats = real_statistics(real, ctx.work / "eval" / "_real")
     samples = local / SAMPLES_FILE
     samples.write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]), SAMPLES_FILE)))
     # beside it, how they were drawn: the FID's protocol (sampler, steps, CFG, shift, labels, dtype) comes from it
     (local / SAMPLING_SETTINGS_FILE).write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]),
                                                                                  SAMPLING_SETTINGS_FILE)))
-    made_from = inputs_now(pipe, step)
     classifier = None
     if "classifier" in s:
         classifier = fetch_files(pipe.url(s["classifier"]), ["classifier.safetensors", "classifier.json"],
@@ -162,29 +263,52 @@ def run_classifier(ctx: StepContext, step: Step) -> str:
     return report.line()
 
 
-def run_eval_tokenizer(ctx: StepContext, step: Step) -> str:
+def eval_tokenizer_on_worker(tokenizer: str, source: str, out_url: str, split: str, limit, weights: str,
+                             device: Optional[str]) -> dict:
+    """rFID/PSNR/SSIM of a tokenizer (eval/commands.eval_tokenizer) into a scratch folder whose files go to out_url."""
     from ..eval.commands import eval_tokenizer
     from ..eval.evaluate import EvalOptions
-    s, pipe = step.spec, ctx.pipe
-    local = ctx.work / "eval" / step.name
+    with tempfile.TemporaryDirectory(prefix="dmvae-eval-tok-") as tmp:
+        out = Path(tmp) / "out"
+        metrics = eval_tokenizer(tokenizer, source, str(out), split=split, limit=limit, weights=weights,
+                                 device=device, opts=EvalOptions(allow_few_samples=True))
+        put_files(out, out_url, sorted(p.name for p in out.iterdir() if p.is_file()))
+    return metrics
+
+
+def run_eval_tokenizer(ctx: StepContext, step: Step) -> str:
+    s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     made_from = inputs_now(pipe, step)
-    metrics = eval_tokenizer(pipe.artifact_url(s["tokenizer"]), str(s.get("source", "fashion-mnist")),
-                             str(local / "out"), split=str(s.get("split", "test")), limit=s.get("limit"),
-                             weights=str(s.get("weights", "ema")), opts=EvalOptions(allow_few_samples=True))
-    metrics["tags"] = dict(s.get("tags") or {})
-    finish_eval(ctx, step, made_from, metrics, local / "out")
+    args = (pipe.artifact_url(s["tokenizer"]), str(s.get("source", "fashion-mnist")), pipe.url(step.name),
+            str(s.get("split", "test")), s.get("limit"), str(s.get("weights", "ema")))
+    if res.where == "ray":
+        with on_workers(ctx, step, res) as nodes:
+            metrics = ray_call(step, res, eval_tokenizer_on_worker, *args, work_device(res), nodes=nodes)
+            metrics["tags"] = dict(s.get("tags") or {})
+            finish_eval(ctx, step, made_from, metrics)
+    else:
+        metrics = eval_tokenizer_on_worker(*args, None)
+        metrics["tags"] = dict(s.get("tags") or {})
+        finish_eval(ctx, step, made_from, metrics)
     return f"rFID {metrics['rfid']:.2f}, PSNR {metrics['psnr']:.2f} dB"
 
 
 def run_probe(ctx: StepContext, step: Step) -> str:
     """The teacher's quality bar: linear probes on its pooled features, a random network's and raw pixels."""
     from ..eval.ssl_probe import format_probe, probe_teacher
-    s, pipe = step.spec, ctx.pipe
+    s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     made_from = inputs_now(pipe, step)
-    report = probe_teacher(pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
-                           weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
-    say("pipeline", format_probe(report))
-    finish_eval(ctx, step, made_from, {"probe": report, "teacher": s["teacher"]})
+    probe = functools.partial(probe_teacher, pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
+                              weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
+    if res.where == "ray":
+        with on_workers(ctx, step, res) as nodes:
+            report = ray_call(step, res, functools.partial(probe, progress=False), nodes=nodes)
+            say("pipeline", format_probe(report))
+            finish_eval(ctx, step, made_from, {"probe": report, "teacher": s["teacher"]})
+    else:
+        report = probe()
+        say("pipeline", format_probe(report))
+        finish_eval(ctx, step, made_from, {"probe": report, "teacher": s["teacher"]})
     return f"SSL teacher vs raw pixels: {report['ssl_minus_pixels_points']:+.2f} points"
 
 

@@ -1,0 +1,37 @@
+"""Whether a Ray request can ever be placed: a task or actor asking for more CPUs or GPUs than any node holds waits
+in Ray's queue forever, so the code that submits it asks here while it waits and gives up with one line."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+
+def largest_nodes() -> str:
+    """The alive nodes' CPU/GPU sizes, e.g. '0 CPU/0 GPU, 1 CPU/0 GPU'."""
+    import ray
+    sizes = {f"{n['Resources'].get('CPU', 0):g} CPU/{n['Resources'].get('GPU', 0):g} GPU"
+             for n in ray.nodes() if n.get("Alive")}
+    return ", ".join(sorted(sizes)) or "none"
+
+
+def node_fits(cpus: float, gpus: float) -> bool:
+    """True when an alive node of the connected cluster holds `cpus` CPUs and `gpus` GPUs (in total, not free now)."""
+    import ray
+    return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus
+               for n in ray.nodes())
+
+
+class FitWatch:
+    """Polled while a request waits: `unfit_for()` is how long no alive node has held the request (0 while one does);
+    an autoscaler adding a node in time resets it."""
+
+    def __init__(self, cpus: float, gpus: float):
+        self.cpus, self.gpus = cpus, gpus
+        self._since: Optional[float] = None
+
+    def unfit_for(self) -> float:
+        if node_fits(self.cpus, self.gpus):
+            self._since = None
+            return 0.0
+        self._since = self._since or time.monotonic()
+        return time.monotonic() - self._since
