@@ -226,11 +226,10 @@ def test_what_counts_as_transient():
     assert not storage.is_transient(NoCredentialsError())
 
 
-@pytest.mark.integration
-def test_store_outage_mid_loop_is_ridden_out(tmp_path, monkeypatch, capfd):
-    """A write/read loop (small objects, a checkpoint-like upload through the filesystem storage hands out) while the
-    SeaweedFS server is stopped for ~10 s (plus its restart) and restarted on the same ports and directory: every operation finishes,
-    the data are whole, and the retries were logged."""
+@pytest.fixture
+def own_store(tmp_path, monkeypatch):
+    """A SeaweedFS store of the test's own (the test stops and restarts it on the same ports and directory; the
+    session's store must stay up for the others), its credentials set, and a store-retry budget of 120 s."""
     from dmvae_scale.data.object_store import ObjectStore
     store = ObjectStore(tmp_path / "weed")
     store.start()
@@ -238,42 +237,118 @@ def test_store_outage_mid_loop_is_ridden_out(tmp_path, monkeypatch, capfd):
         for k, v in store.env().items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv(storage.RETRY_ENV, "120")
-        bucket = store.create_bucket("outage21")
-        payload = {i: os.urandom(1000 + i) for i in range(40)}
-        ckpt = tmp_path / "ckpt"
-        ckpt.mkdir()
-        (ckpt / "rank-00000.pt").write_bytes(os.urandom(300_000))
-        outage = {}
-
-        def weather():
-            time.sleep(1.0)
-            store.stop()
-            outage["down"] = time.monotonic()
-            time.sleep(8.0)
-            store.start()
-            outage["up"] = time.monotonic()
-        t = threading.Thread(target=weather)
-        t.start()
-        done_during_outage = 0
-        for i, data in payload.items():
-            url = f"{bucket}/loop/obj-{i:03d}"
-            storage.write_bytes(url, data)
-            assert storage.read_bytes(url) == data
-            if i == 20:  # the checkpoint upload path: put_file of the filesystem storage.filesystem returns
-                fs, root = storage.filesystem(f"{bucket}/ckpt")
-                fs.put_file(str(ckpt / "rank-00000.pt"), f"{root}/img-000000000064/rank-00000.pt")
-            if "down" in outage and "up" not in outage:
-                done_during_outage += 1
-            time.sleep(0.25)
-        t.join()
-        assert "up" in outage and outage["up"] - outage["down"] >= 8.0
-        for i, data in payload.items():
-            assert storage.read_bytes(f"{bucket}/loop/obj-{i:03d}") == data
-        assert storage.read_bytes(f"{bucket}/ckpt/img-000000000064/rank-00000.pt") == \
-            (ckpt / "rank-00000.pt").read_bytes()
-        err = capfd.readouterr().err
-        retries = [ln for ln in err.splitlines() if ln.startswith("[storage") and "retrying in" in ln]
-        assert retries, err
-        print("\n".join(retries[:3] + ["..."] + retries[-2:]))
+        yield store
     finally:
         store.stop()
+
+
+@pytest.mark.integration
+def test_store_outage_mid_loop_is_ridden_out(own_store, tmp_path, capfd):
+    """A write/read loop (small objects, a checkpoint-like upload through the filesystem storage hands out) while the
+    SeaweedFS server is stopped for ~10 s (plus its restart) and restarted on the same ports and directory: every operation finishes,
+    the data are whole, and the retries were logged."""
+    store = own_store
+    bucket = store.create_bucket("outage21")
+    payload = {i: os.urandom(1000 + i) for i in range(40)}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "rank-00000.pt").write_bytes(os.urandom(300_000))
+    outage = {}
+
+    def weather():
+        time.sleep(1.0)
+        store.stop()
+        outage["down"] = time.monotonic()
+        time.sleep(8.0)
+        store.start()
+        outage["up"] = time.monotonic()
+    t = threading.Thread(target=weather)
+    t.start()
+    done_during_outage = 0
+    for i, data in payload.items():
+        url = f"{bucket}/loop/obj-{i:03d}"
+        storage.write_bytes(url, data)
+        assert storage.read_bytes(url) == data
+        if i == 20:  # the checkpoint upload path: put_file of the filesystem storage.filesystem returns
+            fs, root = storage.filesystem(f"{bucket}/ckpt")
+            fs.put_file(str(ckpt / "rank-00000.pt"), f"{root}/img-000000000064/rank-00000.pt")
+        if "down" in outage and "up" not in outage:
+            done_during_outage += 1
+        time.sleep(0.25)
+    t.join()
+    assert "up" in outage and outage["up"] - outage["down"] >= 8.0
+    for i, data in payload.items():
+        assert storage.read_bytes(f"{bucket}/loop/obj-{i:03d}") == data
+    assert storage.read_bytes(f"{bucket}/ckpt/img-000000000064/rank-00000.pt") == \
+        (ckpt / "rank-00000.pt").read_bytes()
+    err = capfd.readouterr().err
+    retries = [ln for ln in err.splitlines() if ln.startswith("[storage") and "retrying in" in ln]
+    assert retries, err
+    print("\n".join(retries[:3] + ["..."] + retries[-2:]))
+
+
+@pytest.mark.integration
+def test_store_stopped_30_s_mid_run_the_run_finishes_whole(own_store, tmp_path, capfd):
+    """A training run (the toy stage, run_dir on s3://) while its SeaweedFS store is stopped for 30 s once the
+    first checkpoint and its metrics are stored (the run's next write: checkpoint 64's upload), then restarted on
+    the same ports and directory: the run rides it out (no rerun), ends `done` at exactly total_images, every
+    checkpoint the store lists loads (all files, sha256 as the manifest says), and metrics.jsonl holds every log
+    interval once. The store is this test's own: the session's must stay up for the other tests."""
+    import json
+
+    import test_engine_toys as toys
+    from dmvae_scale.train import checkpoint as ckpt
+    from dmvae_scale.train.launch import run_local
+    store = own_store
+    run_dir = f"{store.create_bucket('outage30')}/run"
+    total, every = 160, 32  # logs and checkpoints at the same images (the checkpoint is written first)
+    cfg = toys.toy_config(run_dir, "distributed.num_workers=1", f"total_images={total}",
+                          f"log_every_images={every}", "ckpt_every_images=32")
+    outage: dict = {}
+    client = store.client()
+
+    def weather():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "down" not in outage:
+            listed = client.list_objects_v2(Bucket="outage30", Prefix="run/metrics.jsonl").get("Contents", [])
+            if listed:  # checkpoint and metrics of 32 images written: the next write is checkpoint 64's upload
+                store.stop()
+                outage["down"] = time.monotonic()
+                time.sleep(30.0)
+                store.start()
+                outage["up"] = time.monotonic()
+                return
+            time.sleep(0.2)
+    t = threading.Thread(target=weather, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    result = run_local(cfg, device="cpu", progress=False, stage_factory=toys.toy_factory(sleep_s=0.2),
+                       dataset_factory=toys.vector_data)
+    t.join(timeout=60)
+    wall = time.monotonic() - t0
+    assert "up" in outage and outage["up"] - outage["down"] >= 30.0, outage
+    assert result.status == "done" and result.images_seen == total, result
+
+    # Every checkpoint the store lists is complete and loads: each file downloaded and checked against the
+    # manifest's sha256 (local_view raises a CheckpointError naming a file that does not match).
+    cstore = ckpt.CheckpointStore(run_dir, cache_dir=str(tmp_path / "verify-cache"))
+    objects = client.list_objects_v2(Bucket="outage30", Prefix="run/checkpoints/").get("Contents", [])
+    listed = sorted({o["Key"].split("/")[2] for o in objects})  # names holding any object (pruned ones: none)
+    complete = cstore.complete()
+    assert [c.name for c in complete] == listed and complete[-1].images_seen == total, (listed, complete)
+    for info in complete:
+        local = cstore.local_view(info, verify=True)
+        assert sorted(os.listdir(local)) and set(info.sha256) == set(info.files)
+
+    # The metrics history: every log interval up to total_images, once, in the run's result and in the store.
+    expected = list(range(every, total + 1, every))
+    assert [int(h["images"]) for h in result.history] == expected
+    rows = [json.loads(ln) for ln in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    assert [int(r["images"]) for r in rows] == expected
+
+    out = capfd.readouterr()
+    retries = [ln for ln in (out.out + out.err).splitlines() if "retrying in" in ln]
+    assert retries, out.err[-3000:]
+    print(f"\nstore down {outage['down'] - t0:.1f} s -> up {outage['up'] - t0:.1f} s after the run started; "
+          f"run done at {result.images_seen} images in {wall:.1f} s; checkpoints {[c.name for c in complete]}")
+    print("\n".join(retries))

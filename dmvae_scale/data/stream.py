@@ -18,6 +18,11 @@ Damaged data: shards downloaded from an object store are checked against the has
 index (Streaming's validate_hash); a sample that cannot be read from a local shard has its shard hashed then. Either
 way a shard whose bytes do not match its index is a ShardDataError (a user error) naming the shard and the sample,
 and a damaged downloaded copy is removed from the cache so the next run fetches it again.
+
+A killed reader's shared memory: Streaming keeps its per-node state in /dev/shm (NNNNNN_locals, _barrier, ...,
+NNNNNN a prefix per live dataset). A SIGKILLed process never removes its files, and the next dataset of the same
+remote and local directory then refuses to start ("Reused local directory"). Every dataset built here first removes
+the prefixes no live process has mapped (`clean_dead_shared_memory`), so a restarted worker starts.
 """
 from __future__ import annotations
 
@@ -38,6 +43,70 @@ from .shards import SHARD_HASH, load_index
 from .transforms import ImageTransform, decode_image, sample_rng
 
 _LOCAL = _ShardState.LOCAL
+_SHM_DIR = "/dev/shm"
+
+
+def _mapped_shm_names() -> set[str] | None:
+    """Names of /dev/shm files some process on this node has mapped (read from /proc/PID/maps); None when /proc
+    cannot tell (no /proc: not Linux)."""
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                for line in f:
+                    i = line.find(b" /dev/shm/")
+                    if i >= 0:
+                        names.add(line[i + 10:].split(b" (deleted)")[0].strip().decode(errors="replace"))
+        except OSError:  # gone meanwhile, or another user's (whose files we could not remove anyway)
+            continue
+    return names
+
+
+def clean_dead_shared_memory() -> list[str]:
+    """Remove Streaming's shared memory left by dead processes on this node; returns the names removed.
+
+    Not Streaming's `clean_stale_shared_memory`: that one unlinks every prefix's files from 000000 upwards until a
+    prefix has none, the live ones included, so a worker starting beside live workers of another run (or a second
+    dataset of the same process) would pull their state away from under them. Here a prefix goes only when none
+    of its files is mapped by any process (Python's SharedMemory maps its file for the object's life, so a live
+    dataset always shows in /proc/PID/maps), and only files of this user (others' cannot be unlinked by us).
+    Streaming's file locks in the temp directory are left: Streaming skips a prefix that has them."""
+    from streaming.base.constant import SHM_TO_CLEAN
+    try:
+        present = [n for n in os.listdir(_SHM_DIR) if n[:6].isdigit() and n[6:7] == "_" and n[7:] in SHM_TO_CLEAN]
+    except OSError:
+        return []
+    if not present:
+        return []
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return []
+    prefixes: dict[str, list[str]] = {}
+    for name in present:
+        prefixes.setdefault(name[:6], []).append(name)
+    removed = []
+    uid = os.getuid()
+    for names in prefixes.values():
+        if any(n in mapped for n in names):
+            continue  # a live dataset's
+        for name in names:
+            path = os.path.join(_SHM_DIR, name)
+            try:
+                if os.stat(path).st_uid != uid:
+                    continue
+                os.unlink(path)
+                removed.append(name)
+            except OSError:
+                continue
+    if removed:
+        from dmvae_scale.log import say
+        say("data", f"removed {len(removed)} shared-memory files of Streaming readers that died without cleaning "
+                    f"up ({', '.join(sorted(removed)[:3])}{', ...' if len(removed) > 3 else ''})", all_ranks=True)
+    return removed
 
 
 def index_digest(index: dict) -> str:
@@ -120,6 +189,10 @@ class _EpochAware(StreamingDataset):
     """
 
     current_epoch = 0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        clean_dead_shared_memory()  # a SIGKILLed reader's /dev/shm files would refuse this dataset
+        super().__init__(*args, **kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:  # Streaming 0.13 private hook; pinned in pyproject
         epoch, sample_in_epoch = super()._resume_incr_epoch()
