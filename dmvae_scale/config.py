@@ -179,7 +179,12 @@ class DataConfig:
     image_size: int = 256
     random_crop: bool = False
     hflip: bool = True
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per training worker: decode + resize off the training thread
+    # Page-locked host batches, so that non_blocking copies to the GPU overlap compute; auto: on with use_gpu
+    pin_memory: Literal["auto", True, False] = "auto"
+    # Streaming's local shard cache bound per node ("20gb", bytes, or null: unbounded; remote datasets only)
+    cache_limit: Optional[str | int] = "20gb"
+    predownload: Optional[int] = None  # samples each DataLoader worker downloads ahead (null: Streaming's default)
     limit: Optional[int] = None  # use only the first N samples (demo / tests)
     stats_images: int = 4096  # images (a seeded random class-covering sample, unflipped) for the latent mean/scale
     latents: Optional[str] = None  # cached latent shards for the generator stage
@@ -258,6 +263,8 @@ class DistributedConfig:
     # the group from the last checkpoint (train/watchdog.py). Host-side waits between collectives (rank 0 fetching a
     # large checkpoint from object storage, or converting it to a universal checkpoint) count against it.
     timeout_s: int = 1800
+    # CPUs Ray reserves for each training worker: the worker itself plus its data.num_workers DataLoader processes
+    cpus_per_worker: float = 1.0
 
 
 @dataclass
@@ -581,6 +588,37 @@ def _validate_optim(cfg: RunConfig) -> None:
     _need(wd is None or wd >= 0, f"discriminator.weight_decay: must be >= 0 (or null: optim.weight_decay), got {wd}")
 
 
+def _validate_data_loading(cfg: RunConfig) -> None:
+    d, dist = cfg.data, cfg.distributed
+    _need(isinstance(d.num_workers, int) and d.num_workers >= 0,
+          f"data.num_workers: must be an integer >= 0 (0: load in the training process), got {d.num_workers}")
+    _need(d.pin_memory in ("auto", True, False), f"data.pin_memory: must be auto, true or false, got {d.pin_memory}")
+    _need(d.predownload is None or (isinstance(d.predownload, int) and d.predownload > 0),
+          f"data.predownload: must be a positive number of samples (or null: Streaming's default), got {d.predownload}")
+    _need(d.cache_limit is None or cache_limit_bytes(d.cache_limit) > 0,
+          f"data.cache_limit: must be a size such as 20gb or 500mb (or null: unbounded), got {d.cache_limit}")
+    _need(dist.cpus_per_worker > 0, f"distributed.cpus_per_worker: must be a positive number of CPUs, got "
+                                    f"{dist.cpus_per_worker}")
+
+
+_SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def cache_limit_bytes(value: str | int) -> int:
+    """data.cache_limit in bytes: an int, or a number with a unit b/kb/mb/gb/tb (binary); -1 when unreadable."""
+    if isinstance(value, bool):
+        return -1
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?b)\s*", str(value).lower())
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)]) if m else -1
+
+
+def pin_memory(cfg: RunConfig) -> bool:
+    """data.pin_memory resolved: auto pins when the workers train on GPUs."""
+    return bool(cfg.distributed.use_gpu) if cfg.data.pin_memory == "auto" else bool(cfg.data.pin_memory)
+
+
 def validate(cfg: RunConfig) -> None:
     """Every check of a config that needs no I/O: ranges, and fields that must agree with each other. It runs where
     the config is loaded (`config show`, `submit`, `train`), so a bad config fails on the user's machine before a
@@ -625,6 +663,7 @@ def validate(cfg: RunConfig) -> None:
     gi = cfg.sampler.guidance_interval
     _need(gi is None or 0.0 <= gi[0] < gi[1] <= 1.0,
           f"sampler.guidance_interval: need 0 <= lo < hi <= 1, got {list(gi) if gi else gi}")
+    _validate_data_loading(cfg)
     _need(d.stats_images > 0, f"data.stats_images: must be positive, got {d.stats_images}")
     _need(dist.timeout_s > 0, f"distributed.timeout_s: must be a positive number of seconds, got {dist.timeout_s}")
     _need(cfg.sampler.steps > 0, f"sampler.steps: must be positive, got {cfg.sampler.steps}")

@@ -79,7 +79,16 @@ def shard_dataset(cfg: RunConfig, per_rank_batch: int):
     from .stream import ImageStreamDataset
     d = cfg.data
     return ImageStreamDataset(d.source, batch_size=per_rank_batch, image_size=d.image_size,
-                              crop="random" if d.random_crop else "center", hflip=d.hflip, seed=cfg.seed)
+                              crop="random" if d.random_crop else "center", hflip=d.hflip, seed=cfg.seed,
+                              **loading_kwargs(cfg))
+
+
+def loading_kwargs(cfg: RunConfig) -> dict:
+    """Streaming's cache bound and read-ahead from data.cache_limit / data.predownload (unset: Streaming's own)."""
+    out = {"cache_limit": cfg.data.cache_limit}
+    if cfg.data.predownload is not None:
+        out["predownload"] = cfg.data.predownload
+    return out
 
 
 def latent_dataset(cfg: RunConfig, per_rank_batch: int):
@@ -87,4 +96,5 @@ def latent_dataset(cfg: RunConfig, per_rank_batch: int):
     if not cfg.data.latents:
         raise UserError("data.latents: not set; point it at the output of `dmvae-scale data cache-latents`")
     from .latents import LatentStreamDataset
-    return LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip, seed=cfg.seed)
+    return LatentStreamDataset(cfg.data.latents, batch_size=per_rank_batch, hflip=cfg.data.hflip, seed=cfg.seed,
+                               **loading_kwargs(cfg))

@@ -174,7 +174,7 @@ class LatentStreamDataset(_EpochAware):
     def __init__(self, url: str, *, batch_size: int, hflip: bool = True, seed: int = 0, shuffle: bool = True,
                  cache_dir: str | None = None, num_canonical_nodes: int | None = None, with_keys: bool = False,
                  **streaming_kwargs: Any):
-        locations = streaming_locations(url, cache_dir)
+        locations = streaming_locations(url, cache_dir, streaming_kwargs.pop("cache_limit", None))
         self.info = read_latent_info(url)
         self.latent_spec = LatentSpec(**self.info["latent"])
         self.tokenizer_id = self.info["tokenizer"]

@@ -26,9 +26,11 @@ the prefixes no live process has mapped (`clean_dead_shared_memory`), so a resta
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import torch
@@ -121,8 +123,50 @@ def default_cache_dir(url: str, index: dict) -> str:
     dataset rewritten at the same URL (a rerun of `data shards`, a latent cache remade by a new tokenizer) would
     otherwise be read from the stale copy of the old one."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return private_dir(os.path.join(user_cache("stream", "shard cache", UserError), f"{digest}-{index_digest(index)}"),
-                       "shard cache", UserError)
+    root = user_cache("stream", "shard cache", UserError)
+    local = private_dir(os.path.join(root, f"{digest}-{index_digest(index)}"), "shard cache", UserError)
+    hold_cache_dir(local)
+    remove_stale_caches(root, f"{digest}-", keep=local)
+    return local
+
+
+_IN_USE = ".in-use"  # flock'ed shared by every process reading a cache directory, for as long as it lives
+_HELD: dict[str, int] = {}  # cache directory -> the open lock file this process holds (inherited by forked workers)
+
+
+def hold_cache_dir(local: str) -> None:
+    """Mark `local` in use by this process (a shared flock, released when the process exits)."""
+    if local in _HELD:
+        return
+    fd = os.open(os.path.join(local, _IN_USE), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HELD[local] = fd
+
+
+def remove_stale_caches(root: str, prefix: str, keep: str) -> list[str]:
+    """Delete the cache directories of earlier versions of a dataset (names `prefix`*, other than `keep`) that no
+    process holds (hold_cache_dir); returns the ones removed. A directory another process still reads stays: its
+    shared lock makes the exclusive try fail."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.startswith(prefix) or path == keep or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            fd = os.open(os.path.join(path, _IN_USE), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # in use
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _check_cache_dir(cache_dir: str, url: str, index: dict) -> str:
@@ -142,15 +186,30 @@ def _check_cache_dir(cache_dir: str, url: str, index: dict) -> str:
     return cache_dir
 
 
-def streaming_locations(url: str, cache_dir: str | None) -> dict[str, str | None]:
-    """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check."""
+def streaming_locations(url: str, cache_dir: str | None, cache_limit: str | int | None = None) -> dict[str, Any]:
+    """StreamingDataset's remote/local arguments for a dataset URL, after a fast pre-flight check. cache_limit
+    (data.cache_limit) bounds the local copy of a remote dataset; a local dataset is read in place, never evicted."""
     index = load_index(url, check_files=True)  # unreachable store or missing shard: one clear error, now
     if storage.is_remote(url):
         local = _check_cache_dir(cache_dir, url, index) if cache_dir else default_cache_dir(url, index)
         _place_index(local, index)
-        return {"remote": url, "local": local,
-                "validate_hash": SHARD_HASH}  # each download checked: load_index requires every shard's hash
+        out = {"remote": url, "local": local,
+               "validate_hash": SHARD_HASH}  # each download checked: load_index requires every shard's hash
+        if cache_limit is not None:
+            out["cache_limit"] = _checked_cache_limit(cache_limit, url, index)
+        return out
     return {"remote": None, "local": os.path.abspath(url)}
+
+
+def _checked_cache_limit(cache_limit: str | int, url: str, index: dict) -> int:
+    """cache_limit in bytes, refused (one line) below what Streaming needs: four of the dataset's largest shards."""
+    from ..config import cache_limit_bytes
+    limit = cache_limit_bytes(cache_limit)
+    largest = max((int(s.get("raw_data", {}).get("bytes", 0)) for s in index.get("shards", [])), default=0)
+    if limit < 4 * largest:
+        raise UserError(f"data.cache_limit={cache_limit} is below four shards of {url} (4 x {largest} bytes): "
+                        f"raise it to at least {(4 * largest) >> 20 or 1}mb, or write smaller shards")
+    return limit
 
 
 def _place_index(local: str, index: dict) -> None:
@@ -294,7 +353,8 @@ class ImageStreamDataset(_EpochAware):
         self.seed = int(seed)
         self.with_keys = with_keys
         self.url = url
-        super().__init__(**streaming_locations(url, cache_dir), batch_size=batch_size, shuffle=shuffle,
+        super().__init__(**streaming_locations(url, cache_dir, streaming_kwargs.pop("cache_limit", None)),
+                         batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=self.seed, num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..log import progress
-from ..config import RunConfig
+from ..config import RunConfig, pin_memory
 from ..data.builtin import ImageArrayDataset
 from ..data.datasets import in_memory_dataset, is_shard_dataset, latent_dataset, shard_dataset
 from ..errors import UserError
@@ -162,11 +162,11 @@ class StreamingBatches(_TrackedBatches):
     """A streaming dataset (image shards, or a latent cache of {"latent", "label"}; local or s3://) through a
     loader; the reader's own state carries the position (exact mid-epoch resume, any number of workers)."""
 
-    def __init__(self, dataset, num_workers: int):
+    def __init__(self, dataset, num_workers: int, pin_memory: bool = False):
         from ..data.stream import make_loader
         super().__init__()
         self.dataset = dataset
-        self.loader = make_loader(self.dataset, num_workers=num_workers)
+        self.loader = make_loader(self.dataset, num_workers=num_workers, pin_memory=pin_memory)
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # epochs repeat; the reader advances its epoch itself
@@ -188,9 +188,9 @@ def make_batches(cfg: RunConfig, per_rank_batch: int, rank: int, world: int,
     if dataset_factory is not None:
         return PositionalBatches(dataset_factory(cfg), per_rank_batch, cfg.seed, rank, world)
     if cfg.data.latents is not None:
-        return StreamingBatches(latent_dataset(cfg, per_rank_batch), cfg.data.num_workers)
+        return StreamingBatches(latent_dataset(cfg, per_rank_batch), cfg.data.num_workers, pin_memory(cfg))
     if is_shard_dataset(cfg.data.source):
-        return StreamingBatches(shard_dataset(cfg, per_rank_batch), cfg.data.num_workers)
+        return StreamingBatches(shard_dataset(cfg, per_rank_batch), cfg.data.num_workers, pin_memory(cfg))
     return PositionalBatches(in_memory_dataset(cfg), per_rank_batch, cfg.seed, rank, world)
 
 

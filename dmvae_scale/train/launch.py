@@ -312,15 +312,17 @@ def run_local(cfg: RunConfig, device: str = "auto", progress: bool = True, *, st
 
 def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optional[Callable] = None,
           dataset_factory: Optional[Callable] = None, shard_frozen_above_bytes: Optional[int] = None,
-          cpus_per_worker: float = 1.0, control_hook: Optional[Callable] = None) -> TrainResult:
+          cpus_per_worker: Optional[float] = None, control_hook: Optional[Callable] = None) -> TrainResult:
     """Train cfg.stage on cfg.distributed.num_workers Ray Train workers; resume automatically from cfg.run_dir.
-    control_hook(control_actor) is called once the run's control actor exists (tests send notices through it)."""
+    control_hook(control_actor) is called once the run's control actor exists (tests send notices through it).
+    cpus_per_worker: Ray's CPU reservation per worker (default distributed.cpus_per_worker)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     began = time.perf_counter()
     address = address if address is not None else cfg.distributed.address
     dcfg = cfg.distributed
+    cpus_per_worker = float(dcfg.cpus_per_worker if cpus_per_worker is None else cpus_per_worker)
     cfg, wandb_project = _prepare(cfg, stage_factory)
     _, high = worker_range(cfg)
     num_cpus = max(os.cpu_count() or 1, int(high * cpus_per_worker + 0.999))
