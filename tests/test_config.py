@@ -10,9 +10,10 @@ from repo import REPO
 from dmvae_scale.config import (ConfigError, RunConfig, config_hash, dump_yaml, load_config, save_resolved)
 
 pytestmark = pytest.mark.unit
-# pipeline.yaml lists steps (tests/test_pipeline.py); configs/scaling/ holds sweeps (tests/test_scaling_sweep.py)
+# pipeline.yaml lists steps (tests/test_pipeline.py); configs/scaling/ holds sweeps (tests/test_scaling_sweep.py);
+# configs/study/ a study (tests/test_study.py)
 CONFIGS = [p for p in sorted((REPO / "configs").glob("*/*.yaml"))
-           if p.name != "pipeline.yaml" and p.parent.name != "scaling"]
+           if p.name != "pipeline.yaml" and p.parent.name not in ("scaling", "study")]
 
 
 def cli(*args):
