@@ -579,7 +579,10 @@ def _add_pipeline(sub):
             if args.only:  # an unknown step is refused by --check too, not only by a run
                 from .pipeline.run import _check_only
                 _check_only(pipe, args.only)
-            print("\n".join(plan(pipe, args.address)))
+            unreadable: list[str] = []
+            print("\n".join(plan(pipe, args.address, unreadable)))
+            if unreadable:  # the plan printed (where each step runs), and the check still fails: a run would too
+                raise UserError(unreadable[0])
             return 0
         from .distributed.ray_session import ray_session
         with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):

@@ -41,7 +41,7 @@ def _check_only(pipe: Pipeline, only: list[str]) -> None:
                                     f"complete and not selected; add {needed.name} to --only")
 
 
-def plan(pipe: Pipeline, address: Optional[str] = None) -> list[str]:
+def plan(pipe: Pipeline, address: Optional[str] = None, unreadable_store: Optional[list] = None) -> list[str]:
     """`pipeline --check`: one line per step saying whether it is complete, where it would run and with what
     (resources.describe: "ray workers: 4 tasks x 1 CPU, 0 GPU", "ray train: 64 workers x 1 GPU", "driver (local)")."""
     from ..errors import UserError
@@ -60,6 +60,8 @@ def plan(pipe: Pipeline, address: Optional[str] = None) -> list[str]:
                      f"{describe(pipe, step, address)}")
     if unreadable is not None:
         lines.append(f"(step states unknown: the store is not readable from here: {unreadable.splitlines()[0]})")
+        if unreadable_store is not None:  # the caller ends with this error after the plan (`pipeline --check`)
+            unreadable_store.append(unreadable)
     return lines
 
 
