@@ -24,6 +24,7 @@ def s3_server(tmp_path_factory):
         store.start()
     except Exception as exc:  # a missing `weed` is a set-up error, reported as one
         pytest.fail(f"cannot start the SeaweedFS test server: {exc}")
+    _ENVS[store.url] = store.env()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in store.env().items():
             mp.setenv(k, v)
@@ -35,9 +36,16 @@ def s3_server(tmp_path_factory):
             store.stop()
 
 
+_ENVS: dict[str, dict[str, str]] = {}  # server url -> its endpoint and keys
+
+
 @pytest.fixture
-def s3_bucket(s3_server):
+def s3_bucket(s3_server, monkeypatch):
     import boto3
+    # The server's endpoint and keys again for this test: one an earlier test left changed in this process (seen in
+    # CI as InvalidAccessKeyId) must not fail the tests after it.
+    for k, v in _ENVS.get(s3_server, {}).items():
+        monkeypatch.setenv(k, v)
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     yield f"s3://{name}"
