@@ -236,9 +236,9 @@ def _metrics(pipe, name: str) -> dict:
 
 def run_flops(pipe, name: str) -> tuple[float, int]:
     """(counted GFLOPs per training image, images trained) of a train step, from its run's metrics.jsonl."""
-    text = storage.read_bytes(storage.join(pipe.url(name), "metrics.jsonl")).decode()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    per_image = next((r["gflops_per_image"] for r in reversed(rows) if r.get("gflops_per_image")), None)
+    from .report import metrics_curve
+    curve = [v for _, v in metrics_curve(pipe.url(name), "gflops_per_image") if v]
+    per_image = curve[-1] if curve else None
     if per_image is None:
         raise PipelineError(f"study: run {pipe.url(name)} logged no gflops_per_image (its FLOP count); the "
                             f"equal-compute arm needs every DMVAE stage's count")
@@ -269,8 +269,8 @@ def make_choices(st: Study, pipe) -> dict:
 
 
 def read_choices(store: str) -> Optional[dict]:
-    url = storage.join(store, CHOICES)
-    return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
+    from .state import read_json
+    return read_json(storage.join(store, CHOICES))
 
 
 def write_choices(store: str, choices: dict) -> None:
