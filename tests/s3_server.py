@@ -5,6 +5,9 @@ Fixtures
     s3_server   the endpoint URL; sets the store's credentials and S3_ENDPOINT_URL for this process and its children
     s3_bucket   a fresh bucket per test, as "s3://<name>"
 
+Helpers
+    s3_client(endpoint)   a boto3 client on a fresh session that reads this process's keys now
+
 No test needs moto any more: everything the tests do (objects, listings, deletes, Streaming's downloads, s3fs) runs
 against SeaweedFS.
 """
@@ -39,13 +42,21 @@ def s3_server(tmp_path_factory):
 _ENVS: dict[str, dict[str, str]] = {}  # server url -> its endpoint and keys
 
 
+def s3_client(endpoint: str):
+    """An S3 client that uses the keys in this process's environment now. `boto3.client` would not: boto3's default
+    session resolves its credentials once, at its first client, and keeps them, so a test that had set other keys
+    (tests/test_jobs.py's fake ones, another test's own store) before the first boto3.client call in the process made
+    every later one sign with those (seen in CI as InvalidAccessKeyId at CreateBucket)."""
+    import boto3
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
+
+
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch):
-    import boto3
     # The server's endpoint and keys again for this test: one an earlier test left changed in this process (seen in
     # CI as InvalidAccessKeyId) must not fail the tests after it.
     for k, v in _ENVS.get(s3_server, {}).items():
         monkeypatch.setenv(k, v)
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    s3_client(s3_server).create_bucket(Bucket=name)
     yield f"s3://{name}"

@@ -2,7 +2,7 @@
 byte-identical, verified; a missing shard and an unreachable endpoint fail fast with their names."""
 import time
 
-import boto3
+from s3_server import s3_client
 import pytest
 
 from dmvae_scale.cli import main
@@ -42,7 +42,7 @@ def test_missing_shard_in_bucket_is_named(s3_bucket, s3_server, capsys):
     url = f"{s3_bucket}/fm"
     assert main(["data", "shards", "fashion-mnist", url, "--limit", "60", "--part-size", "30", "--workers", "1"]) == 0
     bucket = s3_bucket[len("s3://"):]
-    boto3.client("s3", endpoint_url=s3_server).delete_object(Bucket=bucket, Key="fm/part-00001/shard.00000.mds")
+    s3_client(s3_server).delete_object(Bucket=bucket, Key="fm/part-00001/shard.00000.mds")
     with pytest.raises(StorageError, match="shard part-00001/shard.00000.mds listed in index.json is missing"):
         ImageStreamDataset(url, batch_size=4, image_size=28)
     assert main(["data", "verify", url]) == 1

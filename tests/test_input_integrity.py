@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import boto3
+from s3_server import s3_client
 import pytest
 import torch
 
@@ -38,7 +38,7 @@ def small_artifact(tmp_path):
 
 
 def _objects(s3_server: str, bucket_url: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=s3_server)
+    client = s3_client(s3_server)
     bucket = bucket_url[len("s3://"):]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
     return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}

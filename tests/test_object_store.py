@@ -77,3 +77,24 @@ def test_store_refuses_a_client_without_its_fresh_keys_and_serves_one_with_them(
         assert store.secret_key not in store.log_path.read_text(errors="replace")
         assert store.env()["AWS_SECRET_ACCESS_KEY"] == store.secret_key
     assert not store.identity_path.exists()  # the keys file goes with the server
+
+
+def test_the_tests_s3_client_signs_with_the_keys_set_now_not_the_first_ones(s3_server, monkeypatch):
+    """boto3's default session keeps the keys it saw at its first client; tests/s3_server.s3_client must not (an earlier
+    test's fake keys made the Streaming restart tests' CreateBucket fail with InvalidAccessKeyId in CI)."""
+    import boto3
+
+    from s3_server import s3_client
+    right = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a process whose first boto3 client saw other keys
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "FAKEKEYFROMANOTHERTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    stale = boto3.client("s3", endpoint_url=s3_server)
+    for k, v in right.items():
+        monkeypatch.setenv(k, v)
+    assert boto3.client("s3", endpoint_url=s3_server)._request_signer._credentials.access_key == \
+        "FAKEKEYFROMANOTHERTEST"  # the trap: still the first keys
+    assert stale is not None
+    s3_client(s3_server).create_bucket(Bucket="signed-with-the-keys-set-now")
+    names = [b["Name"] for b in s3_client(s3_server).list_buckets()["Buckets"]]
+    assert "signed-with-the-keys-set-now" in names

@@ -80,7 +80,7 @@ def object_store(args, work: Path):
         store = ObjectStore(work / "seaweedfs").start()
         os.environ.update(store.env())
     try:
-        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        client = boto3.session.Session().client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=args.bucket)
         yield os.environ["S3_ENDPOINT_URL"]
