@@ -41,7 +41,7 @@ LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample
 # The fields of a step that name an earlier step it reads, and what kind that step must be.
 STEP_INPUTS = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
                "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
-FIELDS = {"shards": {"source", "split", "limit", "workers"},
+FIELDS = {"shards": {"source", "split", "limit", "workers", "image_size"},
           "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher", "launcher"},
           "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"},
           "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"},

@@ -58,7 +58,8 @@ def run_shards(ctx: StepContext, step: Step) -> str:
     from ..data.shards import write_shards
     s = step.spec
     summary = write_shards(str(s.get("source", "fashion-mnist")), ctx.pipe.url(step.name),
-                           split=str(s.get("split", "train")), limit=s.get("limit"), workers=int(s.get("workers", 1)))
+                           split=str(s.get("split", "train")), limit=s.get("limit"), workers=int(s.get("workers", 1)),
+                           image_size=s.get("image_size"))
     return summary.line()
 
 
