@@ -97,3 +97,35 @@ def test_stale_cache_dirs_removed_unless_in_use(tmp_path):
     # its reader gone, the next new version removes it; a directory this process holds stays
     assert remove_stale_caches(str(root), "aaaa-", keep=str(root / "zzzz")) == [str(root / "aaaa-old2")]
     assert sorted(os.listdir(root)) == ["aaaa-new", "bbbb-other"]
+
+
+def test_shards_at_training_size_read_back_as_resizing_at_load(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from dmvae_scale.data.shards import read_dataset_info, write_shards
+    from dmvae_scale.data.stream import ImageStreamDataset
+    rng = np.random.default_rng(0)
+    for i in range(4):  # smooth photo-like images, wider and taller than they are long
+        w, h = (120, 90) if i % 2 else (80, 110)
+        yy, xx = np.mgrid[0:h, 0:w]
+        rgb = np.stack([128 + 90 * np.sin(xx / (7 + i)), 128 + 90 * np.cos(yy / 9), (xx + yy) % 256], -1)
+        d = tmp_path / "photos" / "train" / f"n{i % 2:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rgb + rng.normal(0, 3, rgb.shape)).clip(0, 255).astype(np.uint8)).save(d / f"{i}.JPEG",
+                                                                                                  quality=90)
+    write_shards(str(tmp_path / "photos"), str(tmp_path / "full"), progress=False)
+    write_shards(str(tmp_path / "photos"), str(tmp_path / "small"), progress=False, image_size=32)
+    assert read_dataset_info(str(tmp_path / "small"))["image_size"] == 32
+    assert read_dataset_info(str(tmp_path / "full"))["image_size"] is None
+
+    def images(url):
+        ds = ImageStreamDataset(url, batch_size=1, image_size=32, crop="center", hflip=False, shuffle=False,
+                                with_keys=True)
+        return {ds[i]["key"]: ds[i]["image"] for i in range(ds.num_samples)}
+    full, small = images(str(tmp_path / "full")), images(str(tmp_path / "small"))
+    assert sorted(full) == sorted(small)
+    for key in full:
+        assert small[key].shape == (3, 32, 32)
+        assert (small[key] - full[key]).abs().mean() < 0.03  # JPEG re-encoding only: ~4 of 255 levels at 32 px
+    with pytest.raises(UserError, match="image_size must be a positive number of pixels"):
+        write_shards(str(tmp_path / "photos"), str(tmp_path / "bad"), progress=False, image_size=0)

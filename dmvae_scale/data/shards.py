@@ -86,6 +86,19 @@ class _PartTask:
     samples: list[SourceSample]
     on_corrupt: str
     shard_bytes: int
+    image_size: int | None = None
+
+
+def at_training_size(data: bytes, size: int) -> bytes:
+    """An image resized once at conversion, as the loader's center crop would: short side to `size` (bicubic), the
+    central size x size window, JPEG quality 95. The loader's resize then has nothing to do."""
+    import io
+    from .transforms import decode_image, resize_short_side
+    img = resize_short_side(decode_image(data), size)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    out = io.BytesIO()
+    img.crop((left, top, left + size, top + size)).save(out, format="JPEG", quality=95)
+    return out.getvalue()
 
 
 def part_name(index: int) -> str:
@@ -113,6 +126,8 @@ def _write_part(task: _PartTask) -> dict:
                                                 f"and count such files") from None
                     corrupt.append({"key": s.key, "path": str(where), "error": str(exc)[:200]})
                     continue
+                if task.image_size:
+                    data = at_training_size(data, task.image_size)
                 writer.write({"key": s.key, "label": s.label, "image": data})
                 written += 1
                 nbytes += len(data)
@@ -181,12 +196,15 @@ PartRunner = Callable[[Callable[["_PartTask"], dict], list[tuple["_PartTask"]]],
 def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1, part_size: int = DEFAULT_PART_SIZE,
                  shard_bytes: int = DEFAULT_SHARD_BYTES, on_corrupt: str = "skip", limit: int | None = None,
                  classes_file: str | None = None, progress: bool = True,
-                 run_parts: Optional[PartRunner] = None) -> ShardSummary:
+                 run_parts: Optional[PartRunner] = None, image_size: int | None = None) -> ShardSummary:
     """Convert `src` (folder tree or built-in set name) into MDS shards at `dest`; resumable, see module doc.
 
     run_parts: where the parts are written (default: here, or a spawned pool of `workers` processes). Each part is
     the same bytes wherever it is written, and the merged index is made here from the parts' done records, so the
-    output does not depend on where its parts ran."""
+    output does not depend on where its parts ran.
+    image_size: store every image at that training resolution (at_training_size) instead of as read."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+        raise UserError(f"image_size must be a positive number of pixels (or unset: images as read), got {image_size!r}")
     if on_corrupt not in ("skip", "fail"):
         raise UserError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
     if part_size <= 0 or workers <= 0:
@@ -196,7 +214,7 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
     if limit is not None:
         source.samples = source.samples[:limit]
     storage.check_reachable(dest)
-    _check_plan(dest, _plan(source, part_size))
+    _check_plan(dest, {**_plan(source, part_size), "image_size": image_size})
 
     n_parts = (len(source.samples) + part_size - 1) // part_size
     done_parts, pending = {}, []
@@ -206,7 +224,7 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
             done_parts[i] = done
         else:
             chunk = source.samples[i * part_size:(i + 1) * part_size]
-            pending.append(_PartTask(i, dest, source.name, source.split, chunk, on_corrupt, shard_bytes))
+            pending.append(_PartTask(i, dest, source.name, source.split, chunk, on_corrupt, shard_bytes, image_size))
     summary = ShardSummary(parts=n_parts, reused_parts=len(done_parts))
 
     already = sum(min(part_size, len(source.samples) - i * part_size) for i in done_parts)
@@ -245,7 +263,7 @@ def write_shards(src: str, dest: str, *, split: str = "train", workers: int = 1,
             label_counts[int(label)] += count
     info = {"format": FORMAT, **source.describe(), "classes": source.classes, "images": summary.images,
             "bytes": summary.bytes, "shards": summary.shards, "label_counts": label_counts,
-            "corrupt": summary.corrupt, "columns": COLUMNS, "shard_hash": SHARD_HASH}
+            "corrupt": summary.corrupt, "columns": COLUMNS, "shard_hash": SHARD_HASH, "image_size": image_size}
     storage.write_bytes(storage.join(dest, "dataset.json"), json.dumps(info, indent=2).encode())
     storage.write_bytes(storage.join(dest, "index.json"), json.dumps(_merged_index(ordered)).encode())
     summary.seconds = time.perf_counter() - started

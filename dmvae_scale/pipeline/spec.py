@@ -46,7 +46,7 @@ STEP_INPUTS = {"data": "shards", "latents": "cache_latents", "tokenizer": "train
 # Where a heavy step runs and with what (pipeline/resources.py): launcher (ray, local, auto), cpus and gpus per task or
 # actor, workers at once.
 PLACED = {"launcher", "cpus", "gpus"}
-FIELDS = {"shards": {"source", "split", "limit", "workers", "part_size"} | PLACED,
+FIELDS = {"shards": {"source", "split", "limit", "workers", "part_size", "image_size"} | PLACED,
           "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher", "launcher"},
           "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"} | PLACED,
           "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"} | PLACED,

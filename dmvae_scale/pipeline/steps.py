@@ -99,7 +99,8 @@ def run_shards(ctx: StepContext, step: Step) -> str:
     s, res = step.spec, placement(ctx, step)
     write = functools.partial(write_shards, str(s.get("source", "fashion-mnist")), ctx.pipe.url(step.name),
                               split=str(s.get("split", "train")), limit=s.get("limit"), workers=res.workers,
-                              part_size=int(s.get("part_size", DEFAULT_PART_SIZE)))
+                              part_size=int(s.get("part_size", DEFAULT_PART_SIZE)),
+                              image_size=s.get("image_size"))
     if res.where == "local":
         return write().line()
     with on_workers(ctx, step, res) as nodes:
