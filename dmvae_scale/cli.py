@@ -255,6 +255,7 @@ def _add_submit(sub):
     p.add_argument("config", help="YAML config of the stage, or the word `pipeline` followed by a pipeline directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. total_images=640")
     p.add_argument("--store", default=None, help="with `submit pipeline DIR`: the store URL every output goes to")
+    _max_concurrent(p)
     _job_address(p)
     p.add_argument("--code", choices=("checkout", "installed"), default="checkout",
                    help="checkout: ship this checkout's dmvae_scale (default); installed: the cluster image's package")
@@ -341,7 +342,8 @@ def _submit_pipeline(args) -> int:
     pipe = load_pipeline(config_dir, args.store, overrides)  # every stage config is checked on this machine
     sub_ = build_pipeline_submission(pipe, overrides, code=args.code, ship_credentials=_ship_credentials(args),
                                      entrypoint_num_cpus=args.entrypoint_num_cpus,
-                                     entrypoint_num_gpus=args.entrypoint_num_gpus, extra_env=parse_env(args.env))
+                                     entrypoint_num_gpus=args.entrypoint_num_gpus, extra_env=parse_env(args.env),
+                                     max_concurrent=args.max_concurrent)
     return _send(sub_, args, f"pipeline {config_dir} ({len(pipe.steps)} steps) -> {pipe.store}")
 
 
@@ -558,6 +560,7 @@ def _add_pipeline(sub):
     p.add_argument("--work-dir", default=None, help="local scratch for sampling and evaluation (default under "
                                                     "~/.cache/dmvae-scale/pipeline)")
     p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
+    _max_concurrent(p)
     p.add_argument("--check", action="store_true", help="load and check every config, print the plan, run nothing")
     p.add_argument("--threads", default=None, help="CPU threads for this process's torch work (in-process train "
                                                    "steps, evaluation): a number, or auto = this node's cores; "
@@ -585,8 +588,15 @@ def _add_pipeline(sub):
                 raise UserError(unreadable[0])
             return 0
         from .distributed.ray_session import ray_session
+        from .pipeline.run import PipelineFailed
         with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):
-            run_pipeline(pipe, address=args.address, work_dir=args.work_dir, only=args.only)
+            try:
+                run_pipeline(pipe, address=args.address, work_dir=args.work_dir, only=args.only,
+                             max_concurrent=args.max_concurrent)
+            except PipelineFailed as exc:  # the table is printed; 2: only bad input or a stop, 1: a step crashed
+                print(f"error: {exc}", file=sys.stderr)
+                return exc.exit_code
+        return 0
     p.set_defaults(func=run)
 
 
@@ -612,6 +622,17 @@ def _add_study(sub):
         with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):
             run_study(args.config_dir, args.store, args.overrides, address=args.address, work_dir=args.work_dir)
     p.set_defaults(func=run)
+
+
+def _max_concurrent(p) -> None:
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text}: give a positive number of steps")
+        return int(text)
+    p.add_argument("--max-concurrent", type=positive, default=None, metavar="N",
+                   help="pipeline: steps that may run at once, each once the steps it reads are complete (default: "
+                        "pipeline.yaml's max_concurrent, else 1 = one after another); Ray still queues steps for "
+                        "their resources")
 
 
 COMMANDS = [_add_demo, _add_pipeline, _add_study, _add_config, _add_models, _add_data, _add_eval, _add_train, _add_toy, _add_submit, _add_jobs, _add_sample, _add_export,

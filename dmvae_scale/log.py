@@ -12,8 +12,10 @@ command's own output on stdout stays clean.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -166,3 +168,95 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None
 
     terminal: None decides by whether stderr is a terminal (tqdm bar) or not (lines for logs)."""
     return Progress(iterable, total, desc, unit, initial, enabled, leave, terminal)
+
+
+def _stamp() -> str:
+    """Wall-clock time with milliseconds, UTC: 2026-12-07T03:46:31.123Z (a step log's start and end lines)."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class _ThreadStream:
+    """sys.stdout / sys.stderr while StepLogs is active: a line written by a step's thread goes, whole, to the real
+    stream (prefixed `[STEP] ` when steps run at once) and to the step's log file; other threads pass through."""
+
+    def __init__(self, logs: "StepLogs", real):
+        self._logs, self._real = logs, real
+
+    def write(self, text: str) -> int:
+        current = getattr(self._logs.local, "step", None)
+        if current is None:
+            with self._logs.lock:
+                self._real.write(text)
+            return len(text)
+        name, buf, file = current
+        if not self._logs.prefix:  # steps one at a time: the console sees exactly what the step wrote (bars too)
+            with self._logs.lock:
+                self._real.write(text)
+                file.write(text)
+            return len(text)
+        buf.append(text)
+        joined = "".join(buf)
+        if "\n" in joined:
+            whole, _, rest = joined.rpartition("\n")
+            buf[:] = [rest] if rest else []
+            self._logs.emit(self._real, name, file, whole.split("\n"))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._logs.lock:
+            self._real.flush()
+
+    def isatty(self) -> bool:  # steps at once: a step's progress is lines, never a redrawn bar shared with others
+        return False if self._logs.prefix else self._real.isatty()
+
+    def __getattr__(self, attr):
+        return getattr(self._real, attr)
+
+
+class StepLogs:
+    """While active, what each step's thread prints is its own: whole lines only (concurrent steps never interleave
+    mid-line), each also written to DIR/STEP.log, and prefixed `[STEP] ` on the console when `prefix` (steps run at
+    once); with prefix False the console shows exactly what the step printed.
+
+        with StepLogs(work / "logs", prefix=True) as logs:
+            with logs.step("shards"): ...   # in the step's thread
+    """
+
+    def __init__(self, directory, prefix: bool):
+        from pathlib import Path
+        self.directory, self.prefix = Path(directory), prefix
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def emit(self, real, name: str, file, lines: list[str]) -> None:
+        with self.lock:
+            for line in lines:
+                real.write((f"[{name}] {line}" if self.prefix else line) + "\n")
+                file.write(line + "\n")
+            real.flush()
+            file.flush()
+
+    def __enter__(self) -> "StepLogs":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _ThreadStream(self, sys.stdout), _ThreadStream(self, sys.stderr)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout, sys.stderr = self._saved
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """In a step's thread: its lines carry its name and go to DIR/NAME.log (appended: a rerun adds to it)."""
+        with open(self.directory / f"{name}.log", "a", encoding="utf-8") as file:
+            file.write(f"--- {name} started at {_stamp()}\n")
+            self.local.step = (name, [], file)
+            try:
+                yield self
+            finally:
+                _, buf, _ = self.local.step
+                if buf:
+                    self.emit(self._saved[0], name, file, ["".join(buf)])
+                self.local.step = None
+                file.write(f"--- {name} ended at {_stamp()}\n")

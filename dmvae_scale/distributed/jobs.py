@@ -303,11 +303,13 @@ def _runtime_env(staging: Path, code: str, ship_credentials: Optional[bool],
 def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "checkout",
                               ship_credentials: Optional[bool] = None,
                               entrypoint_num_cpus: float = 0.0, entrypoint_num_gpus: float = 0.0,
-                              extra_env: Optional[dict[str, str]] = None) -> Submission:
+                              extra_env: Optional[dict[str, str]] = None,
+                              max_concurrent: Optional[int] = None) -> Submission:
     """A checked pipeline (pipeline.load_pipeline) as one job: its directory travels as the working directory
     and the job's driver runs `dmvae-scale pipeline pipeline --store URL --threads auto [overrides]` on the job's
-    cluster. --threads auto: Ray starts a job's driver with OMP_NUM_THREADS=1 (measured: torch then uses one thread),
-    and the driver is where in-process train steps and the evaluation run."""
+    cluster (--max-concurrent N passed on when given). --threads auto: Ray starts a job's driver with
+    OMP_NUM_THREADS=1 (measured: torch then uses one thread), and the driver is where in-process train steps and
+    the evaluation run."""
     if code not in ("checkout", "installed"):
         raise UserError(f"--code: expected checkout or installed, got {code!r}")
     if not _storage_is_shared(pipe.store):
@@ -320,7 +322,8 @@ def build_pipeline_submission(pipe, overrides: list[str] = (), code: str = "chec
     runtime_env, credentials = _runtime_env(staging, code, ship_credentials, extra_env)
     head = ["python", "-m", "dmvae_scale.cli"] if code == "checkout" else ["dmvae-scale"]
     entrypoint = shlex.join(head + ["pipeline", "pipeline"] + list(overrides) + ["--store", pipe.store,
-                                                                                  "--threads", "auto"])
+                                                                                  "--threads", "auto"]
+                            + (["--max-concurrent", str(max_concurrent)] if max_concurrent is not None else []))
     first = RunConfig()
     return Submission(entrypoint, runtime_env, first, entrypoint_num_cpus, entrypoint_num_gpus,
                       metadata={"run": f"pipeline {pipe.config_dir.name}", "store": pipe.store},

@@ -1,13 +1,19 @@
-"""Running a pipeline: its steps in order (or those `only` names), skipping what is complete (state.py), each kind
-by its runner (steps.py), with one line per step and a closing table."""
+"""Running a pipeline: its steps as a graph (or those `only` names), a step starting once the steps it reads are
+complete, up to max_concurrent at once; skipping what is complete (state.py), each kind by its runner (steps.py), each
+step's output in its own log, with one line per step and a closing table."""
 from __future__ import annotations
 
+import queue
+import signal
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..log import say
+from ..errors import UserError
+from ..log import StepLogs, say
 from ..data import storage
 from .spec import Pipeline, PipelineError, Step
 from .state import step_complete, work_dir_for
@@ -18,10 +24,13 @@ from .steps import RUNNERS, StepContext
 class StepReport:
     name: str
     kind: str
-    status: str  # "done" | "skipped"
+    status: str  # "done" | "skipped" | "failed" | "blocked" | "stopped"
     seconds: float
     output: str
-    detail: str = ""
+    detail: str = ""  # done: the runner's line; failed: the one-line reason; blocked: "blocked by X"
+    blocked_by: str = ""
+    user_error: bool = False
+    stop: bool = False  # the step was stopped on request (a stop ends the pipeline: no new steps start)
 
 
 def _check_only(pipe: Pipeline, only: list[str]) -> None:
@@ -58,6 +67,9 @@ def plan(pipe: Pipeline, address: Optional[str] = None, unreadable_store: Option
         where = f" ({pipe.launcher_of(step, cfg, address)} launcher)" if cfg is not None else ""
         lines.append(f"{i}. {step.name:<12} {step.kind:<14} {done:<9} -> {pipe.url(step.name)}{where}; "
                      f"{describe(pipe, step, address)}")
+    if pipe.max_concurrent > 1:
+        lines.append(f"steps at once: up to {pipe.max_concurrent} (max_concurrent; --max-concurrent N overrides), each "
+                     f"once the steps it reads are complete; Ray queues each for its resources")
     if unreadable is not None:
         lines.append(f"(step states unknown: the store is not readable from here: {unreadable.splitlines()[0]})")
         if unreadable_store is not None:  # the caller ends with this error after the plan (`pipeline --check`)
@@ -66,44 +78,192 @@ def plan(pipe: Pipeline, address: Optional[str] = None, unreadable_store: Option
 
 
 def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Optional[str] = None,
-                 only: Optional[list[str]] = None) -> list[StepReport]:
-    """Run the steps in order (or those named in `only`), skipping complete ones; returns one report per step."""
+                 only: Optional[list[str]] = None, max_concurrent: Optional[int] = None) -> list[StepReport]:
+    """Run the steps (or those named in `only`) as a graph: a step starts once the steps it reads are complete, at
+    most `max_concurrent` at once (default: pipeline.yaml's, else 1 = one after another in pipeline.yaml's order).
+    Complete steps are skipped. A failed step blocks only the steps downstream of it; the others go on. Returns one
+    report per selected step (done / skipped); when any failed, was blocked or was not started after a stop, raises
+    PipelineFailed (its reports, the closing table printed first) once every other step has ended."""
     ctx = StepContext(pipe, Path(work_dir) if work_dir else work_dir_for(pipe.store), address)
     ctx.work.mkdir(parents=True, exist_ok=True)
     if storage.is_remote(pipe.store):
         storage.check_reachable(pipe.store)
     if only:
         _check_only(pipe, only)
+    limit = int(max_concurrent if max_concurrent is not None else pipe.max_concurrent)
+    if limit < 1:
+        raise PipelineError(f"--max-concurrent {limit}: give a positive number of steps")
     import torch
     total = len(pipe.steps)
-    say("pipeline", f"{total} steps -> {pipe.store}; torch CPU threads: {torch.get_num_threads()}")
-    reports: list[StepReport] = []
+    say("pipeline", f"{total} steps -> {pipe.store}; torch CPU threads: {torch.get_num_threads()}"
+        + (f"; up to {limit} steps at once" if limit > 1 else ""))
     began = time.perf_counter()
-    for i, step in enumerate(pipe.steps, 1):
-        if only and step.name not in only:
-            continue
-        reports.append(_run_step(ctx, step, f"[pipeline {i}/{total}]"))
+    selected = [s for s in pipe.steps if not only or s.name in only]
+    logs = ctx.work / "logs"
+    with StepLogs(logs, prefix=limit > 1) as tee:
+        reports = _schedule(ctx, selected, limit, tee)
+    for step in selected:  # each step's own log beside the store's outputs: <store>/logs/STEP.log
+        path = logs / f"{step.name}.log"
+        if path.is_file() and any(r.name == step.name and r.status != "blocked" for r in reports):
+            try:
+                storage.write_bytes(storage.join(pipe.store, "logs", f"{step.name}.log"), path.read_bytes())
+            except Exception as exc:  # the log is a convenience: its copy must not hide the steps' outcome
+                say("pipeline", f"{step.name}: its log stays at {path} ({type(exc).__name__}: {exc})")
     say("", format_reports(reports, time.perf_counter() - began))
+    if any(r.status in ("failed", "blocked", "stopped") for r in reports):
+        raise PipelineFailed(reports)
     return reports
 
 
+class PipelineFailed(UserError):
+    """Some selected steps failed, were blocked by a failure, or were not started after a stop; the others finished.
+    `reports`: every step's report; `exit_code`: 2 when each failure is a user error (bad input, a stop), else 1.
+    Rerunning the same command finishes what is missing (complete steps are skipped)."""
+
+    def __init__(self, reports: list[StepReport]):
+        self.reports = reports
+        self.exit_code = exit_code(reports)
+        bad = [r for r in reports if r.status in ("failed", "blocked", "stopped")]
+        parts = [f"{r.name} {r.status} ({r.detail})" for r in bad]
+        super().__init__(f"pipeline: {len(bad)} of {len(reports)} steps did not finish: {'; '.join(parts)}; "
+                         f"run the same command again to finish what is missing")
+
+
+def _schedule(ctx: StepContext, steps: list[Step], limit: int, tee: "StepLogs") -> list[StepReport]:
+    """Start every step whose inputs are done (in pipeline.yaml's order), up to `limit` at once. With limit 1 each
+    step runs on this thread, as before concurrency (a stop signal reaches a run directly); with more, each runs on
+    its own thread and this thread's SIGTERM / SIGINT handler starts no new step and asks the running runs to
+    checkpoint and stop (train/launch.stop_runs_off_the_main_thread); a second Ctrl-C leaves at once."""
+    total = len(ctx.pipe.steps)
+    index = {s.name: i for i, s in enumerate(ctx.pipe.steps, 1)}
+    names = {s.name for s in steps}
+    reports: dict[str, StepReport] = {}
+    pending = list(steps)
+    running: dict[str, threading.Thread] = {}
+    finished: "queue.Queue[StepReport]" = queue.Queue()
+    state = {"stopping": False}
+
+    def run_one(step: Step) -> StepReport:
+        with tee.step(step.name):
+            return _run_step(ctx, step, f"pipeline {index[step.name]}/{total}")
+
+    def work(step: Step) -> None:
+        try:
+            report = run_one(step)
+        except BaseException as exc:  # noqa: BLE001 - the scheduler must hear of every thread's end
+            report = StepReport(step.name, step.kind, "failed", 0.0, ctx.pipe.url(step.name),
+                                f"{type(exc).__name__}: {exc}")
+        finished.put(report)
+
+    def blocker(step: Step) -> Optional[str]:
+        """None: its inputs are done; "": not yet; else the failed step upstream that blocks it."""
+        for name in step.inputs().values():
+            if name in names and (name not in reports or reports[name].status not in ("done", "skipped")):
+                if name in reports:
+                    return reports[name].blocked_by or name
+                return ""
+        return None
+
+    def record(report: StepReport) -> None:
+        reports[report.name] = report
+        if report.stop and not state["stopping"]:
+            state["stopping"] = True
+            _say_stopping(running)
+
+    def on_signal(signum, frame) -> None:
+        if state["stopping"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state["stopping"] = True
+        _say_stopping(running)
+        from ..train.launch import stop_runs_off_the_main_thread
+        stop_runs_off_the_main_thread()
+
+    previous = {}
+    if limit > 1 and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        while pending and not state["stopping"] or running:
+            for step in list(pending):
+                if state["stopping"] or len(running) >= limit:
+                    break
+                why = blocker(step)
+                if why is None:
+                    pending.remove(step)
+                    if limit == 1:
+                        record(run_one(step))
+                        break  # look again from the first pending step
+                    thread = threading.Thread(target=work, args=(step,), name=f"step-{step.name}", daemon=True)
+                    running[step.name] = thread
+                    thread.start()
+                elif why:
+                    pending.remove(step)
+                    reports[step.name] = StepReport(step.name, step.kind, "blocked", 0.0, ctx.pipe.url(step.name),
+                                                    f"blocked by {why}", blocked_by=why)
+            if not running:
+                if pending and all(blocker(s) == "" for s in pending) and not state["stopping"]:
+                    raise PipelineError(f"steps {', '.join(s.name for s in pending)} wait on steps not selected")
+                continue
+            report = finished.get()
+            running.pop(report.name).join()
+            record(report)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for step in pending:
+        reports[step.name] = StepReport(step.name, step.kind, "stopped", 0.0, ctx.pipe.url(step.name),
+                                        "not started: the pipeline was stopped")
+    return [reports[s.name] for s in steps if s.name in reports]
+
+
+def _say_stopping(running: dict) -> None:
+    say("pipeline", "stopping: no new steps start" + (f"; waiting for {', '.join(running)}" if running else ""))
+
+
 def _run_step(ctx: StepContext, step: Step, prefix: str) -> StepReport:
+    """One step: skipped when complete, else run by its runner; an exception becomes a failed report (one line)."""
     pipe = ctx.pipe
-    cfg = pipe.train_config(step) if step.kind == "train" else None
     t0 = time.perf_counter()
-    if step_complete(pipe, step, cfg):
-        say(prefix, f"{step.name} ({step.kind}): complete, skipped -> {pipe.url(step.name)}")
-        return StepReport(step.name, step.kind, "skipped", 0.0, pipe.url(step.name))
-    say(prefix, f"{step.name} ({step.kind}) -> {pipe.url(step.name)}")
-    detail = RUNNERS[step.kind](ctx, step)
+    try:
+        cfg = pipe.train_config(step) if step.kind == "train" else None
+        if step_complete(pipe, step, cfg):
+            say(prefix, f"{step.name} ({step.kind}): complete, skipped -> {pipe.url(step.name)}")
+            return StepReport(step.name, step.kind, "skipped", 0.0, pipe.url(step.name))
+        say(prefix, f"{step.name} ({step.kind}) -> {pipe.url(step.name)}")
+        detail = RUNNERS[step.kind](ctx, step)
+    except Exception as exc:  # noqa: BLE001 - one branch's failure is reported, the other branches go on
+        from ..train.launch import TrainingStoppedError
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, UserError):
+            reason = f"{type(exc).__name__}: {reason}"
+            traceback.print_exc()  # into the step's log, each line with its name
+        say(prefix, f"{step.name} failed: {reason}")
+        stopped = isinstance(exc, TrainingStoppedError) and getattr(exc.result, "status", "") == "stopped"
+        return StepReport(step.name, step.kind, "failed", time.perf_counter() - t0, pipe.url(step.name), reason,
+                          user_error=isinstance(exc, UserError), stop=stopped)
     say(prefix, f"{step.name}: {detail}")
     return StepReport(step.name, step.kind, "done", time.perf_counter() - t0, pipe.url(step.name), detail)
+
+
+def exit_code(reports: list[StepReport]) -> int:
+    """0 when nothing failed; 2 when every failure is a UserError (bad input, a stop), else 1."""
+    failed = [r for r in reports if r.status in ("failed", "blocked", "stopped")]
+    if not failed:
+        return 0
+    return 2 if all(r.user_error for r in reports if r.status == "failed") else 1
 
 
 def format_reports(reports: list[StepReport], seconds: float) -> str:
     lines = [f"{'step':<14} {'kind':<14} {'status':<8} {'seconds':>8}  output"]
     for r in reports:
-        lines.append(f"{r.name:<14} {r.kind:<14} {r.status:<8} {r.seconds:>8.1f}  {r.output}")
-    done = sum(r.status == "done" for r in reports)
-    lines.append(f"pipeline: {done} steps run, {len(reports) - done} complete and skipped, in {seconds:.0f} s")
+        why = f"  ({r.detail})" if r.status in ("failed", "blocked", "stopped") else ""
+        lines.append(f"{r.name:<14} {r.kind:<14} {r.status:<8} {r.seconds:>8.1f}  {r.output}{why}")
+    count = {s: sum(r.status == s for r in reports) for s in ("done", "skipped", "failed", "blocked", "stopped")}
+    if not (count["failed"] or count["blocked"] or count["stopped"]):
+        lines.append(f"pipeline: {count['done']} steps run, {count['skipped']} complete and skipped, "
+                     f"in {seconds:.0f} s")
+    else:
+        lines.append(f"pipeline: {count['done']} steps run, {count['skipped']} complete and skipped, "
+                     f"{count['failed']} failed, {count['blocked']} blocked, {count['stopped']} not started, "
+                     f"in {seconds:.0f} s; run the same command again to finish what is missing")
     return "\n".join(lines)

@@ -79,6 +79,7 @@ class Pipeline:
     steps: list[Step]
     global_overrides: list[str] = field(default_factory=list)
     launcher: str = "ray"  # pipeline.yaml's `launcher:`; a train step's own `launcher` field wins
+    max_concurrent: int = 1  # pipeline.yaml's `max_concurrent:`: steps that may run at once (--max-concurrent wins)
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
@@ -132,9 +133,12 @@ def load_pipeline(config_dir: str | Path, store: str, overrides: list[str] = ())
     launcher = str(doc.get("launcher", "ray"))
     if launcher not in LAUNCHERS:
         raise PipelineError(f"{path}: launcher {launcher!r} must be one of {', '.join(LAUNCHERS)}")
+    max_concurrent = doc.get("max_concurrent", 1)
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+        raise PipelineError(f"{path}: max_concurrent {max_concurrent!r} must be a positive whole number of steps")
     steps = _parse_steps(path, doc.get("steps"))
     pipe = Pipeline(config_dir, store.rstrip("/") if storage.is_remote(store) else os.path.abspath(store), steps,
-                    launcher=launcher)
+                    launcher=launcher, max_concurrent=max_concurrent)
     for text in overrides:
         _apply_override(pipe, text)
     _check_steps(pipe)

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -207,16 +208,35 @@ def _forwarded_stop_signals():
             call()
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, forward_stop)
-        except ValueError:  # not the main thread
-            pass
+    else:  # a pipeline step's thread: the pipeline's own handler reaches it through stop_runs_off_the_main_thread
+        with _OFF_MAIN_LOCK:
+            _OFF_MAIN_STOPS.append(calls)
     try:
         yield calls
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        with _OFF_MAIN_LOCK:
+            if any(c is calls for c in _OFF_MAIN_STOPS):
+                _OFF_MAIN_STOPS.remove(calls)
+
+
+_OFF_MAIN_STOPS: list[list[Callable[[], Any]]] = []  # the stop calls of runs started off the main thread
+_OFF_MAIN_LOCK = threading.Lock()
+
+
+def stop_runs_off_the_main_thread() -> int:
+    """Ask every run that a thread other than the main one started (the pipeline's concurrent steps) to checkpoint and
+    stop, as SIGTERM would a run started on the main thread; returns how many were asked."""
+    with _OFF_MAIN_LOCK:
+        pending = [list(c) for c in _OFF_MAIN_STOPS]
+    for calls in pending:
+        for call in calls:
+            call()
+    return len(pending)
 
 
 def _root_cause(exc: BaseException) -> str:
