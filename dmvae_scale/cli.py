@@ -610,6 +610,7 @@ def _add_study(sub):
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded loopback Ray)")
     p.add_argument("--work-dir", default=None, help="local scratch (default under ~/.cache/dmvae-scale/pipeline)")
     p.add_argument("--check", action="store_true", help="check every config, print both phases' plans, run nothing")
+    _max_concurrent(p)
 
     def run(args):
         import os
@@ -620,7 +621,8 @@ def _add_study(sub):
             return 0
         from .distributed.ray_session import ray_session
         with ray_session(args.address, num_cpus=max(2, os.cpu_count() or 1)):
-            run_study(args.config_dir, args.store, args.overrides, address=args.address, work_dir=args.work_dir)
+            run_study(args.config_dir, args.store, args.overrides, address=args.address, work_dir=args.work_dir,
+                      max_concurrent=args.max_concurrent)
     p.set_defaults(func=run)
 
 

@@ -76,6 +76,17 @@ def test_both_phases_load_and_validate_every_stage_config(tmp_path):
     assert pipe.train_config(pipe.step("rtok_s0")).teacher.name == "random_vit"
 
 
+def test_the_phases_run_as_many_steps_at_once_as_the_study_says(tmp_path):
+    import yaml
+    doc = yaml.safe_load((STUDY / "study.yaml").read_text())
+    assert doc["max_concurrent"] == 1  # one at a time unless asked: the 2-core default
+    doc.update(max_concurrent=6, stages=str(REPO / "configs" / "demo"))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(doc))
+    st = load_study(tmp_path)
+    pipe = load_pipeline(write_pipeline_dir(st, main_steps(st, CHOICES), tmp_path / "main"), str(tmp_path / "s"))
+    assert pipe.max_concurrent == 6
+
+
 def test_check_plans_select_then_main_once_choices_exist(tmp_path, capsys):
     store = str(tmp_path / "store")
     assert main(["study", str(STUDY), "--store", store, "--check", "--work-dir", str(tmp_path / "w")]) == 0
@@ -126,6 +137,7 @@ def test_the_choices_come_from_validation_gfid_and_the_counted_flops(tmp_path):
     ({"kl_weights": [0]}, "kl_weights: a non-empty list of positive numbers"),
     ({"stages": "."}, "lacks teacher.yaml"),
     ({"sedes": [1]}, "unknown key(s) ['sedes']"),
+    ({"max_concurrent": 0}, "max_concurrent: a positive whole number of steps at once, got 0"),
 ])
 def test_a_study_that_would_choose_on_test_data_or_is_malformed_is_refused(tmp_path, edit, line):
     import yaml
