@@ -1,10 +1,12 @@
 """Scoring a generator, for the pipeline's eval steps and the scaling sweep alike: the real images' FID statistics
 computed once per image set and shared by every score, then FID (and the rest of `eval samples`) of a sample set, and
 the evaluator classifier's accuracy on it (the share of class-conditional samples it labels as the class they were
-drawn for; the classifier is trained on real images only, eval/classifier.py).
+drawn for; the classifier is trained on real images only, eval/classifier.py) and the Frechet distance on its
+penultimate features against the same real images (fd_classifier).
 
-    stats = real_statistics(RealImages("fashion-mnist", "test", limit=2000, image_size=32), cache_dir)
-    metrics = score_samples("samples/samples.npz", stats, "eval/out", classifier="eval/classifier")
+    real = RealImages("fashion-mnist", "test", limit=2000, image_size=32)
+    stats = real_statistics(real, cache_dir)
+    metrics = score_samples("samples/samples.npz", stats, "eval/out", classifier="eval/classifier", real=real)
 """
 from __future__ import annotations
 
