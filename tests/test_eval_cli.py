@@ -140,3 +140,24 @@ def test_reference_from_shards_equals_reference_from_the_same_images(reference, 
     a, b = load_stats(out), load_stats(reference)
     assert a.num_images == b.num_images == 16 and a.fingerprint == b.fingerprint
     assert np.abs(a.features - b.features).max() < 1e-4
+
+
+def test_an_eval_with_a_classifier_carries_fd_classifier_and_says_why_it_is_not_computed_for_few_samples(tmp_path):
+    """score_samples as the pipeline's eval step calls it (classifier and the real set named): 8 samples are too
+    few for the classifier's 128-d features, so fd_classifier is None with its reason, never a number."""
+    from dmvae_scale.eval.classifier import ClassifierReport, EvalClassifier, save_classifier
+    from dmvae_scale.eval.score import RealImages, real_statistics, score_samples
+    torch.manual_seed(0)
+    save_classifier(EvalClassifier().eval(), ClassifierReport(0, 0, 0, 0.0, 0.0, 0), tmp_path / "clf")
+    images = open_image_set("fashion-mnist", "test", 32, 8)
+    x = np.concatenate(list(images.batches(8)))
+    np.savez(tmp_path / "samples.npz", arr_0=x, arr_1=images.labels[:8])
+    real = RealImages("fashion-mnist", "test", limit=16, image_size=32)
+    stats = real_statistics(real, tmp_path / "real")
+    m = score_samples(tmp_path / "samples.npz", stats, tmp_path / "out", classifier=tmp_path / "clf", real=real)
+    assert m["fd_classifier"] is None and m["fd_classifier_not_computed"].startswith(
+        "FD-classifier not computed: 8 samples and 16 real images for 128-d classifier features")
+    protocol = m["fd_classifier_protocol"]
+    assert (protocol["feature_dim"], protocol["num_samples"], protocol["num_real"], protocol["real_images"]) == \
+        (128, 8, 16, real.key())
+    assert 0.0 <= m["classifier_accuracy"] <= 1.0

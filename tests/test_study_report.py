@@ -64,18 +64,19 @@ def test_settings_are_escaped_for_html_only_and_kid_is_shown_with_its_standard_e
     assert "| a\\|b | <x> & y |" in md  # a pipe would end the Markdown cell
     assert "<td>{&quot;method&quot;: &quot;ode_heun&quot;, &quot;steps&quot;: 20}</td>" in page
     assert "<td>&lt;x&gt; &amp; y</td>" in page and '"method"' not in page
-    assert "| ours | dmvae | 0 |  | 80.00 | 0.0123 ± 0.0021 | 0.800 |" in md
+    assert "| ours | dmvae | 0 |  | 80.00 | 0.0123 ± 0.0021 | 0.800 | not computed |" in md  # no FD-classifier
     assert "<td>0.0123 ± 0.0021</td>" in page
     assert report["summary"]["dmvae"]["kid"]["mean"] == pytest.approx(0.0123)
 
 
 def test_the_report_pairs_arms_by_seed_and_gives_each_difference_an_interval_and_a_verdict(tmp_path):
-    def row(space, seed, fid, acc):
+    def row(space, seed, fid, acc, fd):
         return {"name": f"{space}_s{seed}", "latent_space": space, "seed": seed, "fid": fid,
-                "classifier_accuracy": acc}
-    rows = [row("dmvae", 0, 50.0, 0.80), row("dmvae", 1, 52.0, 0.81), row("dmvae", 2, 51.0, 0.79),
-            row("kl_vae", 0, 60.0, 0.75), row("kl_vae", 1, 61.5, 0.70), row("kl_vae", 2, 60.5, 0.80),
-            row("kl_vae", 3, 99.0, 0.10)]  # seed 3 has no dmvae partner: not paired
+                "classifier_accuracy": acc, "fd_classifier": fd}
+    rows = [row("dmvae", 0, 50.0, 0.80, 10.0), row("dmvae", 1, 52.0, 0.81, 11.0), row("dmvae", 2, 51.0, 0.79, 10.5),
+            row("kl_vae", 0, 60.0, 0.75, 20.0), row("kl_vae", 1, 61.5, 0.70, 21.0),
+            row("kl_vae", 2, 60.5, 0.80, 19.5),
+            row("kl_vae", 3, 99.0, 0.10, 40.0)]  # seed 3 has no dmvae partner: not paired
     report = write_study_report(tmp_path, title="t", rows=rows, tokenizers=[], curves={}, grids={}, settings={})
     by_metric = {d["metric"]: d for d in report["paired"]}
     fid = by_metric["fid"]
@@ -85,7 +86,17 @@ def test_the_report_pairs_arms_by_seed_and_gives_each_difference_an_interval_and
     md = (tmp_path / "report.md").read_text()
     lo, hi = fid["interval"]
     assert f"| fid | dmvae - kl_vae | -9.667 | [{lo:+.3f}, {hi:+.3f}] | 3 | holds |" in md
-    assert "<h2>Paired differences by seed</h2>" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Paired differences by seed</h2>" in page
+    # FD on the evaluator classifier's features: lower is better, like gFID; a column and a paired metric
+    fd = by_metric["fd_classifier"]
+    assert fd["differences"] == [-10.0, -10.0, -9.0] and fd["verdict"] == "holds"
+    lo, hi = fd["interval"]
+    assert f"| fd_classifier | dmvae - kl_vae | -9.667 | [{lo:+.3f}, {hi:+.3f}] | 3 | holds |" in md
+    assert "| classifier_accuracy | fd_classifier | final_loss |" in md
+    assert "| dmvae_s0 | dmvae | 0 |  | 50.00 | nan | 0.800 | 10.000 | nan |" in md
+    assert "<th>fd_classifier</th>" in page and "<td>10.000</td>" in page
+    assert report["summary"]["dmvae"]["fd_classifier"]["mean"] == pytest.approx(10.5)
 
 
 def test_a_failed_arm_evaluation_is_a_note_not_a_crash(tmp_path):

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,8 +34,12 @@ class EvalClassifier(nn.Module):
             nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU())
         self.head = nn.Linear(4 * w, num_classes)
 
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer before the logits: the last convolution's channels averaged over space, (N, 4 * width)."""
+        return self.features(x).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.penultimate(x))
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -101,6 +106,19 @@ def predict(model: EvalClassifier, images: np.ndarray, batch_size: int = 256) ->
     model.eval()
     x = to_input(images)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
+
+
+@torch.no_grad()
+def features(model: EvalClassifier, images: np.ndarray, batch_size: int = 256,
+             device: Optional[str] = None) -> np.ndarray:
+    """The classifier's penultimate activations of uint8 images, (N, 4 * width) float64, batched on `device` (CPU
+    when None): the features of its Frechet distance (eval/score.py classifier_fd)."""
+    model.eval()
+    dev = torch.device(device or "cpu")
+    model = model.to(dev)
+    x = to_input(images)
+    out = [model.penultimate(x[i:i + batch_size].to(dev)).double().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.head.in_features))
 
 
 def accuracy(model: EvalClassifier, images: np.ndarray, labels: np.ndarray) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import UserError
 from .paired import compare_arms
 
-PAIRED_METRICS = ("fid", "kid", "classifier_accuracy")
+PAIRED_METRICS = ("fid", "kid", "classifier_accuracy", "fd_classifier")
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -37,6 +37,12 @@ def _md_cell(v: Any) -> str:
 
 def _kid(r: dict) -> str:
     return "nan" if r.get("kid") is None else f"{r['kid']:.4f} ± {r.get('kid_se', float('nan')):.4f}"
+
+
+def _fd_classifier(r: dict) -> str:
+    """FD on the evaluator classifier's features (lower is better); "not computed" when the eval gave none (too
+    few samples for its feature dimension, or no classifier)."""
+    return "not computed" if r.get("fd_classifier") is None else f"{r['fd_classifier']:.3f}"
 
 
 def group_summary(rows: list[dict], by: str, metrics: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
@@ -164,7 +170,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     adds a table and the target "the teacher beats raw pixels"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = ("fid", "kid", "classifier_accuracy", "final_loss")
+    metrics = ("fid", "kid", "classifier_accuracy", "fd_classifier", "final_loss")
     summary = group_summary(rows, group_by, metrics) if rows else {}
     targets = check_targets(summary, rows, ours, baseline) if rows else []
     paired, paired_notes = paired_table(rows, ours, group_by) if rows else ([], [])
@@ -202,12 +208,13 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     md = [f"# {title}", ""]
     md += ["## Generators", "", "| generator | " + " | ".join(k for k in ("latent_space", "seed", "samples", "fid",
                                                                               "kid ± se", "classifier_accuracy",
-                                                                              "final_loss")) +
-           " |", "|" + "---|" * 8]
+                                                                              "fd_classifier", "final_loss")) +
+           " |", "|" + "---|" * 9]
     for r in rows:
         md.append(f"| {r['name']} | {r.get('latent_space', '')} | {r.get('seed', '')} | {r.get('samples', '')} | "
                   f"{_fmt(r.get('fid', float('nan')))} | {_kid(r)} | "
                   f"{_fmt(r.get('classifier_accuracy', float('nan')), 3)} | "
+                  f"{_fd_classifier(r)} | "
                   f"{_fmt(r.get('final_loss', float('nan')), 4)} |")
     if summary:
         md += ["", "Mean over seeds (range):", ""]
@@ -272,9 +279,10 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}.side{display:flex;gap:16px;flex-wrap:wrap}"
              ".side div{flex:1;min-width:260px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    keys = ("latent_space", "seed", "samples", "fid", "kid", "classifier_accuracy", "final_loss")
+    keys = ("latent_space", "seed", "samples", "fid", "kid", "classifier_accuracy", "fd_classifier", "final_loss")
+    cell = {"kid": _kid, "fd_classifier": _fd_classifier}
     parts += ["<h2>Generators</h2>", _table(["generator", *keys[:4], "kid ± se", *keys[5:]],
-                                            [[r["name"], *[_kid(r) if k == "kid" else r.get(k, "") for k in keys]]
+                                            [[r["name"], *[cell[k](r) if k in cell else r.get(k, "") for k in keys]]
                                              for r in rows])]
     if summary:
         parts.append("<ul>" + "".join(

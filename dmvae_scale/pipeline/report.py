@@ -73,6 +73,7 @@ def write_pipeline_report(ctx: StepContext, step: Step) -> str:
         rows.append({"name": gen, **tags, "samples": metrics.get("num_samples"), "fid": metrics.get("fid"),
                      "kid": metrics.get("kid"), "kid_se": metrics.get("kid_se"),
                      "classifier_accuracy": metrics.get("classifier_accuracy"),
+                     "fd_classifier": metrics.get("fd_classifier"),
                      "final_loss": curve[-1][1] if curve else None})
         settings[f"{gen}"] = (f"DiT depth {cfg.score.depth} width {cfg.score.hidden_size} patch {cfg.score.patch_size},"
                               f" {cfg.total_images} images, batch {cfg.batch_size}, lr {cfg.optim.lr}, seed {cfg.seed},"

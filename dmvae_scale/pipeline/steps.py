@@ -198,7 +198,8 @@ def score_on_worker(real, stats_url: str, samples_url: str, classifier_url: Opti
         fetch_files(samples_url, [SAMPLES_FILE, SAMPLING_SETTINGS_FILE], local)
         classifier = None if classifier_url is None else fetch_files(
             classifier_url, ["classifier.safetensors", "classifier.json"], local / "classifier")
-        metrics = score_samples(local / SAMPLES_FILE, stats, local / "out", classifier=classifier, device=device)
+        metrics = score_samples(local / SAMPLES_FILE, stats, local / "out", classifier=classifier, real=real,
+                                device=device)
         put_files(local / "out", out_url, sorted(p.name for p in (local / "out").iterdir() if p.is_file()))
     return metrics
 
@@ -234,7 +235,7 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     if "classifier" in s:
         classifier = fetch_files(pipe.url(s["classifier"]), ["classifier.safetensors", "classifier.json"],
                                  local / "classifier")
-    metrics = score_samples(samples, stats, local / "out", classifier=classifier)
+    metrics = score_samples(samples, stats, local / "out", classifier=classifier, real=real)
     metrics["tags"] = dict(s.get("tags") or {})
     finish_eval(ctx, step, made_from, metrics, local / "out")
     return f"FID {metrics['fid']:.2f}"
