@@ -190,7 +190,7 @@ def test_one_at_a_time_the_same_steps_do_not_overlap(tmp_path, capsys):
     assert main(["pipeline", str(config), "--store", str(tmp_path / "store"), "--work-dir", str(work),
                  "--only", "a", "b", "--max-concurrent", "1"]) == 0
     out = capsys.readouterr().out
-    assert _overlap(work, "a", "b") < 0
+    assert _overlap(work, "a", "b") <= 0  # b starts after a ends (the stamps are to the millisecond: may be equal)
     assert "[pipeline 1/4] a (shards)" in out and "[a] " not in out  # one at a time: lines exactly as printed
 
 
