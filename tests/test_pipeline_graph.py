@@ -213,3 +213,39 @@ def test_on_a_cluster_independent_steps_run_at_once_on_different_workers(node_cl
     nodes = [json.loads(storage.read_bytes(f"{store}/data/{n}/placement.json"))["nodes"] for n in ("a", "b")]
     assert len(nodes[0]) == len(nodes[1]) == 1 and nodes[0] != nodes[1]  # each on its own worker node, at once
     assert storage.exists(f"{store}/logs/a.log") and storage.exists(f"{store}/logs/c.log")
+
+
+@pytest.mark.unit
+def test_a_run_that_ends_leaves_the_other_runs_stop_registered():
+    """Two runs on step threads whose stop lists are equal by value (both still empty), the other one registered
+    first: the run that ends must take away its own list, not the other's (the stop would then miss the run still
+    going)."""
+    from dmvae_scale.train.launch import _forwarded_stop_signals, stop_runs_off_the_main_thread
+    asked = []
+    other_in, this_done, appended, leave = (threading.Event() for _ in range(4))
+
+    def other():
+        with _forwarded_stop_signals() as on_stop:
+            other_in.set()
+            this_done.wait(30)
+            on_stop.append(lambda: asked.append("other"))
+            appended.set()
+            leave.wait(30)
+
+    def this():
+        other_in.wait(30)
+        with _forwarded_stop_signals():
+            pass
+        this_done.set()
+
+    threads = [threading.Thread(target=other), threading.Thread(target=this)]
+    for t in threads:
+        t.start()
+    assert this_done.wait(30) and appended.wait(30)  # the other run appends its call after this one has gone
+    try:
+        assert stop_runs_off_the_main_thread() == 1
+        assert asked == ["other"]
+    finally:
+        leave.set()
+        for t in threads:
+            t.join()

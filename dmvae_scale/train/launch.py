@@ -219,9 +219,8 @@ def _forwarded_stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        with _OFF_MAIN_LOCK:
-            if any(c is calls for c in _OFF_MAIN_STOPS):
-                _OFF_MAIN_STOPS.remove(calls)
+        with _OFF_MAIN_LOCK:  # by identity: list.remove compares by value, and two runs' lists can be equal
+            _OFF_MAIN_STOPS[:] = [c for c in _OFF_MAIN_STOPS if c is not calls]
 
 
 _OFF_MAIN_STOPS: list[list[Callable[[], Any]]] = []  # the stop calls of runs started off the main thread
