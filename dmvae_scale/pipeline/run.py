@@ -32,6 +32,11 @@ class StepReport:
     user_error: bool = False
     stop: bool = False  # the step was stopped on request (a stop ends the pipeline: no new steps start)
 
+    @property
+    def unfinished(self) -> bool:
+        """Failed, blocked by a failure upstream, or not started after a stop: what a rerun still has to do."""
+        return self.status in ("failed", "blocked", "stopped")
+
 
 def _check_only(pipe: Pipeline, only: list[str]) -> None:
     """A selected step may read an unselected one only if that one is already complete."""
@@ -110,7 +115,7 @@ def run_pipeline(pipe: Pipeline, *, address: Optional[str] = None, work_dir: Opt
             except Exception as exc:  # the log is a convenience: its copy must not hide the steps' outcome
                 say("pipeline", f"{step.name}: its log stays at {path} ({type(exc).__name__}: {exc})")
     say("", format_reports(reports, time.perf_counter() - began))
-    if any(r.status in ("failed", "blocked", "stopped") for r in reports):
+    if any(r.unfinished for r in reports):
         raise PipelineFailed(reports)
     return reports
 
@@ -123,7 +128,7 @@ class PipelineFailed(UserError):
     def __init__(self, reports: list[StepReport]):
         self.reports = reports
         self.exit_code = exit_code(reports)
-        bad = [r for r in reports if r.status in ("failed", "blocked", "stopped")]
+        bad = [r for r in reports if r.unfinished]
         parts = [f"{r.name} {r.status} ({r.detail})" for r in bad]
         super().__init__(f"pipeline: {len(bad)} of {len(reports)} steps did not finish: {'; '.join(parts)}; "
                          f"run the same command again to finish what is missing")
@@ -247,8 +252,7 @@ def _run_step(ctx: StepContext, step: Step, prefix: str) -> StepReport:
 
 def exit_code(reports: list[StepReport]) -> int:
     """0 when nothing failed; 2 when every failure is a UserError (bad input, a stop), else 1."""
-    failed = [r for r in reports if r.status in ("failed", "blocked", "stopped")]
-    if not failed:
+    if not any(r.unfinished for r in reports):
         return 0
     return 2 if all(r.user_error for r in reports if r.status == "failed") else 1
 
@@ -256,14 +260,14 @@ def exit_code(reports: list[StepReport]) -> int:
 def format_reports(reports: list[StepReport], seconds: float) -> str:
     lines = [f"{'step':<14} {'kind':<14} {'status':<8} {'seconds':>8}  output"]
     for r in reports:
-        why = f"  ({r.detail})" if r.status in ("failed", "blocked", "stopped") else ""
+        why = f"  ({r.detail})" if r.unfinished else ""
         lines.append(f"{r.name:<14} {r.kind:<14} {r.status:<8} {r.seconds:>8.1f}  {r.output}{why}")
     count = {s: sum(r.status == s for r in reports) for s in ("done", "skipped", "failed", "blocked", "stopped")}
-    if not (count["failed"] or count["blocked"] or count["stopped"]):
-        lines.append(f"pipeline: {count['done']} steps run, {count['skipped']} complete and skipped, "
-                     f"in {seconds:.0f} s")
+    line = f"pipeline: {count['done']} steps run, {count['skipped']} complete and skipped, "
+    if any(r.unfinished for r in reports):
+        line += (f"{count['failed']} failed, {count['blocked']} blocked, {count['stopped']} not started, "
+                 f"in {seconds:.0f} s; run the same command again to finish what is missing")
     else:
-        lines.append(f"pipeline: {count['done']} steps run, {count['skipped']} complete and skipped, "
-                     f"{count['failed']} failed, {count['blocked']} blocked, {count['stopped']} not started, "
-                     f"in {seconds:.0f} s; run the same command again to finish what is missing")
+        line += f"in {seconds:.0f} s"
+    lines.append(line)
     return "\n".join(lines)
