@@ -98,11 +98,8 @@ def classifier_fd(classifier_dir: str | Path, sample_images, real_images, *, dev
 
 def real_images(images: RealImages):
     """The real images of a set as one uint8 array (what the FID statistics are computed from)."""
-    import numpy as np
-
     from .sources import open_image_set
-    return np.concatenate(list(open_image_set(images.source, images.split, images.image_size,
-                                              images.limit).batches(1024)))
+    return open_image_set(images.source, images.split, images.image_size, images.limit).array()
 
 
 def score_samples(samples: str | Path, real_stats: str | Path, out_dir: str | Path, *,

@@ -33,6 +33,10 @@ class ImageSet:
     labels: Optional[np.ndarray] = None
     settings: dict = field(default_factory=dict)  # how the images were made (sampling.json), when known
 
+    def array(self, batch_size: int = 1024) -> np.ndarray:
+        """Every image at once, uint8 N x H x W x 3 (for sets small enough to hold: a classifier's data)."""
+        return np.concatenate(list(self.batches(batch_size)))
+
 
 def _array_set(images: np.ndarray, description: str, labels=None, settings=None) -> ImageSet:
     def batches(batch_size: int):

@@ -242,8 +242,6 @@ def run_eval(ctx: StepContext, step: Step) -> str:
 
 
 def run_classifier(ctx: StepContext, step: Step) -> str:
-    import numpy as np
-
     from ..eval.classifier import save_classifier, train_classifier
     from ..eval.sources import open_image_set
     s = step.spec
@@ -253,7 +251,7 @@ def run_classifier(ctx: StepContext, step: Step) -> str:
         images = open_image_set(source, split, None, limit)
         if images.labels is None:
             raise PipelineError(f"step {step.name}: {images.description} has no class labels to train on")
-        return np.concatenate(list(images.batches(1024))), images.labels[:images.total]
+        return images.array(), images.labels[:images.total]
 
     train_x, train_y = load(str(s.get("split", "train")), s.get("limit"))
     test_x, test_y = load(str(s.get("test_split", "test")), s.get("test_limit"))
