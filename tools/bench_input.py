@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-img-s", type=float, default=600.0, help="img/s one GPU's tokenizer step consumes (assumed)")
     p.add_argument("--bucket", default="bench")
     p.add_argument("--endpoint", default=None, help="an S3 endpoint to use instead of starting SeaweedFS")
-    p.add_argument("--json", default=None)
+    p.add_argument("--out", "--json", dest="json", default=None, help="write the results here (JSON)")
     args = p.parse_args(argv)
     result = run(args)
     report(result)
