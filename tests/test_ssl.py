@@ -85,6 +85,35 @@ def test_teacher_backbone_is_the_tokenizer_encoder_class_with_one_token_per_late
     assert net.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_knn_probe_equals_a_brute_force_vote_and_is_exact_on_one_hot_labels():
+    import numpy as np
+    from dmvae_scale.eval.probe import knn_probe_accuracy
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(260, 12, generator=g), torch.randint(0, 5, (260,), generator=g)
+    tr, te = x[:200].numpy().astype(np.float64), x[200:].numpy().astype(np.float64)
+    tr, te = tr / np.linalg.norm(tr, axis=1, keepdims=True), te / np.linalg.norm(te, axis=1, keepdims=True)
+    sim = te @ tr.T
+    hits = 0
+    for i, row in enumerate(sim):
+        top = np.argsort(-row)[:20]
+        votes = np.bincount(y[:200].numpy()[top], weights=row[top], minlength=5)
+        hits += int(votes.argmax() == int(y[200 + i]))
+    assert knn_probe_accuracy(x[:200], y[:200], x[200:], y[200:], k=20, batch=7) == hits / 60
+    onehot = torch.nn.functional.one_hot(y, 5).float()
+    assert knn_probe_accuracy(onehot[:200], y[:200], onehot[200:], y[200:]) == 1.0
+
+
+def test_patch_features_keep_spatial_order_and_pooled_do_not():
+    from dmvae_scale.eval.ssl_probe import patch_tokens, pool_tokens
+    tokens = torch.randn(3, 64, 8, generator=torch.Generator().manual_seed(2))  # an 8 x 8 grid of 8-dim tokens
+    moved = tokens[:, torch.randperm(64, generator=torch.Generator().manual_seed(3))]
+    assert patch_tokens(tokens).shape == (3, 4 * 4 * 8)  # pooled per position to 4 x 4
+    assert not torch.allclose(patch_tokens(tokens), patch_tokens(moved))
+    assert torch.allclose(pool_tokens(tokens), pool_tokens(moved), atol=1e-6)
+    small = torch.randn(2, 16, 8)  # a 4 x 4 grid is kept as is, position-major
+    assert torch.equal(patch_tokens(small), small.flatten(1))
+
+
 def test_linear_probe_separates_what_is_separable_and_not_noise():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(600) % 3
@@ -163,6 +192,13 @@ def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path
     assert 0.5 < acc["raw pixels"] < 0.9 and all(0.1 < a <= 1 for a in acc.values())  # chance is 0.1
     assert probe["ssl_minus_pixels_points"] == pytest.approx(100 * (acc["SSL teacher"] - acc["raw pixels"]))
     assert format_probe(probe).splitlines()[-1].startswith("SSL teacher vs raw pixels: ")
+    table = probe["table"]
+    assert set(table) == {"pooled", "patch"} and all(set(t) == {"linear", "knn"} for t in table.values())
+    cells = [c for t in table.values() for c in t.values()]
+    assert all(0 <= c[k] <= 1 for c in cells for k in ("ssl", "random", "pixels"))
+    assert all(c["ssl_minus_random_points"] == pytest.approx(100 * (c["ssl"] - c["random"])) for c in cells)
+    assert table["pooled"]["linear"]["ssl"] == acc["SSL teacher"]
+    assert sum(line.startswith(("pooled", "patch")) for line in format_probe(probe).splitlines()) == 4
     with pytest.raises(UserError, match="train_images must be in 10..60000"):
         probe_teacher(run.artifact, train_images=5)
 

@@ -1,7 +1,10 @@
-"""Linear probe: how linearly separable a representation is, the standard check of self-supervised features.
+"""Linear and kNN probes: how linearly separable a representation is and how well its nearest neighbours share a
+label, the standard checks of self-supervised features.
 
-Multinomial logistic regression on standardised features (mean/std of the probe's training split), L2 weight decay,
+Linear: multinomial logistic regression on standardised features (mean/std of the probe's training split), L2 weight decay,
 full-batch L-BFGS in float64: deterministic, no learning rate to tune, the same for every representation compared.
+kNN: cosine similarity of L2-normalised features, the training split as the memory bank, the k most similar vote
+for their label weighted by similarity; test rows go in batches so 10,000 x 10,000 needs one batch x bank at a time.
 """
 from __future__ import annotations
 
@@ -30,3 +33,18 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     opt.step(closure)
     with torch.no_grad():
         return float(((test_x @ weight + bias).argmax(1) == test_y).double().mean())
+
+
+@torch.no_grad()
+def knn_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       k: int = 20, batch: int = 1000) -> float:
+    """Top-1 accuracy on (test_x, test_y) of a similarity-weighted k-nearest-neighbour vote over (train_x, train_y)."""
+    bank = F.normalize(train_x.flatten(1).float(), dim=1)
+    k = min(k, bank.shape[0])
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for rows, labels in zip(test_x.flatten(1).float().split(batch), test_y.split(batch)):
+        sim, idx = (F.normalize(rows, dim=1) @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(rows), classes).scatter_add_(1, train_y[idx].long(), sim)
+        correct += int((votes.argmax(1) == labels).sum())
+    return correct / len(test_y)

@@ -196,6 +196,11 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
     probe_rows = [[p["teacher"], name, r["dim"], f"{r['accuracy']:.1%}", p["train_images"], p["test_images"]]
                   for p in probes for name, r in p["results"].items()]
     probe_header = ["teacher", "representation", "dim", "probe accuracy", "train images", "test images"]
+    grid_header, grid_rows = [], []  # pooled/patch features x linear/kNN probes, when the reports carry the table
+    if any("table" in p for p in probes):
+        from .ssl_probe import PROBE_TABLE_HEADER, probe_table_rows
+        grid_header = ["teacher", *PROBE_TABLE_HEADER]
+        grid_rows = [[p["teacher"], *row] for p in probes if "table" in p for row in probe_table_rows(p)]
     pngs = {}
     for kind, per_run in curves.items():
         p = plot_curves(per_run, out / f"curves_{kind.replace(' ', '_')}.png", kind)  # no spaces: Markdown links
@@ -242,6 +247,10 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
         md += ["", "## Self-supervised teacher (linear probe, Fashion-MNIST test split)", "",
                "| " + " | ".join(probe_header) + " |", "|" + "---|" * len(probe_header)]
         md += ["| " + " | ".join(str(c) for c in row) + " |" for row in probe_rows]
+    if grid_rows:
+        md += ["", "## Self-supervised teacher vs random init (linear and kNN probes, pooled and patch features)", "",
+               "| " + " | ".join(grid_header) + " |", "|" + "---|" * len(grid_header)]
+        md += ["| " + " | ".join(str(c) for c in row) + " |" for row in grid_rows]
     if targets:
         md += ["", "## Targets (measured, never tuned to)", "", "| target | met | measured |", "|---|---|---|"]
         for t in targets:
@@ -256,7 +265,7 @@ def write_study_report(out_dir: str | Path, *, title: str, rows: list[dict], tok
 
     (out / "report.html").write_text(_html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes,
                                            (probe_header, probe_rows), (point_header, point_rows),
-                                           (paired_header, paired_rows)))
+                                           (paired_header, paired_rows), (grid_header, grid_rows)))
     report = {"title": title, "rows": rows, "summary": summary, "paired": paired, "tokenizers": tokenizers,
               "targets": targets,
               "probes": list(probes), "points": list(points),
@@ -273,7 +282,7 @@ def _table(header: list[str], body: list[list[Any]]) -> str:
 
 
 def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, notes, probe_table, point_table,
-          paired_table_=((), ())) -> str:
+          paired_table_=((), ()), grid_table=((), ())) -> str:
     """The same report as one self-contained page (images inlined as data URLs)."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
@@ -299,6 +308,9 @@ def _html(title, rows, summary, tokenizers, targets, pngs, grids, settings, note
         parts += ["<h2>gFID over training (checkpoints and ends)</h2>", _table(*point_table)]
     if probe_table[1]:
         parts += ["<h2>Self-supervised teacher (linear probe, Fashion-MNIST test split)</h2>", _table(*probe_table)]
+    if grid_table[1]:
+        parts += ["<h2>Self-supervised teacher vs random init (linear and kNN probes, pooled and patch features)</h2>",
+                  _table(*grid_table)]
     if targets:
         parts += ["<h2>Targets (measured, never tuned to)</h2>",
                   _table(["target", "met", "measured"], [[t["target"], "yes" if t["met"] else "NO", t["measured"]]
