@@ -56,6 +56,26 @@ def test_arms_share_what_they_have_in_common_and_differ_where_they_should():
     assert steps["kl_s1_tok"]["overrides"] == ["seed=1", "loss.kl_weight=0.0001"]
 
 
+def test_the_first_seeds_dmvae_and_kl_generators_are_scored_at_half_their_images_on_test(tmp_path):
+    st = load_study(STUDY)
+    assert st.curve_images == [51200]
+    steps = _by_name(main_steps(st, CHOICES))
+    curve = sorted(n for n, s in steps.items() if s["kind"] == "sample" and s.get("images") is not None)
+    assert curve == ["dmvae_s0_smp_at51200", "kl_s0_smp_at51200"]  # one seed, the headline's two arms
+    # the kl arm's first-seed generator is the chosen select-phase candidate's (klsel1: 1e-4)
+    assert steps["kl_s0_smp_at51200"]["generator"] == "klsel1_gen"
+    assert steps["dmvae_s0_smp_at51200"]["generator"] == "dmvae_s0_gen"
+    for arm in ("dmvae", "kl"):
+        fid = steps[f"{arm}_s0_fid_at51200"]
+        assert fid["samples"] == f"{arm}_s0_smp_at51200" and fid["split"] == "test" and fid["limit"] == 10_000
+        assert fid["tags"] == {"latent_space": arm, "seed": 0}
+        assert steps[fid["samples"]]["per_class"] == 200
+    # the checkpoint exists: generator.yaml checkpoints every 25,600 images of its 102,400
+    pipe_cfg = load_pipeline(write_pipeline_dir(st, main_steps(st, CHOICES), tmp_path / "main"), str(tmp_path / "s"))
+    gen = pipe_cfg.train_config(pipe_cfg.step("dmvae_s0_gen"))
+    assert 51200 % gen.ckpt_every_images == 0 and 51200 * 2 == gen.total_images
+
+
 def test_choices_are_made_on_the_validation_split_only():
     st = load_study(STUDY)
     select = select_steps(st)
@@ -138,6 +158,8 @@ def test_the_choices_come_from_validation_gfid_and_the_counted_flops(tmp_path):
     ({"stages": "."}, "lacks teacher.yaml"),
     ({"sedes": [1]}, "unknown key(s) ['sedes']"),
     ({"max_concurrent": 0}, "max_concurrent: a positive whole number of steps at once, got 0"),
+    ({"curve_images": [0]}, "curve_images: a list of distinct positive image counts (generator checkpoints, "
+                            "e.g. [51200]), got [0]"),
 ])
 def test_a_study_that_would_choose_on_test_data_or_is_malformed_is_refused(tmp_path, edit, line):
     import yaml

@@ -60,6 +60,9 @@ class Study:
     tokenizer_eval: dict[str, Any] = field(default_factory=dict)
     probe_limit: int = 10_000
     max_concurrent: int = 1  # steps at once in each phase's pipeline (the arms side by side on a cluster)
+    # generator checkpoints (images seen) that the first seed's dmvae and kl generators are also scored at, on test:
+    # the gFID-over-training curve and the stretch target (dmvae at half the images against kl's final gFID)
+    curve_images: list[int] = field(default_factory=list)
 
 
 def _need(cond: bool, where: Path, text: str) -> None:
@@ -73,7 +76,7 @@ def load_study(config_dir: str | Path) -> Study:
     _need(path.is_file(), path, f"not found; a study directory holds {STUDY_FILE} (see configs/study/{STUDY_FILE})")
     doc = read_yaml(path)
     known = {"title", "stages", "seeds", "arms", "kl_weights", "data", "validation", "test", "samples", "classifier",
-             "tokenizer_eval", "probe_limit", "max_concurrent"}
+             "tokenizer_eval", "probe_limit", "max_concurrent", "curve_images"}
     unknown = sorted(set(doc) - known)
     _need(not unknown, path, f"unknown key(s) {unknown}; a study takes {sorted(known)}")
     stages = (config_dir / str(doc.get("stages", "."))).resolve()
@@ -101,10 +104,16 @@ def load_study(config_dir: str | Path) -> Study:
     at_once = doc.get("max_concurrent", 1)
     _need(isinstance(at_once, int) and not isinstance(at_once, bool) and at_once >= 1, path,
           f"max_concurrent: a positive whole number of steps at once, got {at_once!r}")
+    curve = doc.get("curve_images", [])
+    _need(isinstance(curve, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in curve)
+          and len(set(curve)) == len(curve), path,
+          f"curve_images: a list of distinct positive image counts (generator checkpoints, e.g. [51200]), "
+          f"got {curve!r}")
     return Study(config_dir, str(doc.get("title", "DMVAE study")), stages, seeds, arms, [float(w) for w in weights],
                  data, validation, test, dict(doc.get("samples", {"per_class": 200, "batch_size": 250})),
                  dict(doc.get("classifier", {"limit": 10_000, "test_limit": 2000, "epochs": 3})),
-                 dict(doc.get("tokenizer_eval", {"limit": 1000})), int(doc.get("probe_limit", 10_000)), at_once)
+                 dict(doc.get("tokenizer_eval", {"limit": 1000})), int(doc.get("probe_limit", 10_000)), at_once,
+                 sorted(curve))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,6 +218,13 @@ def main_steps(st: Study, choices: dict) -> list[dict]:
             steps.append({"name": f"{arm}_s{s}_rec", "kind": "eval_tokenizer", "tokenizer": decoder,
                           "source": source, "split": st.test.get("split"), "weights": "raw",
                           **st.tokenizer_eval, "tags": {"latent_space": arm, "seed": s}})
+            if s == st.seeds[0] and arm in ("dmvae", "kl"):
+                # the kl arm's first-seed generator is the chosen select-phase candidate's
+                gen = f"{reused[arm][:-len('_smp')]}_gen" if arm in reused else f"{arm}_s{s}_gen"
+                for n in st.curve_images:
+                    steps += [{"name": f"{arm}_s{s}_smp_at{n}", "kind": "sample", "generator": gen, **st.samples,
+                               "images": n},
+                              _score(st, f"{arm}_s{s}_fid_at{n}", f"{arm}_s{s}_smp_at{n}", st.test, tags)]
     steps.append({"name": "report", "kind": "report", "title": st.title, "ours": "dmvae", "baseline": "kl"})
     return steps
 
