@@ -49,7 +49,8 @@ def _interval() -> float:
         return 30.0
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """Seconds as `42 s`, `3 min 05 s` or `1 h 07 min`: the ETAs and elapsed times of progress lines."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -77,9 +78,9 @@ class LineProgress:
         if done > 0:
             parts.append(f"{rate:.3g} {self.unit}/s")
             if self.total and self.n < self.total:
-                parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+                parts.append(f"ETA {duration_text((self.total - self.n) / rate)}")
             else:
-                parts.append(f"in {_duration(elapsed)}")
+                parts.append(f"in {duration_text(elapsed)}")
         return f"[{self.desc}] " + ", ".join(parts) + (f"; {self._postfix}" if self._postfix else "")
 
     def update(self, n: int = 1) -> None:

@@ -1,5 +1,6 @@
 """The self-supervised teacher's objective (VICReg), augmentations, network and linear probe."""
 import math
+import re
 
 import pytest
 import torch
@@ -213,8 +214,11 @@ def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_traini
                                                     "log_every_images=16"])
     run = run_local(cfg, progress=False)
     # Without a progress bar (a pipeline's in-process step, `train --no-progress`): one line per log interval.
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] teacher ") and " images: " in ln]
-    assert [ln.split(" images:")[0] for ln in lines] == [f"[train] teacher {n}/48" for n in (16, 32, 48)]
+    # Each carries the ETA of what is left at its rate, the last (nothing left) none.
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] teacher ") and "/48 " in ln]
+    assert [ln.split(" images")[0] for ln in lines] == [f"[train] teacher {n}/48" for n in (16, 32, 48)]
+    assert [re.sub(r"ETA \d+ s", "ETA N s", ln.split(": ")[0]) for ln in lines] == [
+        "[train] teacher 16/48 images, ETA N s", "[train] teacher 32/48 images, ETA N s", "[train] teacher 48/48 images"]
     assert all("loss " in ln and "images_per_second " in ln for ln in lines)
     final_info, final = {}, {}
     for which in ("raw", "ema"):

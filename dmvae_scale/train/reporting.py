@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..log import say
+from ..log import duration_text, say
 from ..batch_keys import FEATURES_KEY
 from ..config import RunConfig, config_hash, to_dict
 from ..data import storage
@@ -218,7 +218,9 @@ class LogHook(LoopHook):
             self.sinks.write(loop.images_seen, out)
             if self.summary_lines:
                 shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(out.items()) if k != "skipped_steps")
-                say("train", f"{loop.stage.name} {loop.images_seen}/{self.total_images} images: {shown}")
+                left = self.total_images - loop.images_seen
+                eta = f", ETA {duration_text(left / rate)}" if left > 0 and rate > 0 else ""
+                say("train", f"{loop.stage.name} {loop.images_seen}/{self.total_images} images{eta}: {shown}")
         if self.report is not None:
             self.report(loop.images_seen, out)
 
