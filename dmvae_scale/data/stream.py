@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from typing import Any, Callable
 
 import torch
@@ -240,6 +241,9 @@ class ShardDataError(UserError):
         super().__init__(message)
 
 
+_BUILDING = threading.Lock()
+
+
 class _EpochAware(StreamingDataset):
     """StreamingDataset plus two things every reader here needs.
 
@@ -250,8 +254,12 @@ class _EpochAware(StreamingDataset):
     current_epoch = 0
 
     def __init__(self, *args: Any, **kwargs: Any):
-        clean_dead_shared_memory()  # a SIGKILLed reader's /dev/shm files would refuse this dataset
-        super().__init__(*args, **kwargs)
+        # One at a time in this process: Streaming picks its shared-memory prefix by looking for a free one, and two
+        # threads doing so at once (a pipeline's train steps running side by side) take the same prefix, the second
+        # failing with FileExistsError on /dev/shm/NNNNNN_locals.
+        with _BUILDING:
+            clean_dead_shared_memory()  # a SIGKILLed reader's /dev/shm files would refuse this dataset
+            super().__init__(*args, **kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:  # Streaming 0.13 private hook; pinned in pyproject
         epoch, sample_in_epoch = super()._resume_incr_epoch()
