@@ -124,7 +124,8 @@ def test_lines_of_steps_printing_at_once_go_whole_to_their_own_logs(tmp_path, mo
 
 @pytest.mark.unit
 def test_a_run_started_off_the_main_thread_is_reached_by_the_pipelines_stop():
-    from dmvae_scale.train.launch import _forwarded_stop_signals, stop_runs_off_the_main_thread
+    from dmvae_scale.train.collectives import stop_runs_off_the_main_thread
+    from dmvae_scale.train.launch import _forwarded_stop_signals
     asked, inside, leave = [], threading.Event(), threading.Event()
 
     def step():
@@ -220,7 +221,8 @@ def test_a_run_that_ends_leaves_the_other_runs_stop_registered():
     """Two runs on step threads whose stop lists are equal by value (both still empty), the other one registered
     first: the run that ends must take away its own list, not the other's (the stop would then miss the run still
     going)."""
-    from dmvae_scale.train.launch import _forwarded_stop_signals, stop_runs_off_the_main_thread
+    from dmvae_scale.train.collectives import stop_runs_off_the_main_thread
+    from dmvae_scale.train.launch import _forwarded_stop_signals
     asked = []
     other_in, this_done, appended, leave = (threading.Event() for _ in range(4))
 
@@ -249,3 +251,59 @@ def test_a_run_that_ends_leaves_the_other_runs_stop_registered():
         leave.set()
         for t in threads:
             t.join()
+
+
+@pytest.mark.integration
+def test_a_stop_reaches_in_process_runs_on_step_threads_they_checkpoint_and_the_rerun_resumes(tmp_path):
+    """SIGTERM (a `ray job stop`, Ctrl-C) to a pipeline running two in-process train steps at once (the demo's launcher
+    auto): both runs checkpoint and stop, the pipeline ends with exit 2 instead of training on, and the same command
+    again resumes both from their checkpoints."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from repo import REPO
+    config = tmp_path / "pipe"
+    config.mkdir()
+    shutil.copy(DEMO / "kl_tokenizer.yaml", config / "kl_tokenizer.yaml")
+    (config / "pipeline.yaml").write_text("""launcher: local
+max_concurrent: 2
+steps:
+  - {name: a, kind: shards, source: fashion-mnist, split: train, limit: 256}
+  - {name: t1, kind: train, config: kl_tokenizer.yaml, data: a}
+  - {name: t2, kind: train, config: kl_tokenizer.yaml, data: a, overrides: [seed=1]}
+""")
+    store, work = tmp_path / "store", tmp_path / "work"
+    cmd = [sys.executable, "-m", "dmvae_scale.cli", "pipeline", str(config), "--store", str(store), "--work-dir",
+           str(work), "total_images=640", "batch_size=16", "log_every_images=16", "ckpt_every_images=320"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = {"t1": False, "t2": False}
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:  # both runs training: each has logged an interval
+        lines.append(line)
+        for name in seen:
+            seen[name] |= line.startswith(f"[{name}] [train] tokenizer 16/640 images")
+        if all(seen.values()) or time.monotonic() > deadline:
+            break
+    assert all(seen.values()), "".join(lines[-40:])
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=240)
+    out = "".join(lines) + rest
+    assert proc.returncode == 2, out[-3000:]
+    assert time.monotonic() - sent < 120, out[-3000:]
+    assert out.count("stop requested: checkpointing and stopping at the next stop check") == 2, out[-3000:]
+    for name in ("t1", "t2"):
+        log = (work / "logs" / f"{name}.log").read_text()
+        assert f"{name} failed: stopped on request at " in log, log[-2000:]
+        ckpts = sorted(p.name for p in (store / "runs" / name / "checkpoints").glob("img-*"))
+        assert ckpts and int(ckpts[-1][4:]) < 640, (name, ckpts)  # a checkpoint at the stop, before the end
+        assert not (store / "runs" / name / "artifact").exists()
+    # The same command again resumes both runs from those checkpoints and finishes them.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    for name in ("t1", "t2"):
+        log = (work / "logs" / f"{name}.log").read_text().rsplit(f"--- {name} started at", 1)[1]
+        assert "resumed from" in log and f"{name}: train done: 640 images" in log, log[-2000:]

@@ -138,7 +138,7 @@ def _schedule(ctx: StepContext, steps: list[Step], limit: int, tee: "StepLogs") 
     """Start every step whose inputs are done (in pipeline.yaml's order), up to `limit` at once. With limit 1 each
     step runs on this thread, as before concurrency (a stop signal reaches a run directly); with more, each runs on
     its own thread and this thread's SIGTERM / SIGINT handler starts no new step and asks the running runs to
-    checkpoint and stop (train/launch.stop_runs_off_the_main_thread); a second Ctrl-C leaves at once."""
+    checkpoint and stop (train/collectives.stop_runs_off_the_main_thread); a second Ctrl-C leaves at once."""
     total = len(ctx.pipe.steps)
     index = {s.name: i for i, s in enumerate(ctx.pipe.steps, 1)}
     names = {s.name for s in steps}
@@ -161,7 +161,11 @@ def _schedule(ctx: StepContext, steps: list[Step], limit: int, tee: "StepLogs") 
         finished.put(report)
 
     def blocker(step: Step) -> Optional[str]:
-        """None: its inputs are done; "": not yet; else the failed step upstream that blocks it."""
+        """None: its inputs are done; "": not yet; else the failed step upstream that blocks it. A report reads
+        everything before it: it waits until each of those has ended, however it ended."""
+        if step.kind == "report":
+            earlier = [s.name for s in ctx.pipe.steps[:index[step.name] - 1] if s.name in names]
+            return None if all(name in reports for name in earlier) else ""
         for name in step.inputs().values():
             if name in names and (name not in reports or reports[name].status not in ("done", "skipped")):
                 if name in reports:
@@ -180,7 +184,7 @@ def _schedule(ctx: StepContext, steps: list[Step], limit: int, tee: "StepLogs") 
             raise KeyboardInterrupt
         state["stopping"] = True
         _say_stopping(running)
-        from ..train.launch import stop_runs_off_the_main_thread
+        from ..train.collectives import stop_runs_off_the_main_thread
         stop_runs_off_the_main_thread()
 
     previous = {}

@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,6 +69,36 @@ def single_process_env() -> Iterator[None]:
         yield
 
 
+# The stop calls of runs started off the main thread (a pipeline's concurrent steps): signal handlers can only be set
+# on the main thread, so the pipeline's handler reaches these runs through stop_runs_off_the_main_thread.
+_OFF_MAIN_STOPS: list[list[Callable[[], Any]]] = []
+_OFF_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def stops_off_the_main_thread(calls: list[Callable[[], Any]]) -> Iterator[list[Callable[[], Any]]]:
+    """Register `calls` (a list the run may still append to) for stop_runs_off_the_main_thread while the block runs."""
+    with _OFF_MAIN_LOCK:
+        _OFF_MAIN_STOPS.append(calls)
+    try:
+        yield calls
+    finally:
+        with _OFF_MAIN_LOCK:  # by identity: list.remove compares by value, and two runs' lists can be equal
+            _OFF_MAIN_STOPS[:] = [c for c in _OFF_MAIN_STOPS if c is not calls]
+
+
+def stop_runs_off_the_main_thread() -> int:
+    """Ask every run that a thread other than the main one started (the pipeline's concurrent steps, in-process or
+    under Ray Train) to checkpoint and stop, as SIGTERM would a run started on the main thread; returns how many
+    were asked."""
+    with _OFF_MAIN_LOCK:
+        pending = [list(c) for c in _OFF_MAIN_STOPS]
+    for calls in pending:
+        for call in calls:
+            call()
+    return len(pending)
+
+
 class StopSignal:
     """Why the workers should pause: a stop request (SIGTERM or a first Ctrl-C when we own the main thread, as an
     in-process run does; the launcher's control actor) or a Ray preemption notice (checkpoint now, then keep training
@@ -80,9 +110,17 @@ class StopSignal:
         self.local = threading.Event()
         self._previous: dict[int, Any] = {}
         self._preempt_seen = False
+        self._off_main: contextlib.ExitStack | None = None
         if threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self.local.set())
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        else:  # an in-process run on a pipeline step's thread: the pipeline's handler sets the flag
+            self._off_main = contextlib.ExitStack()
+            self._off_main.enter_context(stops_off_the_main_thread([self._stop_requested]))
+
+    def _stop_requested(self) -> None:
+        say("train", "stop requested: checkpointing and stopping at the next stop check")
+        self.local.set()
 
     def _interrupt(self, signum, frame) -> None:
         if self.local.is_set():
@@ -94,6 +132,9 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._off_main is not None:
+            self._off_main.close()
+            self._off_main = None
 
     def _local(self) -> int:
         notice = False

@@ -35,7 +35,7 @@ from ..distributed.ray_session import ray_session
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .api import WorkerJob, WorkerResult
-from .collectives import single_process_env
+from .collectives import single_process_env, stops_off_the_main_thread
 from .reporting import import_wandb
 from .watchdog import backend_timeout_s
 from .worker import ray_train_loop, run_worker
@@ -208,34 +208,18 @@ def _forwarded_stop_signals():
             call()
 
     previous = {}
+    off_main = contextlib.ExitStack()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, forward_stop)
     else:  # a pipeline step's thread: the pipeline's own handler reaches it through stop_runs_off_the_main_thread
-        with _OFF_MAIN_LOCK:
-            _OFF_MAIN_STOPS.append(calls)
+        off_main.enter_context(stops_off_the_main_thread(calls))
     try:
         yield calls
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        with _OFF_MAIN_LOCK:  # by identity: list.remove compares by value, and two runs' lists can be equal
-            _OFF_MAIN_STOPS[:] = [c for c in _OFF_MAIN_STOPS if c is not calls]
-
-
-_OFF_MAIN_STOPS: list[list[Callable[[], Any]]] = []  # the stop calls of runs started off the main thread
-_OFF_MAIN_LOCK = threading.Lock()
-
-
-def stop_runs_off_the_main_thread() -> int:
-    """Ask every run that a thread other than the main one started (the pipeline's concurrent steps) to checkpoint and
-    stop, as SIGTERM would a run started on the main thread; returns how many were asked."""
-    with _OFF_MAIN_LOCK:
-        pending = [list(c) for c in _OFF_MAIN_STOPS]
-    for calls in pending:
-        for call in calls:
-            call()
-    return len(pending)
+        off_main.close()
 
 
 def _root_cause(exc: BaseException) -> str:
