@@ -21,7 +21,7 @@ from ..distributed.placement import FitWatch, largest_nodes
 from ..errors import UserError
 from .spec import Pipeline, PipelineError, Step
 
-HEAVY = ("shards", "cache_latents", "sample", "eval", "eval_tokenizer", "probe")
+HEAVY = ("shards", "cache_latents", "sample", "eval", "eval_tokenizer", "probe", "real_stats")
 DEFAULT_WORKERS = {"shards": 1, "sample": 1}
 FIT_WAIT_S = 600.0  # how long a request may find no alive node that holds it (autoscaling) before the step fails
 

@@ -39,22 +39,32 @@ from ..train.launch import LAUNCHERS, choose_launcher
 PIPELINE_FILE = "pipeline.yaml"
 # Where each kind of step writes under the store.
 LAYOUT = {"shards": "data", "train": "runs", "cache_latents": "latents", "sample": "samples", "eval": "eval",
-          "classifier": "eval", "eval_tokenizer": "eval", "probe": "eval", "report": "report"}
+          "classifier": "eval", "eval_tokenizer": "eval", "probe": "eval", "real_stats": "eval", "report": "report"}
 # The fields of a step that name an earlier step it reads, and what kind that step must be.
 STEP_INPUTS = {"data": "shards", "latents": "cache_latents", "tokenizer": "train", "real_score": "train",
-               "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier"}
+               "teacher": "train", "generator": "train", "samples": "sample", "classifier": "classifier",
+               "real_stats": "real_stats"}
 # Where a heavy step runs and with what (pipeline/resources.py): launcher (ray, local, auto), cpus and gpus per task or
 # actor, workers at once.
 PLACED = {"launcher", "cpus", "gpus"}
+# The real images of an eval or real_stats step when it does not say (eval/score.RealImages' fields).
+REAL_SET_DEFAULTS = {"source": "fashion-mnist", "split": "test", "limit": None, "image_size": None}
 FIELDS = {"shards": {"source", "split", "limit", "workers", "part_size", "image_size"} | PLACED,
           "train": {"config", "data", "latents", "tokenizer", "real_score", "teacher", "launcher"},
           "cache_latents": {"data", "tokenizer", "weights", "batch_size", "limit"} | PLACED,
           "sample": {"generator", "per_class", "num_samples", "batch_size", "workers", "overrides", "images"} | PLACED,
-          "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags"} | PLACED,
+          "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags", "real_stats"} | PLACED,
+          # the real images' FID statistics, computed once for every eval step that names this step in `real_stats`
+          "real_stats": {"source", "split", "limit", "image_size"} | PLACED,
           "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
           "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"} | PLACED,
           "probe": {"teacher", "limit", "weights", "seed"} | PLACED,
           "report": {"title", "group_by", "ours", "baseline"}}
+
+
+def real_set(step: "Step") -> tuple:
+    """(source, split, limit, image_size) of the real images an eval or real_stats step names."""
+    return tuple(step.spec.get(k, default) for k, default in REAL_SET_DEFAULTS.items())
 
 
 class PipelineError(UserError):
@@ -225,6 +235,16 @@ def _check_steps(pipe: Pipeline) -> None:
                 pipe.launcher_of(step, cfg)
             except ConfigError as exc:
                 raise PipelineError(f"step {step.name} ({step.spec['config']}): {exc}") from None
+    for step in pipe.steps:  # an eval step's precomputed statistics: of the very images it compares against
+        if step.kind == "eval" and "real_stats" in step.spec:
+            ref = pipe.step(step.spec["real_stats"])
+            ours, theirs = real_set(step), real_set(ref)
+            if ours != theirs:
+                show = ", ".join(f"{k} {v}" for k, v in zip(REAL_SET_DEFAULTS, theirs))
+                raise PipelineError(f"step {step.name}: real_stats={ref.name!r} holds the statistics of other real "
+                                    f"images ({show}) than this step compares against "
+                                    f"({', '.join(f'{k} {v}' for k, v in zip(REAL_SET_DEFAULTS, ours))}); give both "
+                                    f"the same source, split, limit and image_size, or drop real_stats")
     for step in pipe.steps:  # a checkpoint to sample from: one the generator's run will have written (and kept)
         if step.kind == "sample" and step.spec.get("images") is not None:
             gen = pipe.train_config(pipe.step(step.spec["generator"]))

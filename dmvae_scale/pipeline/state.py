@@ -18,7 +18,7 @@ from ..config import RunConfig, config_hash
 from ..data import storage
 from ..eval.sources import SAMPLES_FILE
 from ..train.launch import absolutize
-from .spec import LAYOUT, Pipeline, PipelineError, Step, artifact_id
+from .spec import LAYOUT, Pipeline, PipelineError, Step, artifact_id, real_set
 
 
 def read_json(url: str) -> Optional[dict]:
@@ -90,6 +90,8 @@ def inputs_now(pipe: Pipeline, step: Step) -> Optional[str]:
         return current_artifact(pipe, s["tokenizer"])
     if step.kind == "probe":
         return current_artifact(pipe, s["teacher"])
+    if step.kind == "real_stats":  # made from real images only: redone when the set it names changes
+        return "real:" + "-".join(str(v) for v in real_set(step))
     samples = read_json(storage.join(pipe.url(s["samples"]), "sampling.json"))
     if samples is None:
         return None

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 from ..log import say
 from ..data import storage
 from .resources import Resources, ray_call, ray_map, resources_of
-from .spec import LAYOUT, Pipeline, PipelineError, Step
+from .spec import LAYOUT, Pipeline, PipelineError, Step, real_set
 from .state import current_artifact, inputs_now
 
 PLACEMENT_FILE = "placement.json"  # beside a step's output: where its work ran (Ray node ids)
@@ -208,24 +208,22 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     """gFID of a sample step's images against real images (statistics shared by every eval step that names the
     same set), and the evaluator classifier's accuracy on them when the step names one. Launcher ray: all of it in
     one Ray task on a worker (score_on_worker)."""
-    from ..eval.score import RealImages, real_statistics, score_samples
+    from ..eval.score import RealImages, score_samples
     from ..eval.sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
     s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
-    real = RealImages(str(s.get("source", "fashion-mnist")), str(s.get("split", "test")), s.get("limit"),
-                      s.get("image_size"))
+    real = RealImages(*real_set(step))
+    stats_url = storage.join(pipe.store, LAYOUT["eval"], REAL_STATS_DIR)
     made_from = inputs_now(pipe, step)
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
-            metrics = ray_call(step, res, score_on_worker, real, storage.join(pipe.store, LAYOUT["eval"],
-                                                                              REAL_STATS_DIR),
-                               pipe.url(s["samples"]), pipe.url(s["classifier"]) if "classifier" in s else None,
+            metrics = ray_call(step, res, score_on_worker, real, stats_url, pipe.url(s["samples"]), pipe.url(s["classifier"]) if "classifier" in s else None,
                                pipe.url(step.name), work_device(res), nodes=nodes)
             metrics["tags"] = dict(s.get("tags") or {})
             finish_eval(ctx, step, made_from, metrics)
         return f"FID {metrics['fid']:.2f}"
     local = ctx.work / "eval" / step.name
     local.mkdir(parents=True, exist_ok=True)
-    stats = real_statistics(real, ctx.work / "eval" / "_real")
+    stats = _real_stats_shared(real, stats_url, ctx.work / "eval", None)
     samples = local / SAMPLES_FILE
     samples.write_bytes(storage.read_bytes(storage.join(pipe.url(s["samples"]), SAMPLES_FILE)))
     # beside it, how they were drawn: the FID's protocol (sampler, steps, CFG, shift, labels, dtype) comes from it
@@ -239,6 +237,38 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     metrics["tags"] = dict(s.get("tags") or {})
     finish_eval(ctx, step, made_from, metrics, local / "out")
     return f"FID {metrics['fid']:.2f}"
+
+
+def stats_on_worker(real, stats_url: str, device: Optional[str]) -> dict:
+    """A real_stats step's work as one Ray task: the statistics into the store's shared copy; returns what they are."""
+    with tempfile.TemporaryDirectory(prefix="dmvae-real-") as tmp:
+        return _stats_summary(real, _real_stats_shared(real, stats_url, Path(tmp), device), stats_url)
+
+
+def _stats_summary(real, path: Path, stats_url: str) -> dict:
+    import numpy as np
+    with np.load(path) as npz:
+        n = int(npz["num_images"])
+    return {"real": real.key(), "num_images": n, "stats": storage.join(stats_url, f"{real.key()}.npz")}
+
+
+def run_real_stats(ctx: StepContext, step: Step) -> str:
+    """The real images' FID statistics, computed once into the store's shared copy (eval/.real/) before the eval
+    steps that name this step in `real_stats` start: without it, eval steps running at once would each compute the
+    same statistics (2,000 Fashion-MNIST images are ~5 minutes of one CPU core's Inception)."""
+    from ..eval.score import RealImages
+    pipe, res = ctx.pipe, placement(ctx, step)
+    real = RealImages(*real_set(step))
+    stats_url = storage.join(pipe.store, LAYOUT["eval"], REAL_STATS_DIR)
+    made_from = inputs_now(pipe, step)
+    if res.where == "ray":
+        with on_workers(ctx, step, res) as nodes:
+            summary = ray_call(step, res, stats_on_worker, real, stats_url, work_device(res), nodes=nodes)
+            finish_eval(ctx, step, made_from, summary)
+    else:
+        summary = _stats_summary(real, _real_stats_shared(real, stats_url, ctx.work / "eval", None), stats_url)
+        finish_eval(ctx, step, made_from, summary)
+    return f"FID statistics of {real.key()} -> {summary['stats']}"
 
 
 def run_classifier(ctx: StepContext, step: Step) -> str:
@@ -320,5 +350,6 @@ def run_report(ctx: StepContext, step: Step) -> str:
 RUNNERS: dict[str, Callable[[StepContext, Step], str]] = {
     "shards": run_shards, "train": run_train, "cache_latents": run_cache_latents, "sample": run_sample,
     "eval": run_eval, "classifier": run_classifier, "eval_tokenizer": run_eval_tokenizer, "probe": run_probe,
+    "real_stats": run_real_stats,
     "report": run_report,
 }

@@ -143,9 +143,16 @@ def _kl_chain(prefix: str, s: int, weight: float, images: Optional[int] = None) 
                    overrides=[f"seed={s}"])]
 
 
+def _real_stats(st: Study, split: dict) -> dict:
+    """The FID statistics of a split's real images, computed once for every eval step against it."""
+    return {"name": f"{split.get('split')}_stats", "kind": "real_stats", "source": st.data.get("source", "fashion-mnist"),
+            "image_size": 32, **split}
+
+
 def _score(st: Study, name: str, samples: str, split: dict, tags: dict) -> dict:
     return {"name": name, "kind": "eval", "samples": samples, "classifier": "classifier",
-            "source": st.data.get("source", "fashion-mnist"), "image_size": 32, **split, "tags": tags}
+            "source": st.data.get("source", "fashion-mnist"), "image_size": 32, **split,
+            "real_stats": f"{split.get('split')}_stats", "tags": tags}
 
 
 def _generate(st: Study, prefix: str, decoder: str, s: int, split: dict, tags: dict) -> list[dict]:
@@ -168,7 +175,7 @@ def _common(st: Study) -> list[dict]:
 
 def select_steps(st: Study) -> list[dict]:
     s = st.seeds[0]
-    steps = _common(st) + _dmvae_chain(s)
+    steps = _common(st) + [_real_stats(st, st.validation)] + _dmvae_chain(s)
     for i, w in enumerate(st.kl_weights):
         p = f"klsel{i}"
         steps += _kl_chain(p, s, w)
@@ -179,6 +186,7 @@ def select_steps(st: Study) -> list[dict]:
 
 def main_steps(st: Study, choices: dict) -> list[dict]:
     steps = select_steps(st)  # complete by now: skipped, and shared (the first seed's DMVAE chain, the KL candidates)
+    steps.append(_real_stats(st, st.test))
     source = st.data.get("source", "fashion-mnist")
     for s in st.seeds:
         if s != st.seeds[0]:
