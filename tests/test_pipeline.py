@@ -21,7 +21,7 @@ from dmvae_scale.pipeline import PipelineError, artifact_id, load_pipeline
 LONGER_DMD = ["dmd:total_images=192"]
 # The DMVAE chain of the demo pipeline: what the killed run repeats (the baseline's steps are the same machinery).
 CHAIN = ["shards", "teacher", "tokenizer", "reference", "dmd", "decoder", "latents", "generator", "samples",
-         "classifier", "fid"]
+         "test_stats", "classifier", "fid"]
 TRAINED = {"teacher", "tokenizer", "reference", "dmd", "decoder", "generator"}
 
 
@@ -68,9 +68,12 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.unit
 def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_worker_count(tmp_path):
     store = str(tmp_path / "store")
-    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`
+    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: ray`: a process per train step, two at once
     gen = pipe.step("generator")
-    assert pipe.launcher_of(gen, pipe.train_config(gen)) == "local"
+    assert pipe.launcher_of(gen, pipe.train_config(gen)) == "ray"
+    from dmvae_scale.demo import QUICK
+    quick = load_pipeline(DEMO, store, QUICK)  # the quick demo trains in the job's own process
+    assert all(quick.launcher_of(s, quick.train_config(s)) == "local" for s in quick.steps if s.kind == "train")
     two = load_pipeline(DEMO, store, ["distributed.num_workers=2"])
     assert two.launcher_of(two.step("generator"), two.train_config(two.step("generator"))) == "ray"
     ray_all = load_pipeline(DEMO, store, ["*:launcher=ray"])
@@ -86,21 +89,32 @@ def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_work
         load_pipeline(tmp_path, store)
     (tmp_path / "pipeline.yaml").write_text("steps:\n  - {name: shards, kind: shards}\n")
     assert load_pipeline(tmp_path, store).launcher == "ray"  # without the key: Ray Train, as before
-    with pytest.raises(PipelineError, match=r"step samples_half: images=1000 must be a checkpoint of generator before "
+    with pytest.raises(PipelineError, match=r"step samples: images=1000 must be a checkpoint of generator before "
                                             r"its end: a multiple of its ckpt_every_images=25600"):
-        load_pipeline(DEMO, store, ["samples_half:images=1000"])
+        load_pipeline(DEMO, store, ["samples:images=1000"])
+    # an eval step's precomputed statistics must be of the very images it compares against
+    with pytest.raises(PipelineError) as err:
+        load_pipeline(DEMO, store, ["fid:limit=500"])
+    assert str(err.value) == (
+        "step fid: real_stats='test_stats' holds the statistics of other real images (source fashion-mnist, split "
+        "test, limit 2000, image_size 32) than this step compares against (source fashion-mnist, split test, limit "
+        "500, image_size 32); give both the same source, split, limit and image_size, or drop real_stats")
+    assert all(s.spec["limit"] == 100 for s in load_pipeline(DEMO, store, ["*:limit=100"]).steps
+               if s.kind in ("eval", "real_stats"))  # the quick demo's override keeps them together
 
 
 @pytest.mark.unit
 def test_the_plan_names_each_steps_state_and_where_its_training_runs(tmp_path, capsys):
     from dmvae_scale.cli import main
     assert main(["pipeline", str(DEMO), "--store", str(tmp_path / "store"), "--check", "generator:launcher=ray"]) == 0
-    plan = capsys.readouterr().out.splitlines()
+    plan, *rest = capsys.readouterr().out.rsplit("\nsteps at once: ", 1)
+    plan = plan.splitlines()
     assert len(plan) == len(load_pipeline(DEMO, str(tmp_path / "store")).steps) and all(" to run " in ln for ln in plan)
+    assert rest and rest[0].startswith("up to 2 (max_concurrent")  # the demo's two steps at once
     assert plan[0].startswith("1. shards") and "launcher)" not in plan[0]
     by_name = {ln.split()[1]: ln for ln in plan}
-    assert by_name["shards"].endswith("data/shards; driver (local): 1 process(es)")  # the demo says launcher: auto
-    assert by_name["teacher"].endswith("runs/teacher (local launcher); driver (local): 1 worker in-process")
+    assert by_name["shards"].endswith("data/shards; ray workers: 1 tasks x 1 CPU, 0 GPU")  # the demo: launcher ray
+    assert by_name["teacher"].endswith("runs/teacher (ray launcher); ray train: 1 workers x 0 GPU")
     assert by_name["generator"].endswith("runs/generator (ray launcher); ray train: 1 workers x 0 GPU")
     assert by_name["samples"].endswith("ray workers: 1 actors x 1 CPU, 1 GPU if the cluster has GPUs")
 
@@ -143,22 +157,39 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert len(report["tokenizers"]) == 2
     for tok in report["tokenizers"]:
         assert all(math.isfinite(tok[k]) for k in ("rfid", "psnr", "ssim")), tok
-    # Four targets, each measured: classifier accuracy, gFID against the baseline, the stretch target (ours at half
-    # the images against the baseline's end), the teacher's linear probe.
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True, True]
-    assert "with at most half the generator's images" in report["targets"][2]["target"]
-    halves = sorted((p["name"], p["images"]) for p in report["points"] if p["images"] < p["total_images"])
-    assert halves == [("generator", 32), ("kl_generator", 32)] and len(report["points"]) == 6
+    # Three targets, each measured: classifier accuracy, gFID against the baseline, the teacher's linear probe (the
+    # half-budget curve is the study's: no sample step of the demo takes an earlier checkpoint).
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True]
+    assert not any("half the generator's images" in t["target"] for t in report["targets"])
+    assert sorted((p["name"], p["images"]) for p in report["points"]) == [
+        ("generator", 64), ("generator_s1", 64), ("kl_generator", 64), ("kl_generator_s1", 64)]
     assert all(math.isfinite(p["fid"]) for p in report["points"])
     assert len(report["probes"]) == 1 and report["probes"][0]["teacher"] == "teacher"
     assert all(0 < r["accuracy"] <= 1 for r in report["probes"][0]["results"].values())
-    for name in ("report.md", "report.html", "curves_generator_fm_loss.png", "curves_tokenizer_l1.png",
-                 "curves_gfid_over_training.png"):
+    # The probe step's table: pooled and patch features x linear and kNN, SSL teacher against random init and pixels.
+    table = report["probes"][0]["table"]
+    assert sorted(table) == ["patch", "pooled"] and all(sorted(t) == ["knn", "linear"] for t in table.values())
+    for cell in (c for t in table.values() for c in t.values()):
+        assert all(0 <= cell[k] <= 1 for k in ("ssl", "random", "pixels"))
+        assert cell["ssl_minus_random_points"] == pytest.approx(100 * (cell["ssl"] - cell["random"]))
+    md = (out / "report" / "report" / "report.md").read_text()
+    assert "| teacher | features | probe | SSL teacher | random init | pixels | SSL - random (points) |" in md
+    assert sum(line.startswith("| teacher | p") for line in md.splitlines()) == 4  # pooled/patch x 2 probes
+    for name in ("report.md", "report.html", "curves_generator_fm_loss.png", "curves_tokenizer_l1.png"):
         assert (out / "report" / "report" / name).is_file(), name
     html = (out / "report" / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 7  # three plots and four grids, inlined: the page stands alone
+    assert html.count("data:image/png;base64,") >= 6  # two plots and four grids, inlined: the page stands alone
     assert math.isfinite(summary["metrics"]["fid"]["fid"])
+    # An eval step writes FD on the evaluator classifier's features, here below the rank rule: no number, the reason.
+    fid0 = summary["metrics"]["fid"]
+    assert fid0["fd_classifier"] is None and fid0["fd_classifier_not_computed"].startswith(
+        "FD-classifier not computed: 20 samples and 100 real images for 128-d classifier features")
+    assert fid0["fd_classifier_protocol"]["real_images"] == "fashion-mnist-test-100-32"
     base = f"{s3_bucket}/demo"
+    # The real test images' statistics: computed once, by their own step, before the four eval steps read them.
+    stats = json.loads(storage.read_bytes(f"{base}/eval/test_stats/metrics.json"))
+    assert stats["num_images"] == 100 and stats["real"] == "fashion-mnist-test-100-32"
+    assert storage.exists(stats["stats"]) and stats["stats"] == f"{base}/eval/.real/fashion-mnist-test-100-32.npz"
     assert _manifest(f"{base}/runs/generator/artifact")["upstream"]["tokenizer"] == straight["decoder"]
     assert _manifest(f"{base}/runs/tokenizer/artifact")["upstream"]["teacher"] == straight["teacher"]
 
