@@ -68,9 +68,10 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.unit
 def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_worker_count(tmp_path):
     store = str(tmp_path / "store")
-    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: ray`: a process per train step, two at once
-    gen = pipe.step("generator")
+    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`, and ray for its generators (one CPU each)
+    gen, tok = pipe.step("generator"), pipe.step("tokenizer")
     assert pipe.launcher_of(gen, pipe.train_config(gen)) == "ray"
+    assert pipe.launcher_of(tok, pipe.train_config(tok)) == "local"
     from dmvae_scale.demo import QUICK
     quick = load_pipeline(DEMO, store, QUICK)  # the quick demo trains in the job's own process
     assert all(quick.launcher_of(s, quick.train_config(s)) == "local" for s in quick.steps if s.kind == "train")
@@ -113,8 +114,8 @@ def test_the_plan_names_each_steps_state_and_where_its_training_runs(tmp_path, c
     assert rest and rest[0].startswith("up to 2 (max_concurrent")  # the demo's two steps at once
     assert plan[0].startswith("1. shards") and "launcher)" not in plan[0]
     by_name = {ln.split()[1]: ln for ln in plan}
-    assert by_name["shards"].endswith("data/shards; ray workers: 1 tasks x 1 CPU, 0 GPU")  # the demo: launcher ray
-    assert by_name["teacher"].endswith("runs/teacher (ray launcher); ray train: 1 workers x 0 GPU")
+    assert by_name["shards"].endswith("data/shards; driver (local): 1 process(es)")  # the demo says launcher: auto
+    assert by_name["teacher"].endswith("runs/teacher (local launcher); driver (local): 1 worker in-process")
     assert by_name["generator"].endswith("runs/generator (ray launcher); ray train: 1 workers x 0 GPU")
     assert by_name["samples"].endswith("ray workers: 1 actors x 1 CPU, 1 GPU if the cluster has GPUs")
 
