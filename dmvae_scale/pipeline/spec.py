@@ -238,13 +238,12 @@ def _check_steps(pipe: Pipeline) -> None:
     for step in pipe.steps:  # an eval step's precomputed statistics: of the very images it compares against
         if step.kind == "eval" and "real_stats" in step.spec:
             ref = pipe.step(step.spec["real_stats"])
-            ours, theirs = real_set(step), real_set(ref)
-            if ours != theirs:
-                show = ", ".join(f"{k} {v}" for k, v in zip(REAL_SET_DEFAULTS, theirs))
+            if real_set(step) != real_set(ref):
+                ours, theirs = (", ".join(f"{k} {v}" for k, v in zip(REAL_SET_DEFAULTS, real_set(st)))
+                                for st in (step, ref))
                 raise PipelineError(f"step {step.name}: real_stats={ref.name!r} holds the statistics of other real "
-                                    f"images ({show}) than this step compares against "
-                                    f"({', '.join(f'{k} {v}' for k, v in zip(REAL_SET_DEFAULTS, ours))}); give both "
-                                    f"the same source, split, limit and image_size, or drop real_stats")
+                                    f"images ({theirs}) than this step compares against ({ours}); give both the same "
+                                    f"source, split, limit and image_size, or drop real_stats")
     for step in pipe.steps:  # a checkpoint to sample from: one the generator's run will have written (and kept)
         if step.kind == "sample" and step.spec.get("images") is not None:
             gen = pipe.train_config(pipe.step(step.spec["generator"]))

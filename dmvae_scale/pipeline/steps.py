@@ -216,8 +216,9 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     made_from = inputs_now(pipe, step)
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
-            metrics = ray_call(step, res, score_on_worker, real, stats_url, pipe.url(s["samples"]), pipe.url(s["classifier"]) if "classifier" in s else None,
-                               pipe.url(step.name), work_device(res), nodes=nodes)
+            metrics = ray_call(step, res, score_on_worker, real, stats_url, pipe.url(s["samples"]),
+                               pipe.url(s["classifier"]) if "classifier" in s else None, pipe.url(step.name),
+                               work_device(res), nodes=nodes)
             metrics["tags"] = dict(s.get("tags") or {})
             finish_eval(ctx, step, made_from, metrics)
         return f"FID {metrics['fid']:.2f}"
@@ -240,15 +241,12 @@ def run_eval(ctx: StepContext, step: Step) -> str:
 
 
 def stats_on_worker(real, stats_url: str, device: Optional[str]) -> dict:
-    """A real_stats step's work as one Ray task: the statistics into the store's shared copy; returns what they are."""
-    with tempfile.TemporaryDirectory(prefix="dmvae-real-") as tmp:
-        return _stats_summary(real, _real_stats_shared(real, stats_url, Path(tmp), device), stats_url)
-
-
-def _stats_summary(real, path: Path, stats_url: str) -> dict:
+    """A real_stats step's work (one Ray task, or in the driver): the statistics into the store's shared copy;
+    returns what they are."""
     import numpy as np
-    with np.load(path) as npz:
-        n = int(npz["num_images"])
+    with tempfile.TemporaryDirectory(prefix="dmvae-real-") as tmp:
+        with np.load(_real_stats_shared(real, stats_url, Path(tmp), device)) as npz:
+            n = int(npz["num_images"])
     return {"real": real.key(), "num_images": n, "stats": storage.join(stats_url, f"{real.key()}.npz")}
 
 
@@ -266,7 +264,7 @@ def run_real_stats(ctx: StepContext, step: Step) -> str:
             summary = ray_call(step, res, stats_on_worker, real, stats_url, work_device(res), nodes=nodes)
             finish_eval(ctx, step, made_from, summary)
     else:
-        summary = _stats_summary(real, _real_stats_shared(real, stats_url, ctx.work / "eval", None), stats_url)
+        summary = stats_on_worker(real, stats_url, None)
         finish_eval(ctx, step, made_from, summary)
     return f"FID statistics of {real.key()} -> {summary['stats']}"
 
