@@ -68,9 +68,9 @@ def test_a_bad_pipeline_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.unit
 def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_worker_count(tmp_path):
     store = str(tmp_path / "store")
-    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`, and ray for its generators (one CPU each)
+    pipe = load_pipeline(DEMO, store)  # the demo says `launcher: auto`: one-worker steps train in its process
     gen, tok = pipe.step("generator"), pipe.step("tokenizer")
-    assert pipe.launcher_of(gen, pipe.train_config(gen)) == "ray"
+    assert pipe.launcher_of(gen, pipe.train_config(gen)) == "local"
     assert pipe.launcher_of(tok, pipe.train_config(tok)) == "local"
     from dmvae_scale.demo import QUICK
     quick = load_pipeline(DEMO, store, QUICK)  # the quick demo trains in the job's own process
