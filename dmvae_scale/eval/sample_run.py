@@ -85,6 +85,8 @@ class _SamplerActor:
             raise UserError("a sampling worker was granted a GPU by Ray but torch sees no CUDA device here "
                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the node's "
                             "driver and torch build, or sample with --gpus-per-worker 0")
+        from ..distributed.placement import threads_as_reserved
+        threads_as_reserved()
         device = "cuda" if use_gpu else "cpu"
         self.sampler = build_sampler(generator, tokenizer, weights, SamplingPlan(**plan), device)
 

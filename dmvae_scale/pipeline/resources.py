@@ -99,6 +99,8 @@ def describe(pipe: Pipeline, step: Step, address: Optional[str]) -> str:
 def _on_node(fn: Callable, args: tuple) -> tuple[Any, str]:
     """Runs on the worker: the function's result and the id of the node it ran on."""
     import ray
+    from ..distributed.placement import threads_as_reserved
+    threads_as_reserved()
     return fn(*args), ray.get_runtime_context().get_node_id()
 
 
