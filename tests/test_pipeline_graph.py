@@ -195,6 +195,30 @@ def test_one_at_a_time_the_same_steps_do_not_overlap(tmp_path, capsys):
     assert "[pipeline 1/4] a (shards)" in out and "[a] " not in out  # one at a time: lines exactly as printed
 
 
+@pytest.mark.unit
+def test_the_demos_longest_chain_counts_most_steps_to_the_end(tmp_path):
+    from dmvae_scale.pipeline.run import _steps_to_the_end
+    depth = _steps_to_the_end(load_pipeline(DEMO, str(tmp_path / "store")))
+    # shards, teacher, tokenizer, reference, dmd, decoder, latents, generator, samples, fid
+    assert depth["shards"] == 10 and depth["teacher"] == 9 and depth["tokenizer"] == 8
+    assert depth["kl_tokenizer"] == 6 and depth["teacher_probe"] == 1 and depth["test_stats"] == 2
+    assert depth["report"] == 1 and max(depth.values()) == depth["shards"]
+
+
+@pytest.mark.integration
+def test_several_at_once_the_ready_step_with_the_longest_chain_after_it_starts_first(tmp_path, capsys):
+    """a, b and c are ready at once and two may run; tok reads c, so c goes before b though the file lists b first
+    (one at a time, the order stays the file's: the test above)."""
+    config = _graph(tmp_path, "fashion-mnist")
+    work = tmp_path / "work"
+    assert main(["pipeline", str(config), "--store", str(tmp_path / "store"), "--work-dir", str(work),
+                 "--only", "a", "b", "c"]) == 0
+    capsys.readouterr()
+    start = {n: _interval((work / "logs" / f"{n}.log").read_text(), n)[0] for n in ("a", "b", "c")}
+    assert start["c"] < start["b"] and start["a"] < start["b"], start
+    assert _overlap(work, "a", "c") > 0
+
+
 @pytest.mark.integration
 def test_on_a_cluster_independent_steps_run_at_once_on_different_workers(node_cluster, s3_bucket,  # noqa: F811
                                                                          tmp_path):

@@ -96,15 +96,20 @@ def test_both_phases_load_and_validate_every_stage_config(tmp_path):
     assert pipe.train_config(pipe.step("rtok_s0")).teacher.name == "random_vit"
 
 
-def test_the_phases_run_as_many_steps_at_once_as_the_study_says(tmp_path):
+def test_the_phases_run_as_many_steps_at_once_and_where_the_study_says(tmp_path):
     import yaml
     doc = yaml.safe_load((STUDY / "study.yaml").read_text())
-    assert doc["max_concurrent"] == 1  # one at a time unless asked: the 2-core default
-    doc.update(max_concurrent=6, stages=str(REPO / "configs" / "demo"))
+    # the 2-core default: two one-CPU Ray workers at once, as the demo
+    assert doc["max_concurrent"] == 2 and doc["launcher"] == "ray"
+    pipe = load_pipeline(write_pipeline_dir(load_study(STUDY), main_steps(load_study(STUDY), CHOICES),
+                                            tmp_path / "default"), str(tmp_path / "s"))
+    assert all(pipe.launcher_of(s, pipe.train_config(s)) == "ray" for s in pipe.steps if s.kind == "train")
+    doc.update(max_concurrent=6, launcher="auto", stages=str(REPO / "configs" / "demo"))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(doc))
     st = load_study(tmp_path)
     pipe = load_pipeline(write_pipeline_dir(st, main_steps(st, CHOICES), tmp_path / "main"), str(tmp_path / "s"))
     assert pipe.max_concurrent == 6
+    assert all(pipe.launcher_of(s, pipe.train_config(s)) == "local" for s in pipe.steps if s.kind == "train")
 
 
 def test_check_plans_select_then_main_once_choices_exist(tmp_path, capsys):
@@ -158,6 +163,7 @@ def test_the_choices_come_from_validation_gfid_and_the_counted_flops(tmp_path):
     ({"stages": "."}, "lacks teacher.yaml"),
     ({"sedes": [1]}, "unknown key(s) ['sedes']"),
     ({"max_concurrent": 0}, "max_concurrent: a positive whole number of steps at once, got 0"),
+    ({"launcher": "slurm"}, "launcher: one of ray, local, auto (where each step runs), got 'slurm'"),
     ({"curve_images": [0]}, "curve_images: a list of distinct positive image counts (generator checkpoints, "
                             "e.g. [51200]), got [0]"),
 ])
