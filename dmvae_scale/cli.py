@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # A dotted config override (score.depth=12, sampler.guidance_interval=[0.1,1.0]): accepted anywhere on the line.
 _KEY_VALUE_OPTIONS = {"--env"}
-_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+_OVERRIDE = re.compile(r"^(\*:|[A-Za-z_][A-Za-z0-9_-]*:)?[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -216,6 +216,10 @@ def test_version_and_overrides_anywhere_on_the_line(capsys):
                                        "sampler.steps=50"])
     assert (args.generator, args.out, args.per_class) == ("ART", "d", 10)
     assert args.overrides == ["sampler.cfg_scale=1.5", "sampler.steps=50"]
+    # a pipeline's every-step override (*:KEY=VALUE) after the flags too, beside a one-step one
+    args = parse_args(build_parser(), ["pipeline", "DIR", "--store", "s", "--check", "*:launcher=auto",
+                                       "generator:launcher=ray"])
+    assert (args.config_dir, args.store, args.overrides) == ("DIR", "s", ["*:launcher=auto", "generator:launcher=ray"])
     assert main(["config", "show", str(DEMO / "tokenizer.yaml"), "batch_size=8"]) == 0
     assert "batch_size: 8" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:  # a command without overrides names them unrecognized

@@ -105,14 +105,21 @@ def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_work
 @pytest.mark.unit
 def test_the_plan_names_each_steps_state_and_where_its_training_runs(tmp_path, capsys):
     from dmvae_scale.cli import main
-    assert main(["pipeline", str(DEMO), "--store", str(tmp_path / "store"), "--check", "generator:launcher=ray"]) == 0
+    assert main(["pipeline", str(DEMO), "--store", str(tmp_path / "store"), "--check"]) == 0
+    demo = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines() if ln[:1].isdigit()}
+    # the demo says launcher: ray: every heavy step a one-CPU Ray worker
+    assert demo["shards"].endswith("data/shards; ray workers: 1 tasks x 1 CPU, 0 GPU")
+    assert demo["teacher"].endswith("runs/teacher (ray launcher); ray train: 1 workers x 0 GPU")
+    assert demo["fid"].endswith("eval/fid; ray workers: 1 task x 1 CPU, 0 GPU")
+    assert main(["pipeline", str(DEMO), "*:launcher=auto", "generator:launcher=ray", "--store",
+                 str(tmp_path / "store"), "--check"]) == 0
     plan, *rest = capsys.readouterr().out.rsplit("\nsteps at once: ", 1)
     plan = plan.splitlines()
     assert len(plan) == len(load_pipeline(DEMO, str(tmp_path / "store")).steps) and all(" to run " in ln for ln in plan)
     assert rest and rest[0].startswith("up to 2 (max_concurrent")  # the demo's two steps at once
     assert plan[0].startswith("1. shards") and "launcher)" not in plan[0]
     by_name = {ln.split()[1]: ln for ln in plan}
-    assert by_name["shards"].endswith("data/shards; driver (local): 1 process(es)")  # the demo says launcher: auto
+    assert by_name["shards"].endswith("data/shards; driver (local): 1 process(es)")  # launcher: auto
     assert by_name["teacher"].endswith("runs/teacher (local launcher); driver (local): 1 worker in-process")
     assert by_name["generator"].endswith("runs/generator (ray launcher); ray train: 1 workers x 0 GPU")
     assert by_name["samples"].endswith("ray workers: 1 actors x 1 CPU, 1 GPU if the cluster has GPUs")
