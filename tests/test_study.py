@@ -122,7 +122,9 @@ def test_check_plans_select_then_main_once_choices_exist(tmp_path, capsys):
     assert main(["study", str(STUDY), "--store", store, "--check", "--work-dir", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "study choices (validation split): KL weight 0.0001 (val gFID by weight: 0.0001: 20.00)" in out
-    assert "kl_equal_compute_s2_fid" in out and out.rstrip().endswith(f"-> {store}/report/report; driver (local)")
+    plan, at_once = out.rstrip().rsplit("\n", 1)  # the last line: two steps at once (study.yaml's max_concurrent)
+    assert at_once.startswith("steps at once: up to 2 (max_concurrent")
+    assert "kl_equal_compute_s2_fid" in plan and plan.endswith(f"-> {store}/report/report; driver (local)")
 
 
 def _metrics_row(store: Path, name: str, gflops: float):
