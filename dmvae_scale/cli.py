@@ -573,10 +573,8 @@ def _add_pipeline(sub):
         if args.threads is not None:
             if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
                 raise UserError(f"--threads {args.threads}: give a positive number or auto")
-            import torch
-            n = (os.cpu_count() or 1) if args.threads == "auto" else int(args.threads)
-            os.environ["OMP_NUM_THREADS"] = str(n)  # for the processes it starts
-            torch.set_num_threads(n)
+            from .distributed.placement import use_threads
+            use_threads((os.cpu_count() or 1) if args.threads == "auto" else int(args.threads))
         pipe = load_pipeline(args.config_dir, args.store, args.overrides)
         if args.check:
             if args.only:  # an unknown step is refused by --check too, not only by a run

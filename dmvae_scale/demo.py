@@ -26,7 +26,7 @@ BUCKET = "dmvae-demo"
 # `--quick`: the same path, small (CI runs it): every stage a few steps, few samples, a small FID reference.
 QUICK = ["total_images=64", "batch_size=32", "log_every_images=32", "ckpt_every_images=32", "*:per_class=2",
          "*:limit=100", "shards:limit=256", "classifier:limit=2000", "classifier:epochs=1",
-         "*:launcher=auto"]
+         "*:launcher=auto"]  # a few steps a stage: training in the job's process (Ray Train start-up ~20 s a step)
 
 
 @dataclass

@@ -52,8 +52,14 @@ def threads_as_reserved() -> int:
     cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
     if cpus <= 0:
         return 0
-    import torch
     n = max(1, math.floor(cpus + 1e-6))
-    torch.set_num_threads(n)
-    os.environ["OMP_NUM_THREADS"] = str(n)  # for what the worker starts (DataLoader workers, compilers)
+    use_threads(n)
     return n
+
+
+def use_threads(n: int) -> None:
+    """torch's CPU threads in this process = n, and OMP_NUM_THREADS=n for the processes it starts (DataLoader
+    workers, compilers, a raylet): the one place a thread count is set (`--threads`, Ray workers)."""
+    import torch
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
