@@ -58,5 +58,22 @@ def s3_bucket(s3_server, monkeypatch):
     for k, v in _ENVS.get(s3_server, {}).items():
         monkeypatch.setenv(k, v)
     name = f"test-{uuid.uuid4().hex[:12]}"
-    s3_client(s3_server).create_bucket(Bucket=name)
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket=name)
     yield f"s3://{name}"
+    _delete_bucket(client, name)
+
+
+def _delete_bucket(client, name: str) -> None:
+    """Empty and delete a test's bucket: each bucket holds a SeaweedFS volume slot (~300 on 80 GB free) until it goes,
+    and the suite makes more buckets than that over a run. A test that changed the keys or broke the bucket on
+    purpose leaves it; the slot is then lost, the test is not failed for it."""
+    import botocore.exceptions
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=name)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        pass

@@ -98,3 +98,38 @@ def test_the_tests_s3_client_signs_with_the_keys_set_now_not_the_first_ones(s3_s
     s3_client(s3_server).create_bucket(Bucket="signed-with-the-keys-set-now")
     names = [b["Name"] for b in s3_client(s3_server).list_buckets()["Buckets"]]
     assert "signed-with-the-keys-set-now" in names
+
+
+def test_each_new_bucket_takes_one_volume_slot_and_deleting_it_gives_the_slot_back(tmp_path):
+    """SeaweedFS grows 7 volumes for a bucket's first write by default: with ~300 slots (free disk / volume size) the
+    43rd bucket's first write failed with InternalError (CI, the suite's per-test buckets). The store grows one."""
+    import json
+    import time
+    import urllib.request
+
+    store = ObjectStore(tmp_path / "store")
+    with store:
+        def topology() -> dict:
+            url = f"http://127.0.0.1:{store.ports['master']}/dir/status"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.load(r)["Topology"]
+
+        def free_slots_once(ok) -> int:
+            """The master's free volume count once `ok(free)` holds (heartbeats bring it in a few seconds)."""
+            deadline = time.monotonic() + 30
+            while True:
+                top = topology()
+                if (top["Max"] > 0 and ok(top["Free"])) or time.monotonic() > deadline:
+                    return top["Free"]
+                time.sleep(0.2)
+
+        client = store.client()
+        before = free_slots_once(lambda free: True)
+        assert before >= 10, f"too little free disk for this test: {before} volume slots"
+        for name in ("one", "two", "three"):
+            store.create_bucket(name)
+            client.put_object(Bucket=name, Key="k", Body=b"x")
+        assert before - free_slots_once(lambda free: before - free >= 3) == 3
+        client.delete_object(Bucket="two", Key="k")
+        client.delete_bucket(Bucket="two")
+        assert before - free_slots_once(lambda free: before - free <= 2) == 2

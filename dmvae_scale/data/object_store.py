@@ -30,8 +30,13 @@ from dmvae_scale.errors import UserError
 from dmvae_scale.localhost import free_port, free_ports  # noqa: F401  (free_port: the tests' import)
 
 REGION = "us-east-1"
-# Small volumes: SeaweedFS grows a few volumes per bucket, and `-volume.max=0` sizes the count from free disk space.
+# Small volumes: `-volume.max=0` sizes the count from free disk space (free / VOLUME_SIZE_MB, ~300 on 80 GB free).
 VOLUME_SIZE_MB = 256
+# SeaweedFS makes a bucket a collection and grows 7 volumes for a new one (master.toml's volume_growth.copy_1); with
+# ~300 slots the 43rd bucket's first write failed with S3 InternalError ("No writable volumes and no free volumes
+# left", seen in CI and reproduced). One volume per new bucket (more grow as it fills) makes that ~300 buckets.
+# `weed` reads master.toml keys from WEED_-prefixed environment variables.
+WEED_ENV = {"WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
 STOP_GRACE_S = 3.0  # `weed` waits 15 s for its filer's gRPC streams on TERM; the data is on disk well before that
 
 
@@ -114,7 +119,8 @@ class ObjectStore:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.directory)
+                                         stdin=subprocess.DEVNULL, cwd=self.directory,
+                                         env={**os.environ, **WEED_ENV})
         finally:
             log.close()
         client = self.client()
