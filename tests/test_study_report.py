@@ -106,3 +106,27 @@ def test_a_failed_arm_evaluation_is_a_note_not_a_crash(tmp_path):
     assert report["paired"] == []
     assert "- paired fid, dmvae vs kl_vae: fid: not a finite number for kl_vae seed 0" in \
         (tmp_path / "report.md").read_text()
+
+
+def _row(space, seed, fid):
+    return {"name": f"{space}_s{seed}", "latent_space": space, "seed": seed, "fid": fid, "classifier_accuracy": 0.8}
+
+
+def test_a_lower_mean_gfid_is_met_but_the_claim_is_shown_only_when_the_paired_interval_lies_below_zero():
+    from dmvae_scale.eval.study_report import check_targets, group_summary
+    # Means 97.41 against 102.61, but seed 1's difference is far from seed 0's: the interval spans 0.
+    rows = [_row("dmvae", 0, 91.81), _row("dmvae", 1, 91.88), _row("kl_vae", 0, 101.43), _row("kl_vae", 1, 103.78)]
+    rows[1]["fid"] = 103.0
+    targets = check_targets(group_summary(rows, "latent_space", ("fid",)), rows, "dmvae", "kl_vae")
+    mean_row, paired_row = targets[1], targets[2]
+    assert mean_row["met"] is True and mean_row["measured"].endswith("dmvae - kl_vae -5.20")
+    assert paired_row["met"] is False
+    assert paired_row["measured"].startswith("dmvae - kl_vae -5.20, interval [")
+    assert paired_row["measured"].endswith("over 2 paired seeds: not shown (interval spans 0)")
+    # Three seeds, each about 10 lower: shown.
+    rows = [_row("dmvae", s, 90.0 + s / 10) for s in range(3)] + [_row("kl_vae", s, 100.0 + s / 5) for s in range(3)]
+    paired_row = check_targets(group_summary(rows, "latent_space", ("fid",)), rows, "dmvae", "kl_vae")[2]
+    assert paired_row["met"] is True and paired_row["measured"].endswith("over 3 paired seeds: holds")
+    # One seed a space: no interval, so no paired target at all (not a 'met' on one pair).
+    rows = [_row("dmvae", 0, 80.0), _row("kl_vae", 0, 90.0)]
+    assert len(check_targets(group_summary(rows, "latent_space", ("fid",)), rows, "dmvae", "kl_vae")) == 2
