@@ -23,6 +23,12 @@ A killed reader's shared memory: Streaming keeps its per-node state in /dev/shm 
 NNNNNN a prefix per live dataset). A SIGKILLed process never removes its files, and the next dataset of the same
 remote and local directory then refuses to start ("Reused local directory"). Every dataset built here first removes
 the prefixes no live process has mapped (`clean_dead_shared_memory`), so a restarted worker starts.
+
+Threads: Streaming's SharedMemory swaps `multiprocessing.resource_tracker.register` (and `unregister`) for a no-op
+while it attaches to a block, then puts back what it found. Two threads doing that at once (two in-process steps
+building datasets) leave the no-op installed for good: every later block goes untracked and its unlink makes the
+resource tracker print a KeyError traceback at exit (hundreds, hiding a job's real error). Its open and clean-up are
+therefore serialized here (`_serialize_streaming_shared_memory`, applied on import).
 """
 from __future__ import annotations
 
@@ -47,6 +53,30 @@ from .transforms import ImageTransform, decode_image, sample_rng
 
 _LOCAL = _ShardState.LOCAL
 _SHM_DIR = "/dev/shm"
+
+
+def _serialize_streaming_shared_memory() -> None:
+    """One thread at a time in Streaming's SharedMemory open and clean-up, each of which patches the process-wide
+    resource tracker and restores it (see the module's note); idempotent."""
+    from streaming.base.shared import memory
+    cls = memory.SharedMemory
+    if getattr(cls, "_dmvae_serialized", False):
+        return
+    lock = threading.RLock()
+    opened, cleanup = cls.__init__, cls.cleanup
+
+    def locked_init(self, *args: Any, **kwargs: Any) -> None:
+        with lock:
+            opened(self, *args, **kwargs)
+
+    def locked_cleanup(self) -> None:
+        with lock:
+            cleanup(self)
+
+    cls.__init__, cls.cleanup, cls._dmvae_serialized = locked_init, locked_cleanup, True
+
+
+_serialize_streaming_shared_memory()
 
 
 def _mapped_shm_names() -> set[str] | None:
