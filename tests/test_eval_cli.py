@@ -130,6 +130,29 @@ def test_eval_tokenizer_reports_rfid_and_exact_psnr(artifacts, tmp_path):  # noq
     assert (out / "grid.png").is_file() and "| rfid |" in (out / "report.md").read_text()
 
 
+def test_eval_tokenizer_with_the_originals_statistics_given_scores_the_same_without_recomputing_them(
+        artifacts, reference, tmp_path):  # noqa: F811
+    """A pipeline's real_stats step shares the originals' statistics between tokenizers: the same rFID."""
+    from dmvae_scale.errors import UserError
+    from dmvae_scale.eval.commands import eval_tokenizer
+    from dmvae_scale.eval.evaluate import EvalOptions
+    opts = EvalOptions(allow_few_samples=True, progress=False)
+    tok = str(artifacts / "tokenizer")
+    alone = eval_tokenizer(tok, "fashion-mnist", str(tmp_path / "alone"), limit=16, opts=opts)
+    shared = eval_tokenizer(tok, "fashion-mnist", str(tmp_path / "shared"), limit=16, opts=opts,
+                            reference=str(reference), reference_image_size=32)
+    assert shared["rfid"] == pytest.approx(alone["rfid"], rel=1e-9, abs=1e-9)
+    assert (shared["psnr"], shared["num_images"]) == (alone["psnr"], 16)
+    assert "originals_statistics" in (tmp_path / "shared" / "report.md").read_text()
+    with pytest.raises(UserError, match=r"hold 16 images, the validation set \(.*\) has 6: not the same images"):
+        eval_tokenizer(tok, "fashion-mnist", str(tmp_path / "six"), limit=6, opts=opts, reference=str(reference),
+                       reference_image_size=32)
+    with pytest.raises(UserError, match=r"are of images at 28 px, the tokenizer .* reconstructs 32 px images: "
+                                        r"compute them at image_size 32"):
+        eval_tokenizer(tok, "fashion-mnist", str(tmp_path / "size"), limit=16, opts=opts, reference=str(reference),
+                       reference_image_size=28)
+
+
 def test_reference_from_shards_equals_reference_from_the_same_images(reference, tmp_path):
     """`eval ref` over MDS shards of the same 16 images (same ADM resize) gives the same statistics."""
     from dmvae_scale.data.shards import write_shards

@@ -63,8 +63,11 @@ def eval_samples(samples: str, ref: str, out: str, limit: Optional[int] = None, 
 
 def eval_tokenizer(tokenizer: str, source: str, out: str, split: str = "test", limit: Optional[int] = None,
                    weights: str = "ema", inception: Optional[str] = None, device: Optional[str] = None,
-                   opts: EvalOptions = EvalOptions()) -> dict:
-    """rFID / PSNR / SSIM of a tokenizer artifact's reconstructions of a validation split."""
+                   opts: EvalOptions = EvalOptions(), reference: Optional[str] = None,
+                   reference_image_size: Optional[int] = None) -> dict:
+    """rFID / PSNR / SSIM of a tokenizer artifact's reconstructions of a validation split. `reference`: a statistics
+    file of those very images (brought to `reference_image_size`, which must be the tokenizer's), used instead of
+    computing the originals' features again."""
     from dmvae_scale.data.artifact_store import open_tokenizer
 
     dev = _device(device)
@@ -72,6 +75,9 @@ def eval_tokenizer(tokenizer: str, source: str, out: str, split: str = "test", l
     info, cfg = artifact.info, artifact.config()
     tok = tok.to(dev)
     size, channels = cfg.tokenizer.image_size, cfg.tokenizer.in_channels
+    if reference is not None and reference_image_size != size:
+        raise UserError(f"reference statistics {reference} are of images at {reference_image_size} px, the tokenizer "
+                        f"{tokenizer} reconstructs {size} px images: compute them at image_size {size}")
     images = open_image_set(source, split, size, limit)
 
     @torch.no_grad()
@@ -83,4 +89,4 @@ def eval_tokenizer(tokenizer: str, source: str, out: str, split: str = "test", l
 
     settings = {"tokenizer": f"{tokenizer} ({info.id}, {weights} weights)", "image_size": size}
     return evaluate_reconstructions(images, reconstruct, load_inception(inception, dev), out, opts,
-                                    settings=settings)
+                                    settings=settings, reference=None if reference is None else load_stats(reference))

@@ -140,9 +140,16 @@ Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # uint8 N x 3 x H x W -> u
 
 def evaluate_reconstructions(images: ImageSet, reconstruct: Reconstruct, network, out_dir: str | Path,
                              opts: EvalOptions, title: str = "Tokenizer reconstructions",
-                             settings: Optional[dict] = None) -> dict:
-    """rFID (reconstructions vs the originals), mean PSNR and SSIM over a validation set."""
+                             settings: Optional[dict] = None, reference: Optional[FeatureStats] = None) -> dict:
+    """rFID (reconstructions vs the originals), mean PSNR and SSIM over a validation set. `reference`: the originals'
+    statistics computed before (a pipeline's real_stats step, shared by every tokenizer scored on the same images):
+    their features are then not computed again, and the rFID is the same number."""
     check_count(images.total, network.dim, network.name, opts, "validation set")
+    if reference is not None:
+        check_comparable(reference, network.name, network.fingerprint, network.dim)
+        if reference.num_images != images.total:
+            raise UserError(f"reference statistics {reference.source or ''} hold {reference.num_images} images, the "
+                            f"validation set ({images.description}) has {images.total}: not the same images")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     orig_feats, recon_feats, psnrs, ssims, first = [], [], [], [], None
@@ -156,23 +163,27 @@ def evaluate_reconstructions(images: ImageSet, reconstruct: Reconstruct, network
         if min(x.shape[-2:]) >= 11:
             ssims.append(ssim(x, y))
         device = next(network.parameters()).device
-        orig_feats.append(network(x.to(device))["pool"].cpu().numpy())
+        if reference is None:
+            orig_feats.append(network(x.to(device))["pool"].cpu().numpy())
         recon_feats.append(network(y.to(device))["pool"].cpu().numpy())
         if first is None:
             first = torch.cat([x[:32], y[:32]])  # originals row block, then their reconstructions
         bar.update(len(x))
     bar.close()
-    ref = FeatureStats.from_features(np.concatenate(orig_feats), network.name, network.fingerprint, 0)
+    ref = reference if reference is not None else FeatureStats.from_features(
+        np.concatenate(orig_feats), network.name, network.fingerprint, 0)
     rec = FeatureStats.from_features(np.concatenate(recon_feats), network.name, network.fingerprint, 0)
-    metrics = {"num_images": ref.num_images, "rfid": fid(rec, ref, opts.allow_few_samples),
+    metrics = {"num_images": rec.num_images, "rfid": fid(rec, ref, opts.allow_few_samples),
                "psnr": float(torch.cat(psnrs).mean())}
     if ssims:
         metrics["ssim"] = float(torch.cat(ssims).mean())
     grid = save_grid(first, out_dir / "grid.png", max_images=len(first), nrow=len(first) // 2)
+    if reference is not None:
+        settings = {**(settings or {}), "originals_statistics": f"{reference.source} (sha256 {reference.file_sha256})"}
     write_report(out_dir, title, metrics, {"images": images.description, "feature_network": network.name,
                                           **(settings or {}), **asdict(opts)},
                  ["grid: top half originals, bottom half their reconstructions"], grid)
     say("eval", f"tokenizer: rFID {metrics['rfid']:.3f}, PSNR {metrics['psnr']:.2f} dB"
           + (f", SSIM {metrics['ssim']:.4f}" if "ssim" in metrics else "")
-          + f" over {ref.num_images} images ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
+          + f" over {rec.num_images} images ({time.perf_counter() - started:.0f} s) -> {out_dir / 'report.md'}")
     return metrics
