@@ -202,6 +202,9 @@ def test_teacher_stage_trains_and_its_artifact_is_the_tokenizer_encoder(tmp_path
     assert sum(line.startswith(("pooled", "patch")) for line in format_probe(probe).splitlines()) == 4
     with pytest.raises(UserError, match="train_images must be in 10..60000"):
         probe_teacher(run.artifact, train_images=5)
+    with pytest.raises(UserError, match=r"test_images must be in 10..10000 \(or unset: the whole test split\), "
+                                        r"got 20000"):
+        probe_teacher(run.artifact, train_images=200, test_images=20000)
 
 
 def test_a_checkpoint_becomes_an_artifact_of_the_same_run_for_curves_over_training(tmp_path, capsys):

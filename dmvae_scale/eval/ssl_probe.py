@@ -28,6 +28,7 @@ from ..log import progress as show_progress
 from ..errors import UserError
 
 FASHION_MNIST_TRAIN = 60_000
+FASHION_MNIST_TEST = 10_000
 PATCH_GRID = 4  # the patch features' token grid is average-pooled to at most this many positions a side
 KNN_K = 20
 
@@ -86,6 +87,9 @@ def probe_teacher(artifact: str, train_images: int = 10_000, weights: str = "ema
 
     if not 10 <= train_images <= FASHION_MNIST_TRAIN:
         raise UserError(f"probe: train_images must be in 10..{FASHION_MNIST_TRAIN}, got {train_images}")
+    if test_images is not None and not 10 <= test_images <= FASHION_MNIST_TEST:
+        raise UserError(f"probe: test_images must be in 10..{FASHION_MNIST_TEST} (or unset: the whole test split), "
+                        f"got {test_images}")
     cfg = open_artifact(artifact).config()
     if cfg.stage != "teacher":
         raise UserError(f"probe: {artifact} is a {cfg.stage} artifact; name a `teacher` stage artifact")
