@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,18 @@ def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+_TRACKER_NOISE = re.compile(r"Traceback \(most recent call last\):\n\s*File \S*multiprocessing/resource_tracker\.py"
+                            r"[^\n]*\n[^\n]*\n\s*KeyError: '[^']*'\n?")
+
+
+def _said(proc) -> str:
+    """What a failed run printed, less Python's resource-tracker tracebacks (Streaming's shared memory unregistered
+    twice at exit: hundreds of lines that pushed the step's error out of the shown tail in CI)."""
+    out = _TRACKER_NOISE.sub("", proc.stdout)
+    err = _TRACKER_NOISE.sub("", proc.stderr)
+    return out[-6000:] + "\n--- stderr ---\n" + err[-4000:]
 
 
 def _manifest(url: str) -> dict | None:
@@ -98,8 +111,14 @@ def test_the_launcher_of_a_train_step_follows_the_pipeline_the_step_and_the_work
         "step fid: real_stats='test_stats' holds the statistics of other real images (source fashion-mnist, split "
         "test, limit 2000, image_size 32) than this step compares against (source fashion-mnist, split test, limit "
         "500, image_size 32); give both the same source, split, limit and image_size, or drop real_stats")
+    with pytest.raises(PipelineError) as err:  # and a tokenizer's originals the very images it reconstructs
+        load_pipeline(DEMO, store, ["rec:limit=400"])
+    assert str(err.value) == (
+        "step rec: real_stats='rec_stats' holds the statistics of source fashion-mnist, split test, limit 500 at "
+        "image_size 32; this step reconstructs source fashion-mnist, split test, limit 400: give both the same "
+        "source, split and limit, and rec_stats the tokenizer's image_size, or drop real_stats")
     assert all(s.spec["limit"] == 100 for s in load_pipeline(DEMO, store, ["*:limit=100"]).steps
-               if s.kind in ("eval", "real_stats"))  # the quick demo's override keeps them together
+               if s.kind in ("eval", "real_stats", "eval_tokenizer"))  # the quick demo's override keeps them together
 
 
 @pytest.mark.unit
@@ -147,7 +166,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     demo = subprocess.run([sys.executable, "-m", "dmvae_scale.cli", "demo", "--quick", "--out", str(out),
                            "--store", f"{s3_bucket}/demo", *LONGER_DMD], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=1500)
-    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-3000:]
+    assert demo.returncode == 0, _said(demo)
     assert "[demo] submitted job raysubmit_" in demo.stdout and "[demo] done in" in demo.stdout
     # The job's driver trains and evaluates on every core (Ray starts a job's driver with OMP_NUM_THREADS=1).
     assert f"torch CPU threads: {os.cpu_count()}" in demo.stdout
@@ -174,6 +193,8 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
         ("generator", 64), ("generator_s1", 64), ("kl_generator", 64), ("kl_generator_s1", 64)]
     assert all(math.isfinite(p["fid"]) for p in report["points"])
     assert len(report["probes"]) == 1 and report["probes"][0]["teacher"] == "teacher"
+    # fit on the quick demo's 100 training images, scored on the demo's first 2,000 test images (test_limit)
+    assert (report["probes"][0]["train_images"], report["probes"][0]["test_images"]) == (100, 2000)
     assert all(0 < r["accuracy"] <= 1 for r in report["probes"][0]["results"].values())
     # The probe step's table: pooled and patch features x linear and kNN, SSL teacher against random init and pixels.
     table = report["probes"][0]["table"]
@@ -228,7 +249,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
     assert _manifest(f"{store}/runs/dmd/artifact") is None and _manifest(f"{store}/runs/tokenizer/artifact")
 
     rerun = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
-    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-3000:]
+    assert rerun.returncode == 0, _said(rerun)
     assert "tokenizer (train): complete, skipped" in rerun.stdout  # done before the kill
     assert "resumed from" in rerun.stdout + rerun.stderr  # dmd continued from its checkpoint
     resumed = {name: artifact_id(_manifest(f"{store}/runs/{name}/artifact")) for name in straight}
@@ -238,7 +259,7 @@ def test_demo_quick_submits_the_pipeline_through_the_job_api_and_a_killed_rerun_
 
     # 3. Once more: everything is complete, nothing runs.
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert again.returncode == 0, _said(again)
     assert f"pipeline: 0 steps run, {len(CHAIN)} complete and skipped" in again.stdout
 
 
@@ -265,6 +286,6 @@ def test_a_terminated_pipeline_checkpoints_its_in_process_step_and_the_rerun_res
     assert 0 < stopped_at < 1024 and not (store / "runs" / "teacher" / "artifact" / "artifact.json").exists()
 
     rerun = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert rerun.returncode == 0, _said(rerun)
     assert "resumed from" in rerun.stdout + rerun.stderr and "shards (shards): complete, skipped" in rerun.stdout
     assert "teacher: train done: 1024 images" in rerun.stdout

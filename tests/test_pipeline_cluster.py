@@ -1,6 +1,6 @@
 """The pipeline's heavy steps on a cluster's worker nodes: on a simulated multi-node cluster (a head with 0 CPUs, the
 driver's node, and two one-CPU worker nodes; SeaweedFS, every path s3://), a small pipeline with launcher ray runs its
-shards, cache_latents, sample and eval steps as Ray work on the workers (placement.json names nodes other than the
+shards, cache_latents, sample, classifier and eval steps as Ray work on the workers (placement.json names nodes other than the
 driver's), and the same steps with launcher local write the same outputs."""
 from __future__ import annotations
 
@@ -24,10 +24,13 @@ steps:
   - {name: latents, kind: cache_latents, data: shards, tokenizer: dec, batch_size: 64, weights: raw}
   - {name: gen, kind: train, config: generator.yaml, tokenizer: dec, latents: latents, launcher: local}
   - {name: samples, kind: sample, generator: gen, per_class: 2, batch_size: 10, workers: 2}
-  - {name: fid, kind: eval, samples: samples, source: fashion-mnist, split: test, limit: 60, image_size: 32}
+  - {name: classifier, kind: classifier, source: fashion-mnist, split: train, limit: 256, test_limit: 60, epochs: 1}
+  - {name: fid, kind: eval, samples: samples, classifier: classifier, source: fashion-mnist, split: test, limit: 60,
+     image_size: 32}
 """
 TINY = ["total_images=64", "batch_size=32", "log_every_images=32", "ckpt_every_images=32", "sampler.steps=4"]
-HEAVY = {"shards": "data/shards", "latents": "latents/latents", "samples": "samples/samples", "fid": "eval/fid"}
+HEAVY = {"shards": "data/shards", "latents": "latents/latents", "samples": "samples/samples",
+         "classifier": "eval/classifier", "fid": "eval/fid"}
 
 
 def _hashes(url: str) -> dict[str, str]:
@@ -58,7 +61,7 @@ def test_heavy_steps_run_on_worker_nodes_and_write_what_the_local_path_writes(no
                      "dec": "driver (local): 1 worker in-process",
                      "latents": "ray workers: 1 task x 1 CPU, 0 GPU", "gen": "driver (local): 1 worker in-process",
                      "samples": "ray workers: 2 actors x 1 CPU, 1 GPU if the cluster has GPUs",
-                     "fid": "ray workers: 1 task x 1 CPU, 0 GPU"}
+                     "classifier": "ray workers: 1 task x 1 CPU, 0 GPU", "fid": "ray workers: 1 task x 1 CPU, 0 GPU"}
 
     # 1. launcher ray: the heavy steps' work on the worker nodes
     run_pipeline(pipe, work_dir=str(tmp_path / "work-ray"))
@@ -92,10 +95,15 @@ def test_heavy_steps_run_on_worker_nodes_and_write_what_the_local_path_writes(no
         if name == "fid":  # the report names local scratch paths; the numbers are compared below
             assert set(here) == set(theirs)
             continue
+        if name == "classifier":  # its json holds the seconds it took; the weights are the same bytes
+            assert set(here) == set(theirs) == {"classifier.safetensors", "classifier.json"}
+            assert here["classifier.safetensors"] == theirs["classifier.safetensors"]
+            continue
         assert here == theirs, name  # shard and latent indexes, every shard, samples.npz: the same bytes
     local_metrics = json.loads(storage.read_bytes(f"{store}/eval/fid/metrics.json"))
     assert local_metrics["fid"] == pytest.approx(ray_metrics["fid"], rel=1e-6)
     assert local_metrics["num_samples"] == ray_metrics["num_samples"] == 20
+    assert local_metrics["classifier_accuracy"] == ray_metrics["classifier_accuracy"]
 
     # 3. a request no node can hold stops the step with one line instead of waiting forever
     monkeypatch.setattr(resources, "FIT_WAIT_S", 2.0)

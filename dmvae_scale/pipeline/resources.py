@@ -1,5 +1,5 @@
-"""Where a pipeline's heavy steps run and with what: the data, latent-cache, sampling and evaluation steps as Ray work
-on the cluster's worker nodes (launcher ray), or in the pipeline's own process (launcher local).
+"""Where a pipeline's heavy steps run and with what: the data, latent-cache, sampling, classifier and evaluation steps
+as Ray work on the cluster's worker nodes (launcher ray), or in the pipeline's own process (launcher local).
 
 A step's resource fields (pipeline.yaml, or `STEP:cpus=4`):
     launcher   ray | local | auto (the pipeline's `launcher:` unless the step says; auto: ray when the pipeline was
@@ -21,7 +21,7 @@ from ..distributed.placement import FitWatch, largest_nodes
 from ..errors import UserError
 from .spec import Pipeline, PipelineError, Step
 
-HEAVY = ("shards", "cache_latents", "sample", "eval", "eval_tokenizer", "probe", "real_stats")
+HEAVY = ("shards", "cache_latents", "sample", "eval", "eval_tokenizer", "probe", "real_stats", "classifier")
 DEFAULT_WORKERS = {"shards": 1, "sample": 1}
 FIT_WAIT_S = 600.0  # how long a request may find no alive node that holds it (autoscaling) before the step fails
 

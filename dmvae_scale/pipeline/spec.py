@@ -56,9 +56,9 @@ FIELDS = {"shards": {"source", "split", "limit", "workers", "part_size", "image_
           "eval": {"samples", "source", "split", "limit", "image_size", "classifier", "tags", "real_stats"} | PLACED,
           # the real images' FID statistics, computed once for every eval step that names this step in `real_stats`
           "real_stats": {"source", "split", "limit", "image_size"} | PLACED,
-          "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"},
-          "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags"} | PLACED,
-          "probe": {"teacher", "limit", "weights", "seed"} | PLACED,
+          "classifier": {"source", "split", "limit", "test_split", "test_limit", "epochs", "seed"} | PLACED,
+          "eval_tokenizer": {"tokenizer", "source", "split", "limit", "weights", "tags", "real_stats"} | PLACED,
+          "probe": {"teacher", "limit", "test_limit", "weights", "seed"} | PLACED,
           "report": {"title", "group_by", "ours", "baseline"}}
 
 
@@ -244,6 +244,17 @@ def _check_steps(pipe: Pipeline) -> None:
                 raise PipelineError(f"step {step.name}: real_stats={ref.name!r} holds the statistics of other real "
                                     f"images ({theirs}) than this step compares against ({ours}); give both the same "
                                     f"source, split, limit and image_size, or drop real_stats")
+    for step in pipe.steps:  # a tokenizer's originals: the same images, at the size the tokenizer reads (run time)
+        if step.kind == "eval_tokenizer" and "real_stats" in step.spec:
+            ref = pipe.step(step.spec["real_stats"])
+            ours, theirs = real_set(step)[:3], real_set(ref)[:3]
+            if ours != theirs or real_set(ref)[3] is None:
+                names = ("source", "split", "limit")
+                raise PipelineError(
+                    f"step {step.name}: real_stats={ref.name!r} holds the statistics of "
+                    f"{', '.join(f'{k} {v}' for k, v in zip(names, theirs))} at image_size {real_set(ref)[3]}; this "
+                    f"step reconstructs {', '.join(f'{k} {v}' for k, v in zip(names, ours))}: give both the same "
+                    f"source, split and limit, and {ref.name} the tokenizer's image_size, or drop real_stats")
     for step in pipe.steps:  # a checkpoint to sample from: one the generator's run will have written (and kept)
         if step.kind == "sample" and step.spec.get("images") is not None:
             gen = pipe.train_config(pipe.step(step.spec["generator"]))

@@ -171,6 +171,11 @@ def run_sample(ctx: StepContext, step: Step) -> str:
     return f"samples -> {pipe.url(step.name)}"
 
 
+def real_stats_url(pipe) -> str:
+    """Where the store keeps the real-image statistics every eval and eval_tokenizer step shares (eval/.real/)."""
+    return storage.join(pipe.store, LAYOUT["eval"], REAL_STATS_DIR)
+
+
 def _real_stats_shared(real, stats_url: str, local: Path, device: str) -> Path:
     """On a worker: the real images' FID statistics from the store's shared copy, else computed here and put there
     (every eval step naming the same set, on whatever node, reuses them)."""
@@ -212,7 +217,7 @@ def run_eval(ctx: StepContext, step: Step) -> str:
     from ..eval.sources import SAMPLES_FILE, SAMPLING_SETTINGS_FILE
     s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     real = RealImages(*real_set(step))
-    stats_url = storage.join(pipe.store, LAYOUT["eval"], REAL_STATS_DIR)
+    stats_url = real_stats_url(pipe)
     made_from = inputs_now(pipe, step)
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
@@ -257,7 +262,7 @@ def run_real_stats(ctx: StepContext, step: Step) -> str:
     from ..eval.score import RealImages
     pipe, res = ctx.pipe, placement(ctx, step)
     real = RealImages(*real_set(step))
-    stats_url = storage.join(pipe.store, LAYOUT["eval"], REAL_STATS_DIR)
+    stats_url = real_stats_url(pipe)
     made_from = inputs_now(pipe, step)
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
@@ -269,53 +274,77 @@ def run_real_stats(ctx: StepContext, step: Step) -> str:
     return f"FID statistics of {real.key()} -> {summary['stats']}"
 
 
-def run_classifier(ctx: StepContext, step: Step) -> str:
+def classifier_on_worker(source: str, split: str, limit, test_split: str, test_limit, epochs: int, seed: int,
+                         out_url: str, step_name: str) -> str:
+    """A classifier step's work (one Ray task, or in the driver): train the evaluator classifier on real images,
+    its files to out_url (the json last: it marks the step's output complete); returns its report line."""
     from ..eval.classifier import save_classifier, train_classifier
     from ..eval.sources import open_image_set
-    s = step.spec
-    source = str(s.get("source", "fashion-mnist"))
 
     def load(split, limit):
         images = open_image_set(source, split, None, limit)
         if images.labels is None:
-            raise PipelineError(f"step {step.name}: {images.description} has no class labels to train on")
+            raise PipelineError(f"step {step_name}: {images.description} has no class labels to train on")
         return images.array(), images.labels[:images.total]
 
-    train_x, train_y = load(str(s.get("split", "train")), s.get("limit"))
-    test_x, test_y = load(str(s.get("test_split", "test")), s.get("test_limit"))
-    model, report = train_classifier(train_x, train_y, test_x, test_y, epochs=int(s.get("epochs", 3)),
-                                     seed=int(s.get("seed", 0)))
-    local = ctx.work / "eval" / step.name
-    save_classifier(model, report, local)
-    put_files(local, ctx.pipe.url(step.name), ["classifier.safetensors", "classifier.json"])  # json last: complete
+    train_x, train_y = load(split, limit)
+    test_x, test_y = load(test_split, test_limit)
+    model, report = train_classifier(train_x, train_y, test_x, test_y, epochs=epochs, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="dmvae-classifier-") as tmp:
+        save_classifier(model, report, Path(tmp))
+        put_files(Path(tmp), out_url, ["classifier.safetensors", "classifier.json"])
     return report.line()
 
 
+def run_classifier(ctx: StepContext, step: Step) -> str:
+    """The evaluator classifier, trained on real images only (launcher ray: one Ray task of `cpus` CPUs, so it takes
+    a CPU of its own rather than running in the driver beside the workers)."""
+    s, res = step.spec, placement(ctx, step)
+    args = (str(s.get("source", "fashion-mnist")), str(s.get("split", "train")), s.get("limit"),
+            str(s.get("test_split", "test")), s.get("test_limit"), int(s.get("epochs", 3)), int(s.get("seed", 0)),
+            ctx.pipe.url(step.name), step.name)
+    if res.where == "ray":
+        with on_workers(ctx, step, res) as nodes:
+            return ray_call(step, res, classifier_on_worker, *args, nodes=nodes)
+    return classifier_on_worker(*args)
+
+
 def eval_tokenizer_on_worker(tokenizer: str, source: str, out_url: str, split: str, limit, weights: str,
-                             device: Optional[str]) -> dict:
-    """rFID/PSNR/SSIM of a tokenizer (eval/commands.eval_tokenizer) into a scratch folder whose files go to out_url."""
+                             device: Optional[str], real=None, stats_url: Optional[str] = None) -> dict:
+    """rFID/PSNR/SSIM of a tokenizer (eval/commands.eval_tokenizer) into a scratch folder whose files go to out_url;
+    with `real` (a real_stats step's images), the originals' statistics come from the store's shared copy."""
     from ..eval.commands import eval_tokenizer
     from ..eval.evaluate import EvalOptions
     with tempfile.TemporaryDirectory(prefix="dmvae-eval-tok-") as tmp:
         out = Path(tmp) / "out"
+        reference = None if real is None else str(_real_stats_shared(real, stats_url, Path(tmp), device))
         metrics = eval_tokenizer(tokenizer, source, str(out), split=split, limit=limit, weights=weights,
-                                 device=device, opts=EvalOptions(allow_few_samples=True))
+                                 device=device, opts=EvalOptions(allow_few_samples=True), reference=reference,
+                                 reference_image_size=None if real is None else real.image_size)
         put_files(out, out_url, sorted(p.name for p in out.iterdir() if p.is_file()))
     return metrics
 
 
 def run_eval_tokenizer(ctx: StepContext, step: Step) -> str:
+    """A tokenizer's rFID, PSNR and SSIM on real images; with `real_stats`, the originals' Inception statistics are
+    that step's (computed once for every tokenizer scored on the same images) rather than computed again here."""
+    from ..eval.score import RealImages
     s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     made_from = inputs_now(pipe, step)
     args = (pipe.artifact_url(s["tokenizer"]), str(s.get("source", "fashion-mnist")), pipe.url(step.name),
             str(s.get("split", "test")), s.get("limit"), str(s.get("weights", "ema")))
+    shared = {}
+    if "real_stats" in s:
+        shared = {"real": RealImages(*real_set(pipe.step(s["real_stats"]))),
+                  "stats_url": real_stats_url(pipe)}
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
-            metrics = ray_call(step, res, eval_tokenizer_on_worker, *args, work_device(res), nodes=nodes)
+            metrics = ray_call(step, res, functools.partial(eval_tokenizer_on_worker, **shared), *args,
+                               work_device(res), nodes=nodes)
             metrics["tags"] = dict(s.get("tags") or {})
             finish_eval(ctx, step, made_from, metrics)
     else:
-        metrics = eval_tokenizer_on_worker(*args, None)
+        metrics = eval_tokenizer_on_worker(*args, None, **shared)
         metrics["tags"] = dict(s.get("tags") or {})
         finish_eval(ctx, step, made_from, metrics)
     return f"rFID {metrics['rfid']:.2f}, PSNR {metrics['psnr']:.2f} dB"
@@ -327,7 +356,8 @@ def run_probe(ctx: StepContext, step: Step) -> str:
     s, pipe, res = step.spec, ctx.pipe, placement(ctx, step)
     made_from = inputs_now(pipe, step)
     probe = functools.partial(probe_teacher, pipe.artifact_url(s["teacher"]), train_images=int(s.get("limit", 10_000)),
-                              weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)))
+                              weights=str(s.get("weights", "ema")), seed=int(s.get("seed", 0)),
+                              test_images=None if s.get("test_limit") is None else int(s["test_limit"]))
     if res.where == "ray":
         with on_workers(ctx, step, res) as nodes:
             report = ray_call(step, res, functools.partial(probe, progress=False), nodes=nodes)
