@@ -341,6 +341,10 @@ def train(cfg: RunConfig, *, address: Optional[str] = None, stage_factory: Optio
         if dcfg.use_gpu:
             resources["GPU"] = 1
         storage_path, storage_fs = _ray_storage(cfg)
+        # Ray Train 2.x patches print() in its workers to log each line, and also prints it where sys.stdout is not
+        # sys.__stdout__ (so in a Ray worker): every worker line reached the console twice. Ray forwards a worker's
+        # plain stdout to the driver already; the driver's setting reaches the workers (Ray Train propagates it).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         trainer = TorchTrainer(
             ray_train_loop, train_loop_config={"job": job},
             scaling_config=ScalingConfig(**scaling_kwargs(cfg), use_gpu=dcfg.use_gpu,
