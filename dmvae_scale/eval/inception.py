@@ -8,9 +8,16 @@ The graph is torch-fidelity's `FeatureExtractorInceptionV3` (a port of the TF gr
     TF weights without the classifier, so pool3 features (FID, precision/recall) but no Inception Score.
 Both map onto the same graph, and the network's identity (name + a hash of its feature weights) travels with every
 set of statistics it produces, so statistics of different networks are never compared.
+
+Speed: features are computed by a copy of the graph whose batch norms are folded into the convolutions before them
+(`fold_batch_norms`: eval-mode batch norm is an affine map per channel, so conv-then-norm is one conv with scaled
+weights and a bias). The same function to float rounding (pool features within ~2e-5 of the unfolded graph's) and
+~1.1x the images per second on one CPU thread; `graph` itself (its state dict, the fingerprint) stays the standard
+layout.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import zipfile
@@ -73,6 +80,27 @@ def _graph_class():
 def _conv_blocks(graph: nn.Module) -> list[nn.Module]:
     from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
     return [m for m in graph.modules() if isinstance(m, BasicConv2d)]
+
+
+def fold_batch_norms(graph: nn.Module) -> nn.Module:
+    """A copy of an eval-mode Inception graph in which every BasicConv2d's batch norm is folded into its convolution
+    (weight * gamma / sqrt(var + eps) per output channel, bias = beta - mean * gamma / sqrt(var + eps)); the block's
+    ReLU stays. Only for inference: the copy has no batch-norm statistics to train."""
+    folded = copy.deepcopy(graph).eval()
+    for block in _conv_blocks(folded):
+        conv, bn = block.conv, block.bn
+        if not isinstance(bn, nn.BatchNorm2d) or conv.bias is not None:
+            raise ValueError(f"fold_batch_norms: expected a bias-free conv then BatchNorm2d, got {conv} then {bn}")
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):
+            fused = fused.to(memory_format=torch.channels_last)
+        block.conv, block.bn = fused, nn.Identity()
+    return folded.requires_grad_(False)
 
 
 def _load_torchscript(graph: nn.Module, path: Path) -> None:
@@ -157,12 +185,20 @@ class InceptionV3Features(nn.Module):
         self.name = INCEPTION_NAME
         self.fingerprint = feature_fingerprint(self.graph)
         self.graph.features_list = ["2048", "logits_unbiased"] if has_logits else ["2048"]
+        # What forward runs (see the module's note on speed); a plain attribute, so not in this module's state dict.
+        object.__setattr__(self, "_folded", None)
+
+    def _apply(self, fn, recurse=True):  # .to(device, memory_format): the folded copy is rebuilt from the graph
+        object.__setattr__(self, "_folded", None)
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError("InceptionV3Features takes uint8 N x 3 x H x W; convert with eval.images.as_uint8_nchw")
-        out = self.graph(images)
+        if self._folded is None:
+            object.__setattr__(self, "_folded", fold_batch_norms(self.graph))
+        out = self._folded(images)
         result = {"pool": out[0]}
         if self.has_logits:
             # Unbiased logits (pool3 @ W): what the original Inception Score code and ADM's evaluator use.
